@@ -1,0 +1,318 @@
+"""What SFT and reward training share: settings, the run folder, checkpoints and resume, the
+progress bar, trainer arguments, data reading and the final adapter + merged model.
+
+A run folder (`--out`) holds:
+
+    config.yaml          the resolved config (compared on --resume: another config is an error)
+    metrics.jsonl        every logged metric (camelid.train.tracking.Tracker)
+    checkpoints/checkpoint-N/   adapter + optimizer + scheduler + RNG, every `save_steps` steps
+    adapter/             the trained LoRA adapter (+ tokenizer)
+    model/               the adapter merged into its base: a plain Hugging Face model folder
+    result.json          the final figures (eval loss, accuracy, tokens/s, ...)
+
+Heavy imports (torch, transformers) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from camelid.errors import CamelidError
+from camelid.models.lora import LoraSettings
+from camelid.utils import ensure_writable_dir, print0, rank
+
+CHECKPOINTS = "checkpoints"
+# Settings that may differ on --resume: they change what is logged or kept, not what is trained.
+RESUME_MAY_CHANGE = frozenset({"report_to", "logging_steps", "save_total_limit", "num_threads", "eval_steps", "merge"})
+
+
+def qa_text(question: str, answer: str) -> str:
+    """The prompt template of every RLHF stage (StackLLaMA's): `Question: <q>\\n\\nAnswer: <a>`."""
+    return f"Question: {question}\n\nAnswer: {answer}"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings shared by the SFT and reward stages (each stage's dataclass extends this)."""
+
+    model: str = "smollm2-135m"
+    """Model to start from: bundled name, Hugging Face folder, camelid run folder or hub id."""
+    data: str = "runs/data"
+    """Dataset folder written by `camelid data` (parquet splits)."""
+    out: str = "runs/train"
+    """Run folder: checkpoints, metrics, adapter and merged model go here."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0 means run `epochs` passes over the data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is 0."""
+    batch_size: int = 4
+    """Micro-batch size per process."""
+    grad_accum: int = 1
+    """Gradient accumulation steps; the global batch is batch_size x grad_accum x processes."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Module names that get LoRA adapters, comma-separated."""
+    load_8bit: bool = False
+    """Load the frozen base in 8 bits with bitsandbytes (CPU or CUDA) to cut its memory."""
+    dtype: str = "auto"
+    """Training dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout."""
+    save_steps: int = 20
+    """Checkpoint every N optimizer steps; --resume continues from the last one."""
+    save_total_limit: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    logging_steps: int = 5
+    """Log metrics every N optimizer steps."""
+    eval_steps: int = 0
+    """Evaluate every N steps during training (0: only at the end)."""
+    max_train_samples: int = 0
+    """Use at most this many training rows (0: all)."""
+    max_eval_samples: int = 200
+    """Use at most this many evaluation rows (0: all)."""
+    report_to: tuple[str, ...] = ()
+    """Extra metric sinks beside metrics.jsonl: tensorboard, wandb, trackio."""
+    merge: bool = True
+    """Also write the adapter merged into its base as a full model (model/)."""
+    num_threads: int = 0
+    """torch CPU threads per process (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        from camelid.train.tracking import parse_report_to
+
+        positive = ("batch_size", "grad_accum", "save_steps", "logging_steps", "save_total_limit")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_steps", "max_train_samples", "max_eval_samples", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("give max_steps > 0 or epochs > 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+            raise ValueError(f"lr_scheduler must be cosine, linear or constant, got {self.lr_scheduler!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        self.lora()  # validates the LoRA fields
+        parse_report_to(self.report_to)
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_target_modules))
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run writes, and the checkpoint it continues from (None: a fresh start)."""
+
+    run_dir: Path
+    resume_from: Path | None
+    resume_step: int | None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a folder
+    without it was cut short (kill -9 during the save) and is skipped."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=checkpoint_step, default=None)
+
+
+def config_differences(saved: Any, cfg: Any) -> list[str]:
+    """Fields (other than RESUME_MAY_CHANGE) whose values differ between two configs."""
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+    return [k for k in b if k not in RESUME_MAY_CHANGE and a.get(k) != b[k]]
+
+
+def prepare_run(cfg: TrainSettings, *, resume: bool, overwrite: bool) -> RunState:
+    """Check the run folder before any work: writable, and either fresh, overwritable or resumable
+    with the same config. Writes config.yaml (rank 0). Raises a one-line CamelidError otherwise."""
+    from camelid.config import load_saved, save_config
+
+    run_dir = ensure_writable_dir(cfg.out)
+    saved_path = run_dir / "config.yaml"
+    ckpt = last_checkpoint(run_dir)
+    if resume and saved_path.is_file():
+        saved = load_saved(type(cfg), saved_path)
+        diff = config_differences(saved, cfg)
+        if diff:
+            changes = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+            raise CamelidError(f"cannot --resume {run_dir}: it was started with another config ({changes}); use the same settings or another --out")
+    elif not resume and (ckpt is not None or (run_dir / CHECKPOINTS).is_dir()) and not overwrite:
+        raise CamelidError(f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if not resume and overwrite and rank() == 0:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        ckpt = None
+    if rank() == 0:
+        save_config(cfg, saved_path)
+    if resume and ckpt is None:
+        print0(f"no checkpoint in {run_dir / CHECKPOINTS} yet; starting from the beginning")
+    return RunState(run_dir, ckpt if resume else None, checkpoint_step(ckpt) if (resume and ckpt) else None)
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra: Any) -> Any:
+    """A TRL SFTConfig / RewardConfig (both TrainingArguments) from our settings.
+
+    report_to="none": metrics go through our Tracker (one sink, see tracking.py) via a callback.
+    bf16/fp16 are set explicitly: bfloat16 only where the model trains in it (CUDA).
+    """
+    import torch
+
+    from camelid.models.train_load import training_dtype
+
+    dt = training_dtype(cfg.dtype)
+    cpu = not torch.cuda.is_available()
+    return args_cls(
+        output_dir=str(run.run_dir / CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dt == torch.bfloat16,
+        fp16=False,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu else None,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,  # set up by train_load (it must precede LoRA on an 8-bit base)
+        save_only_model=False,
+        **extra,
+    )
+
+
+def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step: float | None) -> Any:
+    """A TrainerCallback: a tqdm bar (rank 0) with the loss, `unit`/s and ETA, and perf/* metrics.
+
+    `units_per_step`: fixed work per optimizer step over all processes (tokens for packed SFT,
+    pairs for the reward model); throughput counts only steps run in this session, so a
+    resumed run reports its own speed.
+    """
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    from camelid.utils import peak_rss_mb
+
+    class _Progress(TrainerCallback):
+        bar = None
+        loss = float("nan")
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001 - HF signature
+            self.t0, self.step0 = time.perf_counter(), state.global_step
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=prefix, unit="step", dynamic_ncols=True)
+
+        def rate(self, state) -> float:  # noqa: ANN001
+            done = state.global_step - self.step0
+            return done * (units_per_step or 0) / max(time.perf_counter() - self.t0, 1e-9)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+                self.bar.set_postfix({"loss": f"{self.loss:.4f}", f"{unit}/s": f"{self.rate(state):.1f}"}, refresh=False)
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+                tracker.log({f"perf/{unit}_per_s": self.rate(state), "perf/peak_rss_mb": peak_rss_mb()}, state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
+            if self.bar is not None:
+                self.bar.close()
+
+    return _Progress()
+
+
+def quiet_trainer(trainer: Any) -> Any:
+    """Drop Trainer's own printer/progress callbacks: our bar and Tracker replace them."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def load_split(data_dir: str, split: str, columns: tuple[str, ...], limit: int = 0, seed: int = 0) -> Any:
+    """A dataset split (camelid.data's reader: one-line errors for a missing folder/split/column)."""
+    from camelid.data import load_split as _load
+
+    if not Path(data_dir).is_dir():
+        raise CamelidError(f"dataset folder {data_dir} does not exist; build it with `camelid data stackexchange` or pass --data")
+    ds = _load(data_dir, split)
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise CamelidError(f"the {split} split of {data_dir} lacks column(s) {', '.join(missing)}")
+    if len(ds) == 0:
+        raise CamelidError(f"the {split} split of {data_dir} is empty; build a bigger dataset or choose another split")
+    if limit and len(ds) > limit:
+        ds = ds.shuffle(seed=seed).select(range(limit))
+    return ds
+
+
+def save_final(trainer: Any, tok: Any, run_dir: Path, merge: bool) -> tuple[Path, Path | None]:
+    """Write adapter/ (rank 0) and, if asked, model/ = the adapter merged into a fresh copy of
+    its base (never into an 8-bit base: merging into int8 weights would lose precision)."""
+    from camelid.models.merge import merge_adapter
+    from camelid.utils import atomic_dir
+
+    adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if merge else None)
+    if trainer.accelerator.is_main_process:
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        if model_dir is not None:
+            merge_adapter(adapter_dir, model_dir)
+    trainer.accelerator.wait_for_everyone()
+    return adapter_dir, model_dir
+
+
+def is_main() -> bool:
+    return rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
