@@ -30,8 +30,8 @@ from camelid.data import sample_programming as prog
 SEED = 20240501
 STYLES = ("expert", "concise", "partial", "vague", "wrong", "rude")
 VOTES = {  # style -> (up range, down range)
-    "expert": ((8, 35), (0, 2)), "concise": ((4, 16), (0, 1)), "partial": ((1, 5), (0, 2)),
-    "vague": ((0, 2), (0, 3)), "wrong": ((0, 2), (1, 6)), "rude": ((0, 1), (2, 9)),
+    "expert": ((8, 35), (0, 2)), "concise": ((4, 16), (0, 1)), "partial": ((2, 6), (0, 2)),
+    "vague": ((0, 1), (0, 3)), "wrong": ((0, 1), (1, 6)), "rude": ((0, 1), (2, 9)),
 }
 POLITE_OPEN = ["Good question, this trips up a lot of people.", "Happy to help with this one.", "", "", ""]
 POLITE_CLOSE = ["Hope this helps!", "Good luck!", "", "", ""]

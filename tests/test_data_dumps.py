@@ -1,0 +1,168 @@
+"""Real dumps (../shared/evaldata), format variants, malformed rows, archives and bad inputs.
+
+The expected counts are computed here from the XML with ElementTree, independently of the
+stage's streaming parser and DuckDB grouping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import xml.etree.ElementTree as ET
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from camelid.cli import main
+from camelid.data import SPLITS, sample_dump_path, split_path
+from camelid.data.stackexchange import StackExchangeConfig, run
+from camelid.errors import CamelidError
+
+
+def independent_counts(folder: Path, cap: int = 10) -> dict[str, int]:
+    posts = [r.attrib for r in ET.parse(folder / "Posts.xml").getroot()]
+    up: Counter = Counter()
+    if (folder / "Votes.xml").exists():
+        up.update(r.get("PostId") for r in ET.parse(folder / "Votes.xml").getroot() if r.get("VoteTypeId") == "2")
+    questions = {p["Id"]: p for p in posts if p["PostTypeId"] == "1"}
+    answers = defaultdict(list)
+    for p in posts:
+        if p["PostTypeId"] == "2" and p["ParentId"] in questions:
+            answers[p["ParentId"]].append(p)
+
+    def score(a, accepted):
+        if int(a["Score"]) < 0:
+            return -1
+        ups = up[a["Id"]] if up else max(int(a["Score"]), 0)
+        return round(math.log2(1 + ups)) + (a["Id"] == accepted)
+
+    kept = {q: a for q, a in answers.items() if len(a) >= 2}
+    pairs = 0
+    for q, ans in kept.items():
+        s = [score(a, questions[q].get("AcceptedAnswerId")) for a in ans]
+        pairs += min(cap, sum(x != y for x, y in itertools.combinations(s, 2)))
+    return {"questions_read": len(questions), "answers_read": sum(p["PostTypeId"] == "2" for p in posts),
+            "questions_kept": len(kept), "answers_kept": sum(map(len, kept.values())), "pairs": pairs}
+
+
+@pytest.mark.parametrize("name, upvotes", [("se-cardano", "votes"), ("se-datascience-meta-2024", "score")])
+def test_real_dump_counts_match_independent_count(evaldata, tmp_path, name, upvotes):
+    folder = evaldata / name
+    result = run(StackExchangeConfig(input=str(folder), out=str(tmp_path / name), progress=False, workers=1))
+    expected = independent_counts(folder)
+    assert {k: result.stats[k] for k in expected} == expected
+    assert result.stats["upvote_source"] == upvotes
+    assert result.stats["skipped"]["orphan_answer"] == 0
+    rows = pq.read_table(split_path(result.out, "finetune")).to_pylist()
+    assert all(r["metadata"]["tags"] for r in rows)  # both `<a><b>` and `|a|b|` tags parsed
+    assert result.stats["site"].endswith("stackexchange.com")
+
+
+def test_cardano_score_only_mode_matches_stackllama_counting(evaldata, tmp_path):
+    folder = evaldata / "se-cardano"
+    result = run(StackExchangeConfig(input=str(folder), out=str(tmp_path / "o"), upvotes="score", progress=False, workers=1))
+    votes_hidden = tmp_path / "posts-only"
+    votes_hidden.mkdir()
+    (votes_hidden / "Posts.xml").symlink_to(folder / "Posts.xml")
+    assert result.stats["pairs"] == independent_counts(votes_hidden)["pairs"]
+
+
+ROWS = """\ufeff<?xml version="1.0" encoding="utf-8"?>
+<posts>
+  <row Id="20" PostTypeId="2" ParentId="10" Score="5" Body="&lt;p&gt;Best &amp;amp; right&lt;/p&gt;" CreationDate="2024-01-02T00:00:00.000" />
+  <row Id="21" PostTypeId="2" ParentId="10" Score="-2" Body="&lt;p&gt;Wrong&lt;/p&gt;" />
+  <row Id="22" PostTypeId="2" ParentId="99" Score="1" Body="&lt;p&gt;orphan&lt;/p&gt;" />
+  <row Id="23" PostTypeId="2" Score="1" Body="&lt;p&gt;no parent&lt;/p&gt;" />
+  <row Id="x" PostTypeId="1" Score="1" Title="bad id" Body="&lt;p&gt;q&lt;/p&gt;" />
+  <row Id="24" PostTypeId="2" ParentId="10" Score="1" Body="" />
+  <row Id="25" PostTypeId="2" ParentId="10" Score="many" Body="&lt;p&gt;bad score&lt;/p&gt;" />
+  <row Id="10" PostTypeId="1" AcceptedAnswerId="20" Score="3" Title="Why &amp; how?" Tags="|alpha|beta|" Body="&lt;p&gt;Question body $x$&lt;/p&gt;" CreationDate="2024-01-01T00:00:00.000" />
+  <row Id="11" PostTypeId="1" Score="3" Body="&lt;p&gt;no title&lt;/p&gt;" />
+  <row Id="30" PostTypeId="4" Body="&lt;p&gt;wiki&lt;/p&gt;" />
+  <row Id="10" PostTypeId="1" Score="3" Title="dup" Body="&lt;p&gt;dup&lt;/p&gt;" />
+</posts>
+"""
+
+
+def test_malformed_rows_are_skipped_and_counted(tmp_path):
+    (tmp_path / "Posts.xml").write_text(ROWS, encoding="utf-8")
+    r = run(StackExchangeConfig(input=str(tmp_path / "Posts.xml"), out=str(tmp_path / "o"), site="x.stackexchange.com",
+                                progress=False, workers=1))
+    assert r.stats["skipped"] == {
+        "answer_without_parent": 1, "bad_id": 1, "bad_score": 1, "duplicate_answer": 0, "duplicate_question": 1,
+        "empty_body": 1, "orphan_answer": 1, "other_post_type": 1, "question_without_title": 1,
+    }
+    assert (r.stats["questions_kept"], r.stats["answers_kept"], r.stats["pairs"]) == (1, 2, 1)
+    (pair,) = [row for s in SPLITS for row in pq.read_table(split_path(r.out, s)).to_pylist()]
+    assert pair["question"] == "Why & how?\n\nQuestion body $x$"
+    assert (pair["response_j"], pair["score_j"], pair["score_k"]) == ("Best & right", 4, -1)  # 5 up + accepted
+    assert pair["metadata"]["tags"] == ["alpha", "beta"]
+    assert pair["metadata"]["answer_j_url"] == "https://x.stackexchange.com/a/20"
+
+
+def _sample_7z(path: Path, names=("Posts.xml", "Votes.xml")) -> Path:
+    import py7zr
+
+    with py7zr.SevenZipFile(path, "w") as z:
+        for n in names:
+            z.write(sample_dump_path() / n, arcname=n)
+    return path
+
+
+def test_7z_archive_gives_the_same_dataset(tmp_path):
+    archive = _sample_7z(tmp_path / "sample.stackexchange.com.7z")
+    a = run(StackExchangeConfig(input=str(archive), out=str(tmp_path / "a"), progress=False, workers=1))
+    b = run(StackExchangeConfig(input=str(sample_dump_path()), out=str(tmp_path / "b"), progress=False, workers=1))
+    assert a.stats["site"] == "sample.stackexchange.com" and a.stats["upvote_source"] == "votes"
+    assert split_path(a.out, "rl").read_bytes().count(b"response_j") >= 1
+    assert pq.read_table(split_path(a.out, "rl")).drop(["metadata"]) == pq.read_table(split_path(b.out, "rl")).drop(["metadata"])
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    not_xml = tmp_path / "notxml" / "Posts.xml"
+    not_xml.parent.mkdir()
+    not_xml.write_text("Id,Body\n1,hello\n")
+    truncated = tmp_path / "trunc" / "Posts.xml"
+    truncated.parent.mkdir()
+    data = (sample_dump_path() / "Posts.xml").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    only_q = tmp_path / "onlyq" / "Posts.xml"
+    only_q.parent.mkdir()
+    only_q.write_text('<?xml version="1.0"?><posts><row Id="1" PostTypeId="1" Score="0" Title="t" Body="b" /></posts>')
+    votes_as_posts = tmp_path / "votes" / "Posts.xml"
+    votes_as_posts.parent.mkdir()
+    votes_as_posts.write_bytes((sample_dump_path() / "Votes.xml").read_bytes())
+    return {
+        "not xml": (not_xml, "not XML"),
+        "truncated": (truncated, "truncated"),
+        "archive without Posts.xml": (_sample_7z(tmp_path / "x.7z", ("Votes.xml",)), "has no Posts.xml"),
+        "empty result": (only_q, "no question has 2\\+ answers"),
+        "wrong file": (votes_as_posts, "root element is <votes>"),
+        "missing": (tmp_path / "nope", "does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not xml", "truncated", "archive without Posts.xml", "empty result", "wrong file", "missing"])
+def test_bad_inputs_are_one_line_errors(tmp_path, case):
+    path, message = _bad_inputs(tmp_path)[case]
+    with pytest.raises(CamelidError, match=message) as e:
+        run(StackExchangeConfig(input=str(path), out=str(tmp_path / "out"), progress=False, workers=1))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))  # nothing half-written
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.7z"
+    bad.write_bytes(b"not an archive")
+    assert main(["data", "stackexchange", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camelid: error:") and "7z" in err and "\n" not in err
+
+
+def test_cli_builds_sample(tmp_path, capsys):
+    assert main(["data", "stackexchange", "--out", str(tmp_path / "o"), "--no-progress", "--max-questions", "40",
+                 "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "40 questions" in out and (tmp_path / "o" / "stats.json").is_file()
