@@ -1,0 +1,73 @@
+"""Flags shared by every command that loads a model or generates text."""
+
+from __future__ import annotations
+
+import argparse
+
+from camelid.errors import CamelidError
+
+
+def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--model-path", dest="model", default="smollm2-135m",
+                   help="bundled name (smollm2-135m), model folder, adapter folder, .gguf file or hub id (default: smollm2-135m)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CPU and recent GPUs, float16 on older GPUs and MPS")
+    g.add_argument("--load-8bit", action="store_true", help="int8 weights (about half the memory of bfloat16)")
+    g.add_argument("--conv-template", default=None, help="model (the model's own), vicuna_v1.1, stackllama or chatml (default: auto)")
+    g.add_argument("--system", default=None, help="system message (replaces the template's default)")
+    if backend:
+        g.add_argument("--backend", default="torch", choices=["torch", "llama.cpp"],
+                       help="torch (default) or llama.cpp (a .gguf, or the model exported to GGUF on the fly)")
+        g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.7, max_new_tokens: int = 512) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off (default: 1.0)")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default: {max_new_tokens})")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from_args(args: argparse.Namespace, extra_stop: tuple[str, ...] = ()):
+    from camelid.engine import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, stop=tuple(args.stop) + tuple(extra_stop),
+    )
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Validate sampling flags before the (slow) model load."""
+    sampling_from_args(args)
+
+
+def load_engine(args: argparse.Namespace):
+    """The engine the flags ask for (torch or llama.cpp), plus its conversation template."""
+    import torch
+
+    from camelid.templates import pick_template
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "backend", "torch") == "llama.cpp":
+        if args.load_8bit:
+            raise CamelidError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
+        try:
+            from camelid.engine.llamacpp import load_llamacpp_engine
+        except ImportError as e:
+            raise CamelidError(f"the llama.cpp backend is not available ({e})") from None
+        engine = load_llamacpp_engine(args.model, threads=getattr(args, "threads", None))
+    else:
+        from camelid.engine import Engine
+
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, load_8bit=args.load_8bit)
+    template = pick_template(args.conv_template, engine.tokenizer, getattr(engine, "path", None))
+    return engine, template

@@ -1,0 +1,133 @@
+"""Sampling parameters and the batched logits -> next-token step.
+
+Every row of a batch carries its own parameters (the server batches unrelated requests), so the
+processors below take per-row tensors. Order follows Hugging Face's `generate`: repetition
+penalty, temperature, top-k, top-p, then sampling (or argmax where temperature is 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from camelid.errors import CamelidError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. Temperature 0 means greedy; top_k 0 means off."""
+
+    temperature: float = 0.7
+    """Softmax temperature; 0 picks the most likely token (greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (0 < p <= 1)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty (Keskar et al. 2019) on tokens already in prompt or answer; 1.0 = off."""
+    max_new_tokens: int = 256
+    """Most tokens to generate."""
+    seed: int | None = None
+    """Seed for this request's sampling; the same seed gives the same text, whatever the batch."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer; they are not included in the text."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end the answer (beside the tokenizer's EOS)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks that need a fixed length)."""
+    logprobs: bool = False
+    """Return the log-probability of each sampled token."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        check_sampling(self)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def check_sampling(p: SamplingParams) -> None:
+    """Raise a one-line CamelidError for a value no sampler can use."""
+    if not (isinstance(p.temperature, (int, float)) and math.isfinite(p.temperature) and p.temperature >= 0):
+        raise CamelidError(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
+    if not (0 < p.top_p <= 1):
+        raise CamelidError(f"top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise CamelidError(f"top_k must be >= 0 (0 = off), got {p.top_k}")
+    if not (p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)):
+        raise CamelidError(f"repetition_penalty must be > 0 (1 = off), got {p.repetition_penalty}")
+    if p.max_new_tokens < 1:
+        raise CamelidError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+    if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
+        raise CamelidError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool of tokens already present; penalty (B,).
+
+    CTRL (Keskar et al. 2019), as in HF's RepetitionPenaltyLogitsProcessor: a seen token's
+    logit is divided by the penalty when positive and multiplied when negative.
+    """
+    pen = penalty[:, None].to(logits.dtype)
+    penalised = torch.where(logits > 0, logits / pen, logits * pen)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k and nucleus (top-p). logits (B, V).
+
+    top_k (B,) long, 0 = off; top_p (B,) float in (0, 1]. Nucleus per Holtzman et al. 2019:
+    keep the smallest prefix of the sorted distribution whose mass reaches p (always >= 1 token).
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
+    remove = ranks >= k
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    remove |= mass_before >= top_p[:, None].float()
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    seen: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row. logits (B, V) float -> (tokens (B,), logprobs (B,)).
+
+    The log-probability is taken from the distribution the token was drawn from (after
+    penalty/temperature/filtering), as OpenAI's API reports it.
+    """
+    logits = logits.float()
+    device = logits.device
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        pen = torch.tensor([p.repetition_penalty for p in params], device=device)
+        logits = apply_repetition_penalty(logits, seen, pen)
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    logits = logits / temps[:, None]
+    if any((p.top_k > 0 or p.top_p < 1.0) and not p.greedy for p in params):
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        logits = top_k_top_p_filter(logits, top_k, top_p)
+    logp = torch.log_softmax(logits, dim=-1)
+    tokens = logp.argmax(dim=-1)
+    if not bool(greedy.all()):
+        probs = logp.exp()
+        for i, p in enumerate(params):
+            if not p.greedy:
+                tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]

@@ -1,0 +1,111 @@
+"""Weight-only int8 for inference (`--load-8bit`): int8 weights with one scale per output row.
+
+Symmetric per-channel quantisation (LLM.int8's vector-wise scheme without the outlier split,
+as in gpt-fast's `WeightOnlyInt8QuantHandler`). On CPU the matmul runs in
+`torch._weight_int8pack_mm`, which reads the int8 weights directly, so decode moves half the
+bytes of bfloat16 and is faster, not slower (bitsandbytes' 8-bit mode is ~3x slower than
+float32 on CPU). Elsewhere the weights are dequantised per call.
+
+The tied input embedding / output head of small models is a large share of their weights
+(28M of SmolLM2-135M's 135M), so it is quantised too: one int8 table serves both the lookup
+(rows dequantised on the fly) and the output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) int8 and (N,) float scales with w ≈ q * scale[:, None]."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ dequant(q)(N, K)^T -> (..., N) in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x.device.type in ("cpu", "mps") or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8):
+        try:
+            y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+            return y.reshape(*shape[:-1], q.shape[0])
+        except (RuntimeError, NotImplementedError):
+            pass
+    return (F.linear(x2, q.to(x.dtype)) * scale.to(x.dtype)).reshape(*shape[:-1], q.shape[0])
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_rows(linear.weight)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_matmul(x, self.qweight, self.scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows; `weight` exists only as the int8 data."""
+
+    def __init__(self, emb: nn.Embedding, dtype: torch.dtype):
+        super().__init__()
+        q, scale = quantize_rows(emb.weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(dtype))
+        self.dtype = dtype
+        self.padding_idx = emb.padding_idx
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.dtype) * self.scale[ids][..., None]
+
+
+class Int8TiedHead(nn.Module):
+    """Output projection that reuses an Int8Embedding's table (tied embeddings)."""
+
+    def __init__(self, emb: Int8Embedding):
+        super().__init__()
+        self.emb = [emb]  # a list, so the table is not registered (and counted) twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb[0]
+        return int8_matmul(x, e.qweight, e.scale)
+
+
+def quantize_model_int8(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every nn.Linear and the input embedding (and a tied head) with int8 versions."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child is not model.get_output_embeddings():
+                setattr(parent, name, Int8Linear(child))
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    qemb = Int8Embedding(emb, dtype)
+    model.set_input_embeddings(qemb)
+    if head is not None:
+        new_head = Int8TiedHead(qemb) if tied else Int8Linear(head)
+        model.set_output_embeddings(new_head)
+        # transformers re-ties weights on some calls; there is no float weight left to tie.
+        model.config.tie_word_embeddings = False
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, counting shared storage once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
