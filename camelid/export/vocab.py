@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.export.header import read_header
 from camelid.export.pretokenizers import CHECK_TEXT, PRE_BY_HASH
 
 
@@ -81,47 +82,6 @@ def source_gguf(dirs: tuple[Path, ...]) -> Path | None:
     return None
 
 
-def read_gguf_kv(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The scalar values of `keys` in a GGUF header, without parsing its tensors.
-
-    gguf.GGUFReader builds a numpy view per array element (~15 s for a 49k-token vocabulary);
-    this skips arrays by their byte lengths instead. Layout: GGUF spec, docs/gguf.md in ggml.
-    """
-    import struct
-
-    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-    found: dict[str, Any] = {}
-    with open(path, "rb") as f:
-        def read(fmt: str) -> Any:
-            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def value(vtype: int) -> Any:
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                sub, n = read("I"), read("Q")
-                if sub in scalar:
-                    f.seek(n * struct.calcsize(scalar[sub]), 1)
-                else:
-                    for _ in range(n):
-                        value(sub)
-                return None
-            return read(scalar[vtype])
-
-        if f.read(4) != b"GGUF":
-            return found
-        _version, _n_tensors, n_kv = read("I"), read("Q"), read("Q")
-        for _ in range(n_kv):
-            key = string()
-            val = value(read("I"))
-            if key in keys:
-                found[key] = val
-    return found
-
-
 def _added_flags(tokenizer: Any) -> tuple[bool, bool]:
     """Whether encoding adds BOS / EOS, read off the tokenizer's actual output."""
     plain = tokenizer.encode("Hello", add_special_tokens=False)
@@ -175,7 +135,7 @@ def build_vocab(model_dir: Path, vocab_size: int, hint_dirs: tuple[Path, ...] = 
     tokenizer = load_hf_tokenizer(model_dir)
     _check_byte_level(model_dir)
     source = source_gguf(hint_dirs or (model_dir,))
-    pre = (read_gguf_kv(source, ("tokenizer.ggml.pre",)).get("tokenizer.ggml.pre") if source else None)
+    pre = read_header(source, tensors=False).kv.get("tokenizer.ggml.pre") if source else None
     pre = pre or pre_from_hash(tokenizer)
     if pre is None:
         raise CamelidError(

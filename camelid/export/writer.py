@@ -144,12 +144,13 @@ def write_metadata(w: Any, src: Source, vocab: GgufVocab, quant: str, n_params: 
 def _write_lineage(w: Any, src: Source) -> None:
     """Where the model descends from a GGUF (the bundled model does): its licence, and the
     original as base model (general.base_model.*), so the export does not lose its provenance."""
-    from camelid.export.vocab import read_gguf_kv, source_gguf
+    from camelid.export.header import read_header
+    from camelid.export.vocab import source_gguf
 
     origin = source_gguf(src.hint_dirs)
     if origin is None:
         return
-    kv = read_gguf_kv(origin, ("general.name", "general.organization", "general.license"))
+    kv = read_header(origin, tensors=False).kv
     if kv.get("general.license"):
         w.add_license(kv["general.license"])
     if kv.get("general.name"):
