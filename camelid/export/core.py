@@ -18,11 +18,11 @@ class ExportConfig:
     model: str = "smollm2-135m"
     """model to export: a bundled name, a llama Hugging Face folder, or a LoRA adapter folder (merged on the fly)"""
     out: str | None = None
-    """output .gguf path (default: <model>-<quant>.gguf in the current folder)"""
+    """output .gguf path; unset: <model>-<quant>.gguf in the current folder"""
     quant: str = "q8_0"
     """weight type: f16, q8_0, q4_0 (gguf package) or q4_k_m (llama.cpp's quantizer, needs llama-cpp-python)"""
     name: str | None = None
-    """general.name written into the file (default: the model folder's name)"""
+    """general.name written into the file; unset: the model folder's name"""
     modelfile: bool = True
     """also write <out stem>.Modelfile for `ollama create`"""
     progress: bool = True
@@ -91,6 +91,7 @@ def export_gguf(cfg: ExportConfig) -> ExportResult:
         modelfile = out.with_name(out.stem + ".Modelfile")
         bos = vocab.tokens[vocab.special_ids["bos"]] if vocab.add_bos and "bos" in vocab.special_ids else ""
         atomic_write_text(modelfile, modelfile_text(out.name, vocab.chat_template, bos, vocab.eos_token))
+        modelfile.chmod(0o644)  # mkstemp made it owner-only; Ollama's server may run as another user
     return ExportResult(out, modelfile, cfg.quant, len(plan), out.stat().st_size, timer.seconds)
 
 

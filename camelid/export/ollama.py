@@ -40,13 +40,13 @@ FORMATS = (
 )
 
 
-def render(template: str, messages: list[dict[str, str]], bos: str = "", eos: str = "") -> str:
+def render(template: str, messages: list[dict[str, str]], bos: str = "", eos: str = "", add_generation_prompt: bool = True) -> str:
     """Render a Hugging Face chat template the way transformers does (sandboxed jinja2)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
 
 
 def detect_format(template: str, bos: str = "") -> tuple[ChatFormat | None, str | None]:
