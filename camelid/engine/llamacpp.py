@@ -1,0 +1,372 @@
+"""The llama.cpp backend: the engine's interface over a GGUF file, run by llama-cpp-python.
+
+Same surface as `camelid.engine.Engine` (encode, stream, generate, new_batch -> Batch with
+add/step/cancel, tokenizer, max_context), so chat, generate and serve take it unchanged. What
+differs is only who computes the logits: llama.cpp decodes one batch holding one token per
+running request (each request its own sequence in one KV cache, as llama-server does), and the
+logits go through camelid's own sampler (`engine.sampling.sample_next`) and stop-string /
+detokenisation helpers (`engine.text`), so the sampling flags, seeds, stop strings and streaming
+behave exactly as with the torch engine. The model is a `.gguf` given directly, or any model
+camelid can load exported on the fly into the cache ($CAMELID_HOME/gguf, see export.core).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from camelid.engine.engine import Completion, Delta
+from camelid.engine.sampling import SamplingParams
+from camelid.engine.text import IncrementalDecoder, StopText
+from camelid.errors import CamelidError
+
+INSTALL_HINT = "pip install 'camelid[llamacpp]' (compiles llama.cpp, ~10 minutes; pip caches the wheel)"
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_PARALLEL = 4  # sequences decoded together (the server's concurrent requests)
+
+
+def import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+    except ImportError:
+        raise CamelidError(f"the llama.cpp backend needs llama-cpp-python: {INSTALL_HINT}") from None
+    _logger.set_verbose(False)  # llama.cpp's load log is noise in a chat window
+    return llama_cpp
+
+
+class LlamaCppTokenizer:
+    """The GGUF's own tokenizer with the parts of the Hugging Face tokenizer API camelid uses
+    (encode/decode/__call__, special tokens, chat_template, apply_chat_template)."""
+
+    def __init__(self, model: Any, llama_cpp: Any):
+        self._m, self._lc = model, llama_cpp
+        self._vocab = model.vocab
+        meta = model.metadata()
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.bos_token_id = _or_none(model.token_bos())
+        self.eos_token_id = _or_none(model.token_eos())
+        pad = meta.get("tokenizer.ggml.padding_token_id")
+        self.pad_token_id = int(pad) if pad is not None else self.eos_token_id
+        self.bos_token = self._text(self.bos_token_id)
+        self.eos_token = self._text(self.eos_token_id)
+        self.add_bos = bool(model.add_bos_token())
+
+    def _text(self, tid: int | None) -> str | None:
+        return None if tid is None else self._m.token_get_text(tid)
+
+    def __len__(self) -> int:
+        return self._m.n_vocab()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # special=True: control-token text such as <|im_end|> becomes its id, as in HF tokenizers
+        return self._m.tokenize(text.encode("utf-8"), add_special_tokens and self.add_bos, True)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
+        out = b"".join(self._piece(int(t), not skip_special_tokens) for t in ids)
+        return out.decode("utf-8", errors="replace")
+
+    def _piece(self, tid: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lc.llama_token_to_piece(self._vocab, tid, buf, 256, 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._m.token_get_text(int(t)) for t in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = True, **_: Any) -> Any:
+        from camelid.export.ollama import render
+
+        if not self.chat_template:
+            raise CamelidError("this GGUF has no chat template; pass --conv-template chatml, vicuna_v1.1 or stackllama")
+        text = render(self.chat_template, messages, bos=self.bos_token or "", eos=self.eos_token or "", add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _or_none(tid: int) -> int | None:
+    return None if tid is None or tid < 0 else int(tid)
+
+
+@dataclass
+class _Row:
+    rid: int
+    params: SamplingParams
+    slot: int  # the llama.cpp sequence id holding this request's KV cache
+    prompt: list[int]
+    decoder: IncrementalDecoder
+    stop_text: StopText
+    rng: Any  # torch.Generator or None
+    pos: int = 0
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+
+class LlamaCppEngine:
+    """Generation over a GGUF with llama.cpp. Build it with `load_llamacpp_engine`."""
+
+    def __init__(self, gguf: Path, threads: int | None = None, max_context: int | None = None, parallel: int = DEFAULT_PARALLEL):
+        lc = import_llama_cpp()
+        from llama_cpp import _internals
+
+        self.llama_cpp, self.gguf = lc, Path(gguf)
+        mparams = lc.llama_model_default_params()
+        try:
+            self.model = _internals.LlamaModel(path_model=str(gguf), params=mparams, verbose=False)
+        except ValueError as e:
+            raise CamelidError(f"llama.cpp cannot load {gguf} ({e}); is it a complete GGUF of an architecture llama.cpp supports?") from None
+        self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, self.model.n_ctx_train()))
+        self.parallel = parallel
+        self.threads = threads or os.cpu_count() or 1
+        cparams = lc.llama_context_default_params()
+        # One KV cache shared by `parallel` sequences, each up to max_context tokens.
+        cparams.n_ctx = self.max_context * parallel
+        cparams.n_batch = cparams.n_ubatch = min(512, self.max_context)
+        cparams.n_seq_max = parallel
+        cparams.kv_unified = True
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        self.batch_buf = _internals.LlamaBatch(n_tokens=cparams.n_batch, embd=0, n_seq_max=parallel, verbose=False)
+        self.tokenizer = LlamaCppTokenizer(self.model, lc)
+        self.n_vocab = self.model.n_vocab()
+        self.eos_ids = {t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.model.vocab, t)}
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.name, self.path = self.gguf.stem, self.gguf
+        self.device = "cpu"
+        self._free_slots = list(range(parallel))
+
+    def close(self) -> None:
+        self.batch_buf.close()
+        self.ctx.close()
+        self.model.close()
+
+    # ---- the same prompt handling as the torch engine --------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids; BOS only where the tokenizer adds one and the prompt lacks it."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+    def fit_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        from camelid.engine.engine import Engine
+
+        return Engine.fit_prompt(self, ids, max_new_tokens)  # type: ignore[arg-type]
+
+    # ---- llama.cpp calls -------------------------------------------------------------------
+    def decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+        """Run (token, position, sequence, want_logits) items; return a numpy logits row per
+        wanted item. Chunked by the context's batch size (long prompts)."""
+        import numpy as np
+
+        out = []
+        b = self.batch_buf.batch
+        for start in range(0, len(items), self.batch_buf._n_tokens):
+            chunk = items[start : start + self.batch_buf._n_tokens]
+            b.n_tokens = len(chunk)
+            for i, (tok, pos, seq, want) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+                b.seq_id[i][0] = seq
+            self.ctx.decode(self.batch_buf)
+            for i, (*_, want) in enumerate(chunk):
+                if want:
+                    ptr = self.ctx.get_logits_ith(i)
+                    out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return out
+
+    def take_slot(self) -> int:
+        if not self._free_slots:
+            raise CamelidError(f"the llama.cpp backend runs at most {self.parallel} requests at once")
+        return self._free_slots.pop(0)
+
+    def release_slot(self, slot: int) -> None:
+        self.ctx.kv_cache_seq_rm(slot, -1, -1)
+        self._free_slots.append(slot)
+
+    # ---- generation (mirrors engine.Engine) -----------------------------------------------
+    def new_batch(self) -> "LlamaCppBatch":
+        """A fresh batch; one is live at a time, so a batch the caller dropped (the server does
+        after a failed step) gives its sequences back here."""
+        if getattr(self, "_live", None) is not None:
+            self._live.close()
+        self._live = LlamaCppBatch(self)
+        return self._live
+
+    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), cancelled: set[int] | None = None) -> Iterator[list[Delta]]:
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        batch = self.new_batch()
+        try:
+            # More prompts than sequences: the rest join as earlier ones finish.
+            pending = list(range(len(prompts)))
+            while pending or batch.rows:
+                room = self.parallel - len(batch.rows)
+                take, pending = pending[:room], pending[room:]
+                if take:
+                    yield from batch.add(take, [prompts[i] for i in take], [plist[i] for i in take])
+                if cancelled:
+                    batch.cancel(cancelled)
+                if batch.rows:
+                    yield batch.step()
+        finally:
+            batch.close()
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+        """Whole answers for a batch of prompts (str or token-id lists)."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+        ids: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        logps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+        done: dict[int, Completion] = {}
+        for deltas in self.stream(prompts, plist):
+            for d in deltas:
+                texts[d.index].append(d.text)
+                ids[d.index] += d.token_ids
+                logps[d.index] += d.logprobs or []
+                if d.finish_reason:
+                    n_prompt = len(self._prompt_ids(prompts[d.index], plist[d.index]))
+                    lp = logps[d.index] if plist[d.index].logprobs else None
+                    done[d.index] = Completion("".join(texts[d.index]), ids[d.index], n_prompt, d.finish_reason, lp)
+        return [done[i] for i in range(len(prompts))]
+
+    def _prompt_ids(self, prompt, params: SamplingParams) -> list[int]:
+        return self.fit_prompt(prompt if isinstance(prompt, list) else self.encode(prompt), params.max_new_tokens)
+
+
+class LlamaCppBatch:
+    """Running requests, one llama.cpp sequence each; `add` prefills, `step` decodes one token
+    for every row in one llama_decode call. Same contract as engine.Batch."""
+
+    def __init__(self, engine: LlamaCppEngine):
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.on_row = None
+
+    def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
+        import torch
+
+        eng = self.engine
+        toks = [eng.fit_prompt(p if isinstance(p, list) else eng.encode(p), sp.max_new_tokens) for p, sp in zip(prompts, params)]
+        if any(len(t) == 0 for t in toks):
+            raise CamelidError("empty prompt: give at least one token of text")
+        if len(self.rows) + len(toks) > eng.parallel:
+            raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
+        new_rows, logits = [], []
+        for rid, t, sp in zip(ids, toks, params):
+            rng = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+            row = _Row(rid, sp, eng.take_slot(), t, IncrementalDecoder(eng.tokenizer), StopText(sp.stop), rng, pos=len(t))
+            self.rows.append(row)
+            new_rows.append(row)
+            if self.on_row:
+                self.on_row(row)
+            logits += eng.decode([(tok, i, row.slot, i == len(t) - 1) for i, tok in enumerate(t)])
+        yield self._emit(new_rows, logits)
+
+    def step(self) -> list[Delta]:
+        rows = list(self.rows)
+        live = [r for r in rows if r.finish is None]
+        logits = self.engine.decode([(r.out[-1], r.pos, r.slot, True) for r in live])
+        for r in live:
+            r.pos += 1
+        by_row = dict(zip((id(r) for r in live), logits))
+        return self._emit(rows, [by_row.get(id(r)) for r in rows])
+
+    def cancel(self, rids: Iterable[int]) -> None:
+        rids = set(rids)
+        for row in self.rows:
+            if row.rid in rids and row.finish is None:
+                row.finish = "cancelled"
+
+    def close(self) -> None:
+        for row in self.rows:
+            self.engine.release_slot(row.slot)
+        self.rows = []
+
+    def _emit(self, rows: list[_Row], logits: list[Any]) -> list[Delta]:
+        live = [(r, lg) for r, lg in zip(rows, logits) if r.finish is None and lg is not None]
+        sampled = dict(zip((id(r) for r, _ in live), zip(*_sample([r for r, _ in live], [lg for _, lg in live])))) if live else {}
+        deltas = []
+        for row in rows:
+            if row.finish == "cancelled":
+                deltas.append(Delta(row.rid, "", [], None, "cancelled"))
+                continue
+            tok, lp = sampled[id(row)]
+            deltas.append(self._advance(row, tok, lp))
+        for row in [r for r in self.rows if r.finish is not None]:
+            self.engine.release_slot(row.slot)
+        self.rows = [r for r in self.rows if r.finish is None]
+        return deltas
+
+    def _advance(self, row: _Row, tok: int, lp: float) -> Delta:
+        """Append a token to a row and decide whether it finished (as engine.Batch._emit does)."""
+        row.out.append(tok)
+        row.logprobs.append(lp)
+        text, finish = "", None
+        if (tok in self.engine.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids:
+            finish = "stop"
+            text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
+        else:
+            text, hit = row.stop_text.feed(row.decoder.push(tok))
+            if hit:
+                finish = "stop"
+            elif len(row.out) >= row.params.max_new_tokens:
+                text += row.stop_text.feed(row.decoder.flush())[0]
+                text += "" if row.stop_text.stopped else row.stop_text.finish()
+                finish = "stop" if row.stop_text.stopped else "length"
+        row.finish = finish
+        return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish)
+
+
+def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float]]:
+    """Next token per row with camelid's sampler (identical semantics to the torch engine);
+    plain greedy rows take a numpy argmax, which is what the sampler would return."""
+    import numpy as np
+
+    arr = np.stack(logits)
+    if all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.params.logprobs for r in rows):
+        return arr.argmax(-1).tolist(), [0.0] * len(rows)
+    import torch
+
+    from camelid.engine.sampling import sample_next
+
+    seen = None
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        seen = torch.zeros(arr.shape, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            seen[i, torch.tensor(r.prompt + r.out, dtype=torch.long)] = True
+    tokens, logps = sample_next(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen)
+    return tokens.tolist(), logps.tolist()
+
+
+def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | None = None, quant: str = "q8_0",
+                         max_context: int | None = None, parallel: int = DEFAULT_PARALLEL) -> LlamaCppEngine:
+    """The llama.cpp engine for `model`: a .gguf file, or any model camelid loads (bundled name,
+    HF folder, adapter folder), exported to GGUF (`quant`) into the cache on first use."""
+    from camelid.export.core import cached_gguf
+    from camelid.export.header import read_header
+    from camelid.models.resolve import DEFAULT_MODEL, resolve_model
+
+    import_llama_cpp()  # fail fast, before any export, when the package is missing
+    name = str(model or DEFAULT_MODEL)
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        try:
+            read_header(path, tensors=False)
+        except (OSError, ValueError) as e:
+            raise CamelidError(f"cannot use {path} with llama.cpp: {e}") from None
+        source = path
+    else:
+        source = resolve_model(name)
+        path = cached_gguf(name, quant)
+    engine = LlamaCppEngine(path, threads=threads, max_context=max_context, parallel=parallel)
+    engine.name, engine.path = name, source
+    return engine
