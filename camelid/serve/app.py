@@ -1,0 +1,154 @@
+"""The FastAPI app: OpenAI routes, `/health`, the web chat page, API keys, body limit, errors.
+
+Everything a client can get wrong is answered in OpenAI's error shape with a 4xx status; an
+unexpected failure is logged and answered 500 in the same shape, and the server stays up.
+API keys and the body limit are plain ASGI middlewares, so they run before any route reads
+the body; keys are compared in constant time (hmac.compare_digest) and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from camelid.serve.openai_api import ClientGone, router
+from camelid.serve.protocol import MAX_BODY_BYTES, APIError
+from camelid.serve.registry import ModelRegistry
+
+log = logging.getLogger("camelid.serve")
+STATIC = Path(__file__).parent / "static"
+# The page loads nothing from elsewhere; say so to the browser (no CDN, no inline script).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+PROTECTED_PREFIX = "/v1/"
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/ routes when keys are set; 401 otherwise."""
+
+    def __init__(self, app, keys: Iterable[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _valid(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        ok = False
+        for key in self.keys:  # check every key, so timing does not reveal which one matched
+            ok |= hmac.compare_digest(token, key)
+        return ok and scheme.lower() == b"bearer"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            if not self._valid(header):
+                err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await _send_error(send, err)
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `limit` bytes, by its Content-Length or, when chunked, as it arrives."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_error(send, too_big)
+        # Read the body here (it is at most `limit` bytes) and replay it to the app.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _send_error(send, too_big)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.registry = registry
+    app.include_router(router)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return _error_response(err)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, err: ClientGone):
+        # Nobody reads this; 499 is nginx's "client closed request".
+        return JSONResponse({}, status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        return _error_response(APIError(err.status_code, message, code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        return _error_response(APIError(422, str(err.errors()[0].get("msg", err)), code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        models = {m.name: m.scheduler.stats() for m in registry}
+        active = sum(s["active_requests"] for s in {id(m.scheduler): m.scheduler.stats() for m in registry}.values())
+        return {"status": "ok", "active_requests": active, "models": models}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=list(api_keys))  # added last = runs first
+    return app

@@ -1,0 +1,371 @@
+"""The OpenAI routes: parse and check a request, submit it to its model's scheduler, answer
+with one JSON body or a stream of server-sent events in OpenAI's chunk format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from camelid.errors import CamelidError
+from camelid.serve import protocol as P
+from camelid.serve.registry import ServedModel
+from camelid.serve.scheduler import Job, QueueFull
+
+router = APIRouter()
+RETRY_AFTER_S = 1
+"""Seconds a client told 503 (queue full) should wait before retrying."""
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    """JSON that does not parse -> 400; a body of the wrong shape -> 422 naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise P.APIError(422, "the request body must be a JSON object", code="invalid_type")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise P.APIError(422, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value") from None
+
+
+def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, default_max: int | None,
+                    extra_stop: tuple[str, ...] = (), logprobs: bool = False) -> list:
+    """One SamplingParams per choice. Prompt and answer must fit the model's context (400)."""
+    from camelid.engine import SamplingParams
+
+    if prompt_len > P.MAX_PROMPT_TOKENS or prompt_len >= served.context:
+        limit = min(P.MAX_PROMPT_TOKENS, served.context - 1)
+        raise P.APIError(400, f"the prompt is {prompt_len} tokens; this server takes at most {limit}",
+                         param="messages" if isinstance(req, P.ChatRequest) else "prompt", code="context_length_exceeded")
+    asked = req.max_completion_tokens if isinstance(req, P.ChatRequest) and req.max_completion_tokens else req.max_tokens
+    room = served.context - prompt_len
+    max_new = asked if asked is not None else min(default_max or P.MAX_NEW_TOKENS, P.MAX_NEW_TOKENS, room)
+    if max_new > room:
+        raise P.APIError(400, f"this model's context is {served.context} tokens: the prompt ({prompt_len}) plus "
+                         f"max_tokens ({max_new}) do not fit; lower max_tokens or shorten the prompt",
+                         param="max_tokens", code="context_length_exceeded")
+    n = req.n or 1
+    return [
+        SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            max_new_tokens=max_new,
+            # Distinct seeds per choice, or n seeded choices would all be the same text.
+            seed=None if req.seed is None else req.seed + i,
+            stop=P.stop_strings(req) + extra_stop,
+            ignore_eos=bool(req.ignore_eos),
+            logprobs=logprobs,
+        )
+        for i in range(n)
+    ]
+
+
+def submit(served: ServedModel, prompts: list[list[int]], params: list) -> Job:
+    job = Job(prompts, params, asyncio.get_running_loop())
+    try:
+        served.scheduler.submit(job)
+    except QueueFull as e:
+        raise P.APIError(503, f"{e}; retry in {RETRY_AFTER_S}s", type="server_error", code="server_overloaded",
+                         headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ValueError as e:
+        raise P.APIError(400, str(e), param="n") from None
+    return job
+
+
+async def job_events(job: Job) -> AsyncIterator[list]:
+    """The job's per-step delta lists until it ends; re-raises a generation failure."""
+    while True:
+        item = await job.events.get()
+        if item is None:
+            return
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+@dataclass
+class Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, d) -> None:
+        self.text.append(d.text)
+        self.token_ids += d.token_ids
+        self.logprobs += d.logprobs or []
+        self.finish_reason = d.finish_reason or self.finish_reason
+
+
+class ClientGone(Exception):
+    """The client hung up before its non-streaming answer was ready."""
+
+
+async def collect(job: Job, served: ServedModel, request: Request) -> list[Choice]:
+    """Run a non-streaming job to its end; a client that hangs up cancels it (its slot is freed)."""
+    choices = [Choice() for _ in range(job.n)]
+
+    async def drain() -> None:
+        async for deltas in job_events(job):
+            for d in deltas:
+                choices[d.index].add(d)
+
+    async def hangup() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(drain()), asyncio.ensure_future(hangup())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():  # the client hung up first (or this handler was cancelled)
+            work.cancel()
+            served.scheduler.cancel(job)
+    if not work.done() or work.cancelled():
+        raise ClientGone()
+    work.result()  # re-raise a generation failure
+    return choices
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Output:
+    """Builds one request's response: `whole(choices)` for a JSON body; `start()`, `step(deltas)`
+    and `end()` for the chunks of a stream. Chat and completions differ only in the shapes."""
+
+    include_usage = False
+    produced = 0
+
+    def start(self) -> list[dict]:
+        return []
+
+    def step(self, deltas: list) -> list[dict]:
+        raise NotImplementedError
+
+    def end(self) -> list[dict]:
+        return []
+
+
+async def stream_events(job: Job, served: ServedModel, out: Output) -> AsyncIterator[str]:
+    """SSE frames, then `data: [DONE]`; a generation failure becomes an in-band error event (the
+    200 status is already sent, as OpenAI does). Closing this generator (the client went away)
+    cancels the job, which frees its slot in the batch."""
+    try:
+        for chunk in out.start():
+            yield sse(chunk)
+        try:
+            async for deltas in job_events(job):
+                for chunk in out.step(deltas):
+                    yield sse(chunk)
+            for chunk in out.end():
+                yield sse(chunk)
+        except Exception as e:  # noqa: BLE001
+            yield sse(P.APIError(500, f"generation failed: {e}", type="server_error").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        served.scheduler.cancel(job)
+
+
+def token_strings(served: ServedModel, ids: list[int]) -> list[str]:
+    return [served.engine.tokenizer.decode([t]) for t in ids]
+
+
+def registry(request: Request):
+    return request.app.state.registry
+
+
+def wants_usage(req: P._Request) -> bool:
+    """stream_options.include_usage: every chunk carries `usage` (null) and a last one the counts."""
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def _finish(reason: str | None) -> str:
+    # The engine says "cancelled" only for a job whose client is gone; nobody reads it.
+    return reason if reason in ("stop", "length") else "stop"
+
+
+# ---- /v1/models ---------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [m.card() for m in registry(request)]}
+
+
+@router.get("/v1/models/{name:path}")
+async def get_model(name: str, request: Request) -> dict:
+    return registry(request).get(name).card()
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    req = await parse_body(request, P.ChatRequest)
+    P.check_request(req)
+    served = registry(request).get(req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        ids, template_stop = served.chat_prompt(messages)
+    except (CamelidError, ValueError) as e:  # the template rejects the conversation (e.g. a tool turn)
+        raise P.APIError(400, str(e), param="messages") from None
+    params = sampling_params(req, served, len(ids), None, template_stop, logprobs=bool(req.logprobs))
+    job = submit(served, [ids] * len(params), params)
+    out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), bool(req.logprobs), job.n, wants_usage(req))
+    if req.stream:
+        return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(out.whole(await collect(job, served, request)))
+
+
+@dataclass
+class ChatOutput(Output):
+    rid: str
+    served: ServedModel
+    prompt_tokens: int
+    logprobs: bool
+    n: int = 1
+    include_usage: bool = False
+    created: int = field(default_factory=P.now)
+
+    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return P.chat_chunk(self.rid, self.served.name, self.created, [choice], None, self.include_usage)
+
+    def _lp(self, ids: list[int], lps: list[float] | None) -> dict | None:
+        return P.chat_logprobs(token_strings(self.served, ids), lps or []) if self.logprobs else None
+
+    # Chunks as OpenAI sends them: the role first, content deltas, a finish chunk per choice,
+    # then (stream_options.include_usage) one chunk with no choices and the usage.
+    def start(self) -> list[dict]:
+        return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
+
+    def step(self, deltas: list) -> list[dict]:
+        chunks = []
+        for d in deltas:
+            self.produced += len(d.token_ids)
+            if d.text or (self.logprobs and d.token_ids):
+                chunks.append(self._chunk(d.index, {"content": d.text}, self._lp(d.token_ids, d.logprobs)))
+            if d.finish_reason:
+                chunks.append(self._chunk(d.index, {}, None, _finish(d.finish_reason)))
+        return chunks
+
+    def end(self) -> list[dict]:
+        if not self.include_usage:
+            return []
+        return [P.chat_chunk(self.rid, self.served.name, self.created, [], P.usage(self.prompt_tokens, self.produced), True)]
+
+    def whole(self, choices: list[Choice]) -> dict:
+        return {
+            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.served.name,
+            "system_fingerprint": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+                         "logprobs": self._lp(c.token_ids, c.logprobs), "finish_reason": _finish(c.finish_reason)}
+                        for i, c in enumerate(choices)],
+            "usage": P.usage(self.prompt_tokens, sum(len(c.token_ids) for c in choices)),
+        }
+
+
+# ---- /v1/completions ----------------------------------------------------------------------
+def completion_prompts(req: P.CompletionRequest, served: ServedModel) -> list[list[int]]:
+    """The prompt field (a string, strings, token ids or lists of token ids) as token-id lists."""
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise P.APIError(400, "prompt is empty", param="prompt")
+    if isinstance(p[0], int):
+        p = [p]
+    vocab = len(served.engine.tokenizer)
+    prompts = []
+    for item in p:
+        ids = served.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise P.APIError(400, "prompt is empty: give at least one token", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise P.APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        prompts.append(ids)
+    return prompts
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    req = await parse_body(request, P.CompletionRequest)
+    P.check_request(req)
+    served = registry(request).get(req.model)
+    prompts = completion_prompts(req, served)
+    want_lp = req.logprobs is not None
+    if want_lp and req.echo:
+        raise P.APIError(400, "echo with logprobs is not supported (no prompt log-probabilities)", param="echo")
+    rows, params = [], []
+    for ids in prompts:
+        ps = sampling_params(req, served, len(ids), P.DEFAULT_COMPLETION_MAX_TOKENS, logprobs=want_lp)
+        rows += [ids] * len(ps)
+        params += ps
+    job = submit(served, rows, params)
+    echo = [served.engine.tokenizer.decode(ids) if req.echo else "" for ids in rows]
+    out = CompletionOutput(P.new_id("cmpl"), served, sum(map(len, prompts)), want_lp, echo, wants_usage(req))
+    if req.stream:
+        return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(out.whole(await collect(job, served, request)))
+
+
+@dataclass
+class CompletionOutput(Output):
+    rid: str
+    served: ServedModel
+    prompt_tokens: int
+    logprobs: bool
+    echo: list[str]
+    include_usage: bool = False
+    created: int = field(default_factory=P.now)
+
+    def __post_init__(self) -> None:
+        self.offsets = [len(e) for e in self.echo]  # text_offset of the next token, per choice
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        return P.completion_chunk(self.rid, self.served.name, self.created, choices, usage, self.include_usage)
+
+    def _lp(self, ids: list[int], lps: list[float] | None, offset: int) -> dict | None:
+        return P.completion_logprobs(token_strings(self.served, ids), lps or [], offset, None) if self.logprobs else None
+
+    def start(self) -> list[dict]:
+        return [self._chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
+                for i, e in enumerate(self.echo) if e]
+
+    def step(self, deltas: list) -> list[dict]:
+        chunks = []
+        for d in deltas:
+            self.produced += len(d.token_ids)
+            if d.text or (self.logprobs and d.token_ids) or d.finish_reason:
+                finish = _finish(d.finish_reason) if d.finish_reason else None
+                lp = self._lp(d.token_ids, d.logprobs, self.offsets[d.index])
+                chunks.append(self._chunk([{"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": finish}]))
+            self.offsets[d.index] += len(d.text)
+        return chunks
+
+    def end(self) -> list[dict]:
+        return [self._chunk([], P.usage(self.prompt_tokens, self.produced))] if self.include_usage else []
+
+    def whole(self, choices: list[Choice]) -> dict:
+        return {
+            "id": self.rid, "object": "text_completion", "created": self.created, "model": self.served.name,
+            "system_fingerprint": None,
+            "choices": [{"index": i, "text": self.echo[i] + "".join(c.text),
+                         "logprobs": self._lp(c.token_ids, c.logprobs, len(self.echo[i])),
+                         "finish_reason": _finish(c.finish_reason)} for i, c in enumerate(choices)],
+            "usage": P.usage(self.prompt_tokens, sum(len(c.token_ids) for c in choices)),
+        }

@@ -1,0 +1,208 @@
+"""OpenAI's wire format: request bodies, their checks, the error shape, response and chunk builders.
+
+Field names, defaults and shapes follow the OpenAI API reference for `/v1/chat/completions`,
+`/v1/completions` and `/v1/models` (temperature defaults to 1, completions' max_tokens to 16,
+errors as `{"error": {"message", "type", "param", "code"}}`). Extensions beside OpenAI's fields
+use vLLM's names (`top_k`, `repetition_penalty`, `ignore_eos`), so existing clients keep working.
+
+Status codes: 400 for JSON that does not parse and for values out of range (a request that was
+understood but cannot be served), 401 bad/missing API key, 404 unknown model or route, 413 body
+too large, 422 for a body of the wrong shape (a missing field, a string where a number goes),
+503 with Retry-After when the queue is full.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Limits (named here, enforced by `check_request` and the app).
+MAX_BODY_BYTES = 2 * 1024 * 1024
+"""Largest request body accepted (413 above it): ~4x MAX_PROMPT_TOKENS of plain text."""
+MAX_NEW_TOKENS = 4096
+"""Largest `max_tokens` one request may ask for."""
+MAX_PROMPT_TOKENS = 16384
+"""Longest prompt accepted, whatever the model's context (which also bounds prompt + max_tokens)."""
+MAX_N = 16
+"""Most choices (`n`) per request."""
+MAX_LOGPROBS = 5
+"""Most alternatives per token for `logprobs` / `top_logprobs`, as OpenAI allows."""
+MAX_STOP = 16
+"""Most stop strings per request."""
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+"""OpenAI's default `max_tokens` for /v1/completions; chat defaults to the rest of the context."""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape; raised anywhere in a request's handling."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored (as vLLM does) so clients that send e.g. `user` keep working.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Request(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # vLLM-named extensions
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = False
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+
+
+def _bad(message: str, param: str, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def check_request(req: _Request) -> None:
+    """Reject values no sampler can use, with the parameter named (400)."""
+    t = req.temperature
+    if t is not None and not (math.isfinite(t) and 0 <= t <= 2):
+        raise _bad(f"temperature must be between 0 and 2, got {t}", "temperature")
+    if req.top_p is not None and not (0 < req.top_p <= 1):
+        raise _bad(f"top_p must be in (0, 1], got {req.top_p}", "top_p")
+    mt = req.max_completion_tokens if isinstance(req, ChatRequest) and req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if isinstance(req, ChatRequest) and req.max_completion_tokens is not None else "max_tokens"
+    if mt is not None and mt <= 0:
+        raise _bad(f"{param} must be at least 1, got {mt}", param)
+    if mt is not None and mt > MAX_NEW_TOKENS:
+        raise _bad(f"{param} must be at most {MAX_NEW_TOKENS}, got {mt}", param)
+    if req.n is not None and not (1 <= req.n <= MAX_N):
+        raise _bad(f"n must be between 1 and {MAX_N}, got {req.n}", "n")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise _bad(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+    if req.top_k is not None and req.top_k < 0:
+        raise _bad(f"top_k must be >= 0 (0 = off), got {req.top_k}", "top_k")
+    rp = req.repetition_penalty
+    if rp is not None and not (math.isfinite(rp) and rp > 0):
+        raise _bad(f"repetition_penalty must be > 0 (1 = off), got {rp}", "repetition_penalty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise _bad(f"{name} is not supported; use repetition_penalty", name)
+    if isinstance(req, ChatRequest) and req.top_logprobs:
+        raise _bad("top_logprobs is not supported yet (logprobs=true gives each sampled token's log-probability)", "top_logprobs")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None and not (0 <= req.logprobs <= MAX_LOGPROBS):
+            raise _bad(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
+        if req.suffix:
+            raise _bad("suffix (insertion) is not supported", "suffix")
+
+
+def stop_strings(req: _Request) -> tuple[str, ...]:
+    return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _chunk(obj: str, rid: str, model: str, created: int, choices: list[dict], usage_: dict | None,
+           with_usage: bool) -> dict:
+    out = {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None, "choices": choices}
+    if with_usage:  # with stream_options.include_usage every chunk has the key, null until the last
+        out["usage"] = usage_
+    return out
+
+
+def chat_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None,
+               with_usage: bool = False) -> dict:
+    return _chunk("chat.completion.chunk", rid, model, created, choices, usage_, with_usage)
+
+
+def completion_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None,
+                     with_usage: bool = False) -> dict:
+    return _chunk("text_completion", rid, model, created, choices, usage_, with_usage)
+
+
+def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    """Chat's `logprobs.content`: one entry per sampled token (no alternatives yet)."""
+    return {"content": [
+        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+        for t, lp in zip(tokens, logprobs)
+    ]}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int, top: list[dict] | None) -> dict:
+    """Legacy completions' logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}

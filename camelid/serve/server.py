@@ -1,0 +1,165 @@
+"""Run the app on uvicorn: `serve(cfg)` in the foreground (the CLI), `ServerThread` in the
+background on an ephemeral port (tests and bench/serve.py). The socket is bound here, before
+uvicorn starts, so `--port 0` works and the printed URL is the real one."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camelid.errors import CamelidError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`camelid serve` settings."""
+
+    model: str = "smollm2-135m"
+    """Model to serve: a bundled name, a local Hugging Face folder, a .gguf file or an adapter folder."""
+    served_model_name: str = ""
+    """Name clients pass as `model` (default: the --model value)."""
+    host: str = "127.0.0.1"
+    """Address to bind; loopback by default. Binding elsewhere without an API key prints a warning."""
+    port: int = 8000
+    """Port to bind (0 = any free port; the URL printed is the real one)."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Accepted API keys (Authorization: Bearer); none = no auth. Never printed."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+    load_8bit: bool = False
+    """Load the weights in 8-bit (bitsandbytes) to roughly halve memory."""
+    template: str = ""
+    """Conversation template name (default: the one that fits the model)."""
+    max_batch_size: int = 32
+    """Most sequences generated together (1 = one at a time, like FastChat's worker without vLLM)."""
+    max_queue: int = 256
+    """Most sequences waiting for a batch slot; more get 503 with Retry-After."""
+    max_context: int = 0
+    """Context length to enforce (0 = the model's)."""
+    log_level: str = "info"
+    """uvicorn log level: critical, error, warning, info, debug."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_batch_size < 1 or self.max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        if self.max_context < 0:
+            raise ValueError("max_context must be >= 0")
+        if any(not k or k != k.strip() for k in self.api_keys):
+            raise ValueError("API keys must be non-empty and have no surrounding spaces")
+
+
+def build_registry(cfg: ServeConfig):
+    from camelid.serve.registry import ModelRegistry, load_model
+
+    registry = ModelRegistry()
+    registry.add(load_model(
+        cfg.model, cfg.served_model_name or cfg.model, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
+        template=cfg.template or None, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+        max_context=cfg.max_context or None,
+    ))
+    return registry
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CamelidError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _uvicorn_server(app, log_level: str = "info", access_log: bool = True):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Load the model, bind, serve until Ctrl-C."""
+    from camelid.serve.app import create_app
+
+    if not is_loopback(cfg.host) and not cfg.api_keys:
+        logging.getLogger("camelid.serve").warning(
+            "listening on %s without an API key: anyone who can reach this address can use the model "
+            "(pass --api-key or --api-key-file)", cfg.host)
+    sock = bind(cfg.host, cfg.port)
+    registry = build_registry(cfg)
+    app = create_app(registry, cfg.api_keys)
+    url = url_of(sock)
+    names = ", ".join(m.name for m in registry)
+    print(f"camelid serve: {names} on {url}  (web chat: {url}/ , API: {url}/v1"
+          f"{', API key required' if cfg.api_keys else ''})", flush=True)
+    try:
+        _uvicorn_server(app, cfg.log_level).run(sockets=[sock])
+    finally:
+        registry.close()
+        sock.close()
+    return 0
+
+
+class ServerThread:
+    """`with ServerThread(app) as url:` serves `app` on 127.0.0.1:<free port> in a thread."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.app, self.host, self.port, self.log_level = app, host, port, log_level
+
+    def __enter__(self) -> str:
+        self.sock = bind(self.host, self.port)
+        self.server = _uvicorn_server(self.app, self.log_level, access_log=False)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        self.url = url_of(self.sock)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def read_key_file(path: str | os.PathLike) -> list[str]:
+    """One key per line; blank lines and # comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise CamelidError(f"cannot read API key file {path}: {e.strerror}") from None
+    keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not keys:
+        raise CamelidError(f"API key file {path} holds no key (one per line)")
+    return keys
