@@ -84,7 +84,7 @@ def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dt
         base_path = resolve_model(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dt, low_cpu_mem_usage=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # safetensors, torch and transformers each raise their own types
         raise CamelidError(f"cannot load model weights from {base_path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the files may be missing or corrupt") from None
     if base_path != path:
         from peft import PeftModel

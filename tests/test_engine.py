@@ -1,0 +1,108 @@
+"""The generation engine on a tiny random Llama: streaming, batching, seeds, stops, cancel."""
+
+import pytest
+import torch
+
+from camelid.engine import Engine, SamplingParams
+
+PROMPTS = ["Question: How do I boil an egg?\n\nAnswer: ", "Hi", "Tell me about the garden and the roses in spring"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.load(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def test_stream_equals_generate(engine):
+    sp = SamplingParams(temperature=0, max_new_tokens=12)
+    whole = engine.generate(PROMPTS[:1], sp)[0]
+    pieces = [d.text for step in engine.stream(PROMPTS[:1], sp) for d in step]
+    assert "".join(pieces) == whole.text
+    assert len(whole.token_ids) == 12 and whole.finish_reason == "length"
+
+
+def test_batched_greedy_equals_single(engine):
+    sp = SamplingParams(temperature=0, max_new_tokens=10)
+    batched = engine.generate(PROMPTS, sp)
+    for prompt, got in zip(PROMPTS, batched):
+        alone = engine.generate([prompt], sp)[0]
+        assert got.token_ids == alone.token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=10, seed=7)
+    a = engine.generate([PROMPTS[0]], sp)[0]
+    b = engine.generate([PROMPTS[1], PROMPTS[0]], sp)[1]
+    c = engine.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_new_tokens=10, seed=8))[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_per_request_lengths_and_logprobs(engine):
+    params = [SamplingParams(temperature=0, max_new_tokens=n, logprobs=True) for n in (3, 7, 5)]
+    outs = engine.generate(PROMPTS, params)
+    assert [len(o.token_ids) for o in outs] == [3, 7, 5]
+    assert all(len(o.logprobs) == len(o.token_ids) and all(lp <= 0 for lp in o.logprobs) for o in outs)
+
+
+def test_stop_string_cuts_text(engine):
+    sp = SamplingParams(temperature=0, max_new_tokens=20)
+    full = engine.generate([PROMPTS[0]], sp)[0].text
+    stop = full[5:8]
+    assert stop and stop in full
+    got = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=20, stop=(stop,)))[0]
+    assert got.finish_reason == "stop"
+    assert got.text == full[: full.index(stop)]
+
+
+def test_stop_token_ids_and_eos(engine):
+    sp = SamplingParams(temperature=0, max_new_tokens=10)
+    first = engine.generate([PROMPTS[0]], sp)[0].token_ids
+    tok = first[2]
+    got = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=(tok,)))[0]
+    assert got.finish_reason == "stop" and got.token_ids == first[: first.index(tok) + 1]
+
+
+def test_continuous_batching_join_mid_flight(engine):
+    sp = SamplingParams(temperature=0, max_new_tokens=8)
+    expected = [engine.generate([p], sp)[0].token_ids for p in PROMPTS[:2]]
+    got = {0: [], 1: []}
+    batch = engine.new_batch()
+    with torch.inference_mode():
+        for d in next(iter(batch.add([0], [PROMPTS[0]], [sp]))):
+            got[d.index] += d.token_ids
+        for _ in range(3):
+            for d in batch.step():
+                got[d.index] += d.token_ids
+        for d in next(iter(batch.add([1], [PROMPTS[1]], [sp]))):
+            got[d.index] += d.token_ids
+        while batch.rows:
+            for d in batch.step():
+                got[d.index] += d.token_ids
+    assert [got[0], got[1]] == expected
+
+
+def test_cancel_frees_the_row(engine):
+    cancelled: set[int] = set()
+    reasons = {}
+    for step in engine.stream(PROMPTS[:2], SamplingParams(temperature=0, max_new_tokens=30), cancelled=cancelled):
+        cancelled.add(1)
+        for d in step:
+            if d.finish_reason:
+                reasons[d.index] = d.finish_reason
+    assert reasons == {0: "length", 1: "cancelled"}
+
+
+def test_long_prompt_is_truncated_with_warning(engine, caplog):
+    small = Engine(engine.model, engine.tokenizer, max_context=32)
+    with caplog.at_level("WARNING", logger="camelid.engine"):
+        out = small.generate(["word " * 100], SamplingParams(temperature=0, max_new_tokens=8))[0]
+    assert out.prompt_tokens == 24 and len(out.token_ids) == 8
+    assert "truncated" in caplog.text
+
+
+def test_repetition_penalty_changes_greedy_output(engine):
+    plain = engine.generate([PROMPTS[2]], SamplingParams(temperature=0, max_new_tokens=16))[0]
+    pen = engine.generate([PROMPTS[2]], SamplingParams(temperature=0, max_new_tokens=16, repetition_penalty=5.0))[0]
+    assert len(set(pen.token_ids)) >= len(set(plain.token_ids))
+    assert pen.token_ids != plain.token_ids

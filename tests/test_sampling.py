@@ -1,0 +1,68 @@
+"""Sampling validation, logits processors and stop strings with partial-stop holdback."""
+
+import pytest
+import torch
+
+from camelid.engine.sampling import SamplingParams, apply_repetition_penalty, top_k_top_p_filter
+from camelid.engine.text import StopText, held_suffix
+from camelid.errors import CamelidError
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"stop": ("",)}, "stop"),
+])
+def test_invalid_sampling_values(kw, msg):
+    with pytest.raises(CamelidError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_stop_accepts_a_single_string():
+    assert SamplingParams(stop="###").stop == ("###",)
+
+
+def test_top_k_and_top_p_filter():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
+    out = top_k_top_p_filter(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.5]))
+    # row 0: top-2 keeps 4 and 3; row 1: p(4.0) = e^4/sum = 0.64 >= 0.5 so only the first survives.
+    assert torch.isinf(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all()
+    assert torch.isfinite(out[1, 0]) and torch.isinf(out[1, 1:]).all()
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, torch.tensor([2.0]))
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_held_suffix():
+    assert held_suffix("hello ###", ("###END",)) == 3
+    assert held_suffix("hello #", ("###END", "#x")) == 1
+    assert held_suffix("hello", ("###",)) == 0
+
+
+def test_stop_string_never_printed_half():
+    st = StopText(("</s>",))
+    shown = []
+    for piece in ["Hello", " world<", "/", "s>tail"]:
+        delta, stopped = st.feed(piece)
+        shown.append(delta)
+    assert "".join(shown) == "Hello world"
+    assert stopped and shown[1] == " world" and shown[2] == ""
+
+
+def test_false_alarm_prefix_is_released():
+    st = StopText(("</s>",))
+    assert st.feed("a <")[0] == "a "
+    assert st.feed("b")[0] == "<b"
+    assert st.finish() == ""
+    st2 = StopText(("</s>",))
+    st2.feed("end </")
+    assert st2.finish() == "</"  # generation ended: the held tail is real text
