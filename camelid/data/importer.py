@@ -27,9 +27,9 @@ from typing import Any, Iterator, Literal
 import pyarrow as pa
 
 from camelid.data import dump
-from camelid.data.output import SPLITS, DatasetWriter, data_card
+from camelid.data.output import SPLITS, DatasetWriter, data_card, inline_counts, progress_bar
 from camelid.data.scoring import split_bounds, stable_u64
-from camelid.data.stackexchange import DataResult, _bar, json_inline
+from camelid.data.stackexchange import DataResult
 from camelid.errors import CamelidError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -195,7 +195,7 @@ def _ingest(cfg: ImportConfig, files: list[Path], work: Path) -> tuple[Counter, 
     w = dump.ChunkWriter(work / "pairs.parquet", NORMAL_SCHEMA)
     counts: Counter = Counter()
     layout = cfg.layout
-    with _bar(None, "records", "rec", cfg.progress) as bar:
+    with progress_bar(None, "records", "rec", cfg.progress) as bar:
         for path in files:
             for batch in read_records(path):
                 for rec in batch:
@@ -242,7 +242,7 @@ def _write(cfg: ImportConfig, work: Path, root: Path, source: str, n_prompts: in
     out = DatasetWriter(root)
     per_split = {s: Counter() for s in SPLITS}
     last_qid, seen = None, set()
-    with _bar(n_prompts, "prompts", "q", cfg.progress) as bar:
+    with progress_bar(n_prompts, "prompts", "q", cfg.progress) as bar:
         for batch in pq.ParquetFile(work / "sorted.parquet").iter_batches(batch_size=1024):
             for r in batch.to_pylist():
                 if r["qid"] != last_qid:
@@ -279,7 +279,7 @@ def run(cfg: ImportConfig) -> DataResult:
         n_prompts = _split_sorted(cfg, work) if counts["records_read"] else 0
         if n_prompts == 0:
             raise CamelidError(f"{cfg.input}: no usable preference pair in {counts['records_read']:,} records "
-                               f"(skipped: {json_inline(dict(counts))}); nothing to write")
+                               f"(skipped: {inline_counts(dict(counts))}); nothing to write")
         splits = _write(cfg, work, tmp, Path(cfg.input).name, n_prompts)
         dump.remove_tree(work)
         skipped = {k: v for k, v in sorted(counts.items()) if k != "records_read"}
@@ -294,7 +294,7 @@ def run(cfg: ImportConfig) -> DataResult:
         save_config(cfg, tmp / "config.yaml")
         body = (f"Preference pairs imported by `camelid data import` from `{cfg.input}` ({layout} layout, "
                 f"{len(files)} file(s)).\n\n{stats['pairs']:,} pairs over {n_prompts:,} prompts from "
-                f"{stats['records_read']:,} records; skipped, by reason: {json_inline(skipped)}.\n\n"
+                f"{stats['records_read']:,} records; skipped, by reason: {inline_counts(skipped)}.\n\n"
                 "`response_j` is the chosen (preferred) response. Scores are kept where the input had them "
                 "(stack-exchange-paired), else null. The answers table holds each distinct chosen response once.")
         (tmp / "README.md").write_text(data_card(f"Imported preference pairs: {Path(cfg.input).name}", stats, body))

@@ -61,8 +61,7 @@ def _collapse_blank_lines(md: str) -> str:
         buf.append(line)
     chunk = "\n".join(buf)
     parts.append(chunk if in_code else _BLANKS.sub("\n\n", _TRAILING_WS.sub("\n", chunk)))
-    # Re-join: each fence line was its own part; keep line structure.
-    return "\n".join(p for p in parts).strip()
+    return "\n".join(parts).strip()
 
 
 def html_to_markdown(html: str) -> str:

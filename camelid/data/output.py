@@ -93,6 +93,20 @@ class DatasetWriter:
         return {s: w.count for s, w in self.pairs.items()}
 
 
+def progress_bar(total: int | None, desc: str, unit: str, enabled: bool):
+    """A tqdm bar; byte counts scale to KB/MB, and it redraws at most once a second."""
+    from tqdm.auto import tqdm
+
+    scale = unit == "B"
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+                disable=not enabled, mininterval=1.0, dynamic_ncols=True)
+
+
+def inline_counts(d: dict[str, int]) -> str:
+    """{"a": 2, "b": 0} -> "a 2" (zero counts left out), or "none"."""
+    return ", ".join(f"{k} {v:,}" for k, v in d.items() if v) or "none"
+
+
 def load_split(dataset_dir: str | Path, split: str):
     """A split of a dataset folder as a `datasets.Dataset` (memory-mapped, not read into RAM).
 
@@ -112,8 +126,7 @@ def load_split(dataset_dir: str | Path, split: str):
     missing = [c for c in want if c not in have]
     if missing:
         raise CamelidError(f"{path} lacks column(s) {', '.join(missing)}; rebuild the dataset with `camelid data`")
-    ds = datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
-    return ds
+    return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
 
 
 def data_card(title: str, stats: dict[str, Any], body: str) -> str:

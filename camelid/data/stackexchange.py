@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from camelid.data import dump
 from camelid.data.markdown import html_to_markdown
-from camelid.data.output import SPLITS, DatasetWriter, data_card
+from camelid.data.output import SPLITS, DatasetWriter, data_card, inline_counts, progress_bar
 from camelid.data.scoring import answer_score, make_pairs, split_bounds
 from camelid.errors import CamelidError
 
@@ -70,6 +71,8 @@ class StackExchangeConfig:
             raise ValueError("max_questions must be 0 (all) or positive")
         if not self.out:
             raise ValueError("out (the output folder) is required")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.memory_limit):
+            raise ValueError(f"memory_limit must look like 512MB or 8GB, got {self.memory_limit!r}")
 
 
 @dataclass
@@ -78,21 +81,13 @@ class DataResult:
     stats: dict[str, Any]
 
 
-def _bar(total: int | None, desc: str, unit: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    scale = unit == "B"
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                disable=not enabled, mininterval=1.0, dynamic_ncols=True)
-
-
 def _stream_posts(files: dump.DumpFiles, work: Path, progress: bool) -> dump.PostStats:
     """Pass 1: Posts.xml -> work/questions.parquet + work/answers.parquet, counting as it goes."""
     st = dump.PostStats()
     qw = dump.ChunkWriter(work / "questions.parquet", dump.QUESTION_SCHEMA)
     aw = dump.ChunkWriter(work / "answers.parquet", dump.ANSWER_SCHEMA)
     start = time.perf_counter()
-    with _bar(files.posts.stat().st_size, files.posts.name, "B", progress) as bar:
+    with progress_bar(files.posts.stat().st_size, files.posts.name, "B", progress) as bar:
         for rows in dump.iter_rows(files.posts, "posts", bar.update):
             dump.ingest_post_rows(rows, qw, aw, st)
             bar.set_postfix_str(f"{st.rows / max(time.perf_counter() - start, 1e-9):,.0f} rows/s", refresh=False)
@@ -104,7 +99,7 @@ def _stream_posts(files: dump.DumpFiles, work: Path, progress: bool) -> dump.Pos
 def _stream_votes(path: Path, work: Path, progress: bool) -> int:
     vw = dump.ChunkWriter(work / "upvotes.parquet", dump.UPVOTE_SCHEMA)
     n = 0
-    with _bar(path.stat().st_size, path.name, "B", progress) as bar:
+    with progress_bar(path.stat().st_size, path.name, "B", progress) as bar:
         for rows in dump.iter_rows(path, "votes", bar.update):
             n += dump.ingest_vote_rows(rows, vw)
     vw.close()
@@ -208,7 +203,7 @@ def _write(cfg: StackExchangeConfig, work: Path, root: Path, site: str, n_kept: 
     out = DatasetWriter(root)
     hist: Counter = Counter()
     per_split = {s: Counter() for s in SPLITS}
-    with _bar(n_kept, "questions", "q", cfg.progress) as bar:
+    with progress_bar(n_kept, "questions", "q", cfg.progress) as bar:
         workers = cfg.workers or os.cpu_count() or 1
         for qrow, answers, question, texts in _converted(work, min(workers, max(1, n_kept // 1000))):
             qid, split = qrow["qid"], qrow["split"]
@@ -264,15 +259,11 @@ replacement with seed {cfg.seed}. Questions with fewer than {cfg.min_answers} an
 HTML to Markdown (code blocks fenced with their language, MathJax left as written).
 
 {stats['questions_kept']:,} questions, {stats['answers_kept']:,} answers, {stats['pairs']:,} pairs from
-{stats['posts_read']:,} posts. Skipped rows, by reason: {json_inline(stats['skipped'])}.
+{stats['posts_read']:,} posts. Skipped rows, by reason: {inline_counts(stats['skipped'])}.
 
 License: Stack Exchange content is CC BY-SA (see each post's `ContentLicense`); attribute the
 authors through the question and answer links in `metadata`.
 """
-
-
-def json_inline(d: dict) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in d.items() if v) or "none"
 
 
 def _resolve_input(name: str) -> str:
