@@ -15,17 +15,18 @@ Heavy imports (torch, transformers) happen inside functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from camelid.errors import CamelidError
 from camelid.models.lora import LoraSettings
-from camelid.utils import ensure_writable_dir, print0, rank
+from camelid.utils import ensure_writable_dir, print0, rank, world_size
 
 CHECKPOINTS = "checkpoints"
 # Settings that may differ on --resume: they change what is logged or kept, not what is trained.
@@ -221,10 +222,12 @@ def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra
         report_to="none",
         disable_tqdm=True,
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu else None,
+        ddp_backend="gloo" if cpu and world_size() > 1 else None,  # CPU data parallel: gloo
         dataloader_num_workers=0,
-        gradient_checkpointing=False,  # set up by train_load (it must precede LoRA on an 8-bit base)
         save_only_model=False,
+        # TRL turns activation (gradient) checkpointing on by default; train_load sets it up
+        # instead, when asked (on an 8-bit base it must come before the LoRA wrap).
+        activation_checkpointing=False,
         **extra,
     )
 
@@ -243,7 +246,8 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
 
     class _Progress(TrainerCallback):
         bar = None
-        loss = float("nan")
+        loss = None
+        final_rate = None
 
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001 - HF signature
             self.t0, self.step0 = time.perf_counter(), state.global_step
@@ -251,13 +255,17 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=prefix, unit="step", dynamic_ncols=True)
 
         def rate(self, state) -> float:  # noqa: ANN001
+            """Units per second over this session's training steps (frozen when training ends)."""
+            if self.final_rate is not None:
+                return self.final_rate
             done = state.global_step - self.step0
             return done * (units_per_step or 0) / max(time.perf_counter() - self.t0, 1e-9)
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
-                self.bar.set_postfix({"loss": f"{self.loss:.4f}", f"{unit}/s": f"{self.rate(state):.1f}"}, refresh=False)
+                loss = "-" if self.loss is None else f"{self.loss:.4f}"
+                self.bar.set_postfix({"loss": loss, f"{unit}/s": f"{self.rate(state):.1f}"}, refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if logs and "loss" in logs:
@@ -265,6 +273,7 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
                 tracker.log({f"perf/{unit}_per_s": self.rate(state), "perf/peak_rss_mb": peak_rss_mb()}, state.global_step)
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
+            self.final_rate = self.rate(state)
             if self.bar is not None:
                 self.bar.close()
 
@@ -278,6 +287,20 @@ def quiet_trainer(trainer: Any) -> Any:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` map/filter progress bars (TRL maps our already-tokenized data: instant, noisy)."""
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            ds_logging.enable_progress_bar()
 
 
 def load_split(data_dir: str, split: str, columns: tuple[str, ...], limit: int = 0, seed: int = 0) -> Any:

@@ -1,0 +1,309 @@
+"""`camelid reward train` / `camelid reward score`: the pairwise reward model (StackLLaMA stage 2).
+
+A sequence classifier with one output, started from the SFT model, scores
+`Question: <q>\\n\\nAnswer: <a>` + EOS. Trained with TRL's RewardTrainer on (response_j, response_k)
+pairs of the reward split; its loss (trl/trainer/reward_trainer.py, `compute_loss`, checked
+in tests/test_reward.py) is the Bradley-Terry pairwise loss of InstructGPT (Ouyang et al. 2022,
+eq. 1): mean over pairs of -log sigmoid(r_j - r_k). LoRA (peft task SEQ_CLS) with the new
+`score` head trained in full. Pairs where either side exceeds `max_length` tokens are dropped and
+counted (truncating would cut off the end of the answer, which the score is read from).
+
+Evaluation on the evaluation split: accuracy (share of pairs with r_j > r_k), mean margin
+r_j - r_k, and the accuracy of the "longer answer wins" baseline on the same pairs, because
+answer length alone predicts Stack Exchange votes well; a reward model should beat it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from camelid.errors import CamelidError
+from camelid.train.common import TrainSettings, qa_text
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainSettings):
+    """Reward-model settings (defaults: start from the SFT run in runs/sft, a short CPU run)."""
+
+    model: str = "runs/sft"
+    """Model to start from: the SFT run folder (its merged model/), a model folder or a bundled name."""
+    out: str = "runs/reward"
+    """Run folder: checkpoints, metrics, adapter/ and the merged model/ go here."""
+    learning_rate: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    max_length: int = 512
+    """Longest side of a pair, in tokens; longer pairs are dropped and counted."""
+    train_split: str = "reward"
+    """Split of preference pairs to train on."""
+    eval_split: str = "evaluation"
+    """Split for accuracy, margin and the longer-answer baseline."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class PairEval:
+    """Reward-model figures on a set of pairs."""
+
+    pairs: int
+    accuracy: float
+    mean_margin: float
+    loss: float
+    longer_wins_accuracy: float
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    run_dir: Path
+    adapter_dir: Path
+    model_dir: Path | None
+    steps: int
+    train_pairs: int
+    dropped_train_pairs: int
+    eval_pairs: int
+    dropped_eval_pairs: int
+    train_loss: float
+    eval: PairEval | None
+    pairs_per_s: float
+
+
+def pairwise_loss(r_j: Any, r_k: Any) -> Any:
+    """-log sigmoid(r_j - r_k), averaged over pairs. r_j, r_k: float tensors of shape (pairs,).
+
+    logsigmoid, not log(sigmoid()): finite for any margin (InstructGPT eq. 1; TRL RewardTrainer)."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(r_j - r_k).mean()
+
+
+def tokenize_pairs(ds: Any, tok: Any, max_length: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """(chosen ids, rejected ids, dropped count): each side `tokens + [EOS]` as RewardTrainer does;
+    pairs with a side longer than max_length are dropped."""
+    chosen = [qa_text(q, a) for q, a in zip(ds["question"], ds["response_j"])]
+    rejected = [qa_text(q, a) for q, a in zip(ds["question"], ds["response_k"])]
+    eos = tok.eos_token_id
+    ids_j = [ids + [eos] for ids in tok(chosen)["input_ids"]]
+    ids_k = [ids + [eos] for ids in tok(rejected)["input_ids"]]
+    keep = [i for i in range(len(ids_j)) if len(ids_j[i]) <= max_length and len(ids_k[i]) <= max_length]
+    return [ids_j[i] for i in keep], [ids_k[i] for i in keep], len(ids_j) - len(keep)
+
+
+def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
+    """The model's scalar reward for each token list (right-padded batches, no gradient)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            width = max(len(x) for x in batch)
+            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, x in enumerate(batch):
+                input_ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            out.extend(logits[:, 0].float().cpu().tolist())
+    model.train(was_training)
+    return out
+
+
+def score_texts(model: Any, tok: Any, texts: Sequence[str], batch_size: int = 8) -> list[float]:
+    """Rewards for full texts (`Question: ...\\n\\nAnswer: ...`); EOS is appended as in training."""
+    ids = [x + [tok.eos_token_id] for x in tok(list(texts))["input_ids"]]
+    return score_ids(model, tok, ids, batch_size)
+
+
+def evaluate_pairs(model: Any, tok: Any, ids_j: list[list[int]], ids_k: list[list[int]], batch_size: int = 8) -> PairEval:
+    """Accuracy, mean margin and loss of the model on the pairs, beside the longer-answer baseline
+    (token length; a tie counts half, as a coin flip would)."""
+    import torch
+
+    r_j = torch.tensor(score_ids(model, tok, ids_j, batch_size))
+    r_k = torch.tensor(score_ids(model, tok, ids_k, batch_size))
+    longer = [1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0 for a, b in zip(ids_j, ids_k)]
+    return PairEval(
+        pairs=len(ids_j),
+        accuracy=float((r_j > r_k).float().mean()),
+        mean_margin=float((r_j - r_k).mean()),
+        loss=float(pairwise_loss(r_j, r_k)),
+        longer_wins_accuracy=sum(longer) / len(longer),
+    )
+
+
+def load_reward_model(name: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) of a trained reward model, in eval mode, on the training device.
+
+    `name`: a reward run folder (its merged model/), a merged model folder, or an adapter/ folder."""
+    from camelid.models.merge import load_merged
+    from camelid.models.resolve import is_adapter_dir, is_hf_dir
+    from camelid.models.train_load import load_base, resolve_trained
+
+    path = resolve_trained(name)
+    if is_adapter_dir(path) and not is_hf_dir(path):
+        model, tok = load_merged(path, dtype)
+    else:
+        model, tok, _ = load_base(path, task="seq_cls", dtype=dtype)
+        archs = getattr(model.config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise CamelidError(f"{path} is not a reward model (it has no trained score head); give the output of `camelid reward train`")
+    return model.eval(), tok
+
+
+def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> tuple[list, list, int]:
+    from camelid.train.common import load_split
+
+    ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
+    ids_j, ids_k, dropped = tokenize_pairs(ds, tok, cfg.max_length)
+    if not ids_j:
+        raise CamelidError(f"every {split} pair is longer than max_length={cfg.max_length} tokens; raise --max-length")
+    return ids_j, ids_k, dropped
+
+
+def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from camelid.train.common import quiet_datasets, quiet_trainer, trainer_arguments
+
+    # disable_dropout=False: TRL's default would zero the LoRA dropout our settings ask for.
+    args = trainer_arguments(cfg, TRLRewardConfig, run, max_length=cfg.max_length, center_rewards_coefficient=None,
+                             disable_dropout=False)
+    with quiet_datasets():
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                processing_class=tok, callbacks=callbacks)
+    return quiet_trainer(trainer)
+
+
+def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
+    """Train the reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
+    import datasets
+
+    from camelid.config import to_dict
+    from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
+    from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
+    from camelid.train.tracking import Tracker
+    from camelid.utils import print0, seed_everything, world_size, write_json
+
+    set_threads(cfg.num_threads)
+    path = resolve_trained(cfg.model)
+    check_model_for_task(path, "seq_cls", cfg.max_length)
+    run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
+    tok = load_tokenizer(path)
+    tj, tk, t_drop = _pair_data(cfg, cfg.train_split, cfg.max_train_samples, tok)
+    ej, ek, e_drop = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
+    print0(f"reward: {len(tj)} train pairs ({t_drop} over {cfg.max_length} tokens dropped), "
+           f"{len(ej)} eval pairs ({e_drop} dropped)")
+    train_ds = datasets.Dataset.from_dict({"chosen_ids": tj, "rejected_ids": tk})
+    eval_ds = datasets.Dataset.from_dict({"chosen_ids": ej, "rejected_ids": ek}) if cfg.eval_steps else None
+
+    seed_everything(cfg.seed)  # the new score head and the LoRA initialisation
+    model, tok, _ = load_for_training(path, cfg.lora(), task="seq_cls", load_8bit=cfg.load_8bit, dtype=cfg.dtype,
+                                      gradient_checkpointing=cfg.gradient_checkpointing, seq_length=cfg.max_length)
+    tracker = Tracker(run_state.run_dir, cfg.report_to, to_dict(cfg), resume_step=run_state.resume_step)
+    progress = make_progress_callback(tracker, "reward", "pairs", cfg.batch_size * cfg.grad_accum * world_size())
+    trainer = build_trainer(cfg, run_state, model, tok, train_ds, eval_ds, [tracker.hf_callback("reward"), progress])
+    try:
+        out = trainer.train(resume_from_checkpoint=str(run_state.resume_from) if run_state.resume_from else None)
+        result_eval = None
+        if trainer.accelerator.is_main_process:
+            result_eval = evaluate_pairs(trainer.accelerator.unwrap_model(trainer.model), tok, ej, ek, cfg.batch_size)
+            tracker.log({f"reward/eval_{k}": v for k, v in result_eval.__dict__.items()} |
+                        {"reward/dropped_train_pairs": t_drop, "reward/dropped_eval_pairs": e_drop},
+                        trainer.state.global_step)
+        trainer.accelerator.wait_for_everyone()
+        adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
+    finally:
+        tracker.close()
+    result = RewardResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(tj), t_drop,
+                          len(ej), e_drop, float(out.training_loss), result_eval, progress.rate(trainer.state))
+    if trainer.accelerator.is_main_process:
+        write_json(run_state.run_dir / "result.json", {**result.__dict__, "eval": result_eval.__dict__})
+    return result
+
+
+def read_score_inputs(text: str | None, file: str | None) -> list[dict[str, Any]]:
+    """Rows to score: one text, or a jsonl file of {"text"} or {"question", "answer"} objects."""
+    if (text is None) == (file is None):
+        raise CamelidError("give either a TEXT or --file FILE.jsonl")
+    if text is not None:
+        return [{"text": text.replace("\\n", "\n")}]
+    path = Path(file)
+    if not path.is_file():
+        raise CamelidError(f"{path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise CamelidError(f"{path}:{n} is not valid JSON") from None
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            rows.append(row)
+        elif isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+            rows.append({**row, "text": qa_text(row["question"], row["answer"])})
+        else:
+            raise CamelidError(f'{path}:{n}: each line needs "text", or "question" and "answer"')
+    if not rows:
+        raise CamelidError(f"{path} holds no rows")
+    return rows
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from camelid.config import add_config_args
+
+    p = sub.add_parser(name, help="train or apply a pairwise reward model")
+    rsub = p.add_subparsers(dest="reward_command", metavar="{train,score}")
+    t = rsub.add_parser("train", help="train a reward model on preference pairs (LoRA, pairwise loss)",
+                        description="Train a one-output sequence classifier on (better, worse) answer pairs with "
+                                    "loss -log sigmoid(r_j - r_k). Data parallel: the same command under "
+                                    "`accelerate launch --num_processes N` or torchrun.")
+    t.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `reward:` section applies")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
+    add_config_args(t, RewardConfig)
+    t.set_defaults(func=_cli_train)
+    s = rsub.add_parser("score", help="print reward scores for a text or a jsonl file")
+    s.add_argument("text", nargs="?", help='a full text, e.g. "Question: ...\\n\\nAnswer: ..." (\\n is unescaped)')
+    s.add_argument("--model", required=True, help="reward run folder, its model/ or adapter/ folder")
+    s.add_argument("--file", help='jsonl with {"text": ...} or {"question": ..., "answer": ...} per line')
+    s.add_argument("--batch-size", type=int, default=8)
+    s.set_defaults(func=_cli_score)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    from camelid.config import from_args
+    from camelid.utils import print0
+
+    r = train(from_args(RewardConfig, args, "reward"), resume=args.resume, overwrite=args.overwrite)
+    print0(f"reward: {r.steps} steps, train loss {r.train_loss:.4f}, {r.pairs_per_s:.2f} pairs/s")
+    if r.eval is not None:
+        print0(f"eval on {r.eval.pairs} pairs: accuracy {r.eval.accuracy:.3f}, mean margin {r.eval.mean_margin:.3f}, "
+               f"loss {r.eval.loss:.4f}; longer-answer-wins baseline {r.eval.longer_wins_accuracy:.3f}")
+    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}" if r.model_dir else ""))
+    return 0
+
+
+def _cli_score(args: argparse.Namespace) -> int:
+    rows = read_score_inputs(args.text, args.file)
+    model, tok = load_reward_model(args.model)
+    scores = score_texts(model, tok, [r["text"] for r in rows], args.batch_size)
+    if args.file is None:
+        print(f"{scores[0]:.4f}")
+    else:
+        for row, sc in zip(rows, scores):
+            sys.stdout.write(json.dumps({**row, "score": round(sc, 6)}, ensure_ascii=False) + "\n")
+    return 0

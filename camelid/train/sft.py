@@ -1,0 +1,182 @@
+"""`camelid sft`: supervised fine-tuning with packing and LoRA (StackLLaMA's first stage).
+
+Texts are `Question: <question>\\n\\nAnswer: <answer>` from the finetune split (`response_j`
+of each pair, each distinct answer once) or from the unpaired answers table; they are
+shuffled, joined with EOS and cut into blocks of exactly `seq_length` tokens
+(camelid.data.packing), then trained with TRL's SFTTrainer on a LoRA model from
+camelid.models.train_load. Evaluation: loss and perplexity on the evaluation split, packed
+the same way. Output: see camelid.train.common (adapter/, model/, metrics.jsonl, result.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from camelid.errors import CamelidError
+from camelid.train.common import TrainSettings, qa_text
+
+TEXT_SOURCES = ("finetune", "answers")
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainSettings):
+    """Supervised fine-tuning settings (defaults: the bundled model, a short CPU run)."""
+
+    out: str = "runs/sft"
+    """Run folder: checkpoints, metrics, adapter/ and the merged model/ go here."""
+    seq_length: int = 512
+    """Tokens per packed block (texts joined with EOS, no padding)."""
+    text_source: str = "finetune"
+    """Training texts: finetune (the better answer of each finetune pair) or answers (unpaired answers of the finetune split)."""
+    answers_min_score: int = 1
+    """With text_source=answers: keep answers scored at least this (StackLLaMA score)."""
+    eval_split: str = "evaluation"
+    """Split for the evaluation loss and perplexity."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.seq_length < 8:
+            raise ValueError(f"seq_length must be >= 8, got {self.seq_length}")
+        if self.text_source not in TEXT_SOURCES:
+            raise ValueError(f"text_source must be one of {', '.join(TEXT_SOURCES)}, got {self.text_source!r}")
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    run_dir: Path
+    adapter_dir: Path
+    model_dir: Path | None
+    steps: int
+    train_blocks: int
+    eval_blocks: int
+    train_loss: float
+    eval_loss: float | None
+    perplexity: float | None
+    tokens_per_s: float
+
+
+def sft_texts(cfg: SFTConfig, split: str, limit: int) -> list[str]:
+    """The shuffled (seeded) training or evaluation texts; each (question, answer) once."""
+    from camelid.train.common import load_split
+
+    if cfg.text_source == "answers" and split == "finetune":
+        ds = load_split(cfg.data, "answers", ("question", "response", "score", "split"))
+        ds = ds.filter(lambda r: r["split"] == "finetune" and r["score"] >= cfg.answers_min_score)
+        pairs = zip(ds["question"], ds["response"])
+    else:
+        ds = load_split(cfg.data, split, ("question", "response_j"))
+        pairs = zip(ds["question"], ds["response_j"])
+    # A question with n answers gives up to n-1 pairs whose response_j repeats; count each once.
+    texts = list(dict.fromkeys(qa_text(q, a) for q, a in pairs))
+    if not texts:
+        raise CamelidError(f"no {split} texts in {cfg.data} (answers_min_score={cfg.answers_min_score}?)")
+    import random
+
+    random.Random(cfg.seed).shuffle(texts)
+    return texts[:limit] if limit else texts
+
+
+def packed_dataset(texts: list[str], tok: Any, seq_length: int) -> Any:
+    import datasets
+
+    from camelid.data.packing import pack_texts
+
+    blocks = pack_texts(texts, tok, seq_length)
+    return datasets.Dataset.from_dict({"input_ids": blocks.tolist()})
+
+
+def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from camelid.train.common import quiet_datasets, quiet_trainer, trainer_arguments
+
+    args = trainer_arguments(
+        cfg, TRLSFTConfig, run,
+        max_length=cfg.seq_length,
+        packing=False,  # the blocks are packed already, exactly (camelid.data.packing)
+        shuffle_dataset=False,  # the Trainer's seeded sampler shuffles the blocks every epoch
+        dataset_num_proc=None,
+    )
+    with quiet_datasets():
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, callbacks=callbacks)
+    return quiet_trainer(trainer)
+
+
+def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFTResult:
+    """Train, evaluate, save adapter (+ merged model); see the module docstring."""
+    from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
+    from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
+    from camelid.train.tracking import Tracker
+    from camelid.utils import print0, seed_everything, world_size, write_json
+
+    set_threads(cfg.num_threads)
+    path = resolve_trained(cfg.model)
+    check_model_for_task(path, "causal_lm", cfg.seq_length)
+    run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
+    tok = load_tokenizer(path)
+    train_ds = packed_dataset(sft_texts(cfg, "finetune", cfg.max_train_samples), tok, cfg.seq_length)
+    if len(train_ds) == 0:
+        raise CamelidError(f"the training texts fill less than one block of {cfg.seq_length} tokens; lower --seq-length or add data")
+    eval_ds = packed_dataset(sft_texts(cfg, cfg.eval_split, cfg.max_eval_samples), tok, cfg.seq_length)
+    if len(eval_ds) == 0:
+        print0(f"warning: the {cfg.eval_split} texts fill less than one block; no evaluation")
+        eval_ds = None
+    print0(f"sft: {len(train_ds)} train blocks, {len(eval_ds or [])} eval blocks of {cfg.seq_length} tokens")
+
+    from camelid.config import to_dict
+
+    seed_everything(cfg.seed)  # LoRA initialisation
+    model, tok, _ = load_for_training(path, cfg.lora(), task="causal_lm", load_8bit=cfg.load_8bit,
+                                      dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
+                                      seq_length=cfg.seq_length)
+    tracker = Tracker(run_state.run_dir, cfg.report_to, to_dict(cfg), resume_step=run_state.resume_step)
+    tokens_per_step = cfg.seq_length * cfg.batch_size * cfg.grad_accum * world_size()
+    progress = make_progress_callback(tracker, "sft", "tokens", tokens_per_step)
+    trainer = build_trainer(cfg, run_state, model, tok, train_ds, eval_ds, [tracker.hf_callback("sft"), progress])
+    try:
+        out = trainer.train(resume_from_checkpoint=str(run_state.resume_from) if run_state.resume_from else None)
+        metrics = trainer.evaluate() if eval_ds is not None else {}
+        eval_loss = metrics.get("eval_loss")
+        ppl = math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None
+        if ppl is not None:
+            tracker.log({"sft/eval_perplexity": ppl}, trainer.state.global_step)
+        adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
+    finally:
+        tracker.close()
+    result = SFTResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(train_ds),
+                       len(eval_ds or []), float(out.training_loss), eval_loss, ppl, progress.rate(trainer.state))
+    if trainer.accelerator.is_main_process:
+        write_json(run_state.run_dir / "result.json", result.__dict__)
+    return result
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from camelid.config import add_config_args
+
+    p = sub.add_parser(name, help="supervised fine-tuning with packing (LoRA)",
+                       description="Supervised fine-tuning on `Question: ...\\n\\nAnswer: ...` texts, packed into "
+                                   "constant-length blocks, with LoRA on a float or 8-bit base. Data parallel: run "
+                                   "the same command under `accelerate launch --num_processes N` or torchrun.")
+    p.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `sft:` section applies")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
+    add_config_args(p, SFTConfig)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from camelid.config import from_args
+    from camelid.utils import print0
+
+    cfg = from_args(SFTConfig, args, "sft")
+    r = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    ppl = f", eval loss {r.eval_loss:.4f}, perplexity {r.perplexity:.2f}" if r.eval_loss is not None else ""
+    print0(f"sft: {r.steps} steps, train loss {r.train_loss:.4f}{ppl}, {r.tokens_per_s:.0f} tokens/s")
+    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}  (camelid chat --model {r.model_dir})" if r.model_dir else ""))
+    return 0
