@@ -27,10 +27,17 @@ done.json: the stage reruns (resuming from its own checkpoints where it has them
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from camelid.errors import CamelidError
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")
 CONFIG_FILE = "config.yaml"
@@ -53,3 +60,260 @@ def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+# Settings that change what is printed, logged or kept, never what a stage computes: a change in
+# them alone does not rerun a stage.
+NOT_HASHED = frozenset({"progress", "workers", "memory_limit", "report_to", "logging_steps", "save_total_limit",
+                        "num_threads", "save_steps", "samples_every"})
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole chain on one input and one model (defaults: the bundled dump and model)."""
+
+    data: str = "sample"
+    """Stack Exchange dump (folder with Posts.xml, Posts.xml or site .7z); `sample` = the bundled sample dump."""
+    model: str = "smollm2-135m"
+    """The base model SFT starts from: bundled name, model folder or hub id."""
+    out: str = "runs/tiny"
+    """Run folder; each stage writes its own subfolder (see camelid.pipeline)."""
+    force: str = ""
+    """Rerun from this stage on (data, sft, reward, ppo, eval), even if it is complete."""
+
+    def __post_init__(self) -> None:
+        if self.force and self.force not in STAGES:
+            raise ValueError(f"force must be one of {', '.join(STAGES)}, got {self.force!r}")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    run_dir: Path
+    ran: tuple[str, ...]
+    """Stages run this time (the others were complete and skipped)."""
+    report: Path
+    chat_model: Path
+
+
+def _portable(config: dict[str, Any], run: Path) -> dict[str, Any]:
+    """The config as hashed: run-folder paths written relative to the run (a moved run still matches)."""
+    prefix = str(run)
+    return {k: (("<run>" + v[len(prefix):]) if isinstance(v, str) and v.startswith(prefix) else v)
+            for k, v in config.items() if k not in NOT_HASHED}
+
+
+def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each stage's resolved config: dataclass defaults < preset section < --set < the pipeline's wiring.
+
+    The wiring (inputs and outputs inside the run folder) always wins: the pipeline owns the layout.
+    """
+    from camelid.config import build, load_preset
+    from camelid.data.stackexchange import StackExchangeConfig
+    from camelid.eval.evaluate import EvalConfig
+    from camelid.train.ppo_config import PPOConfig
+    from camelid.train.reward import RewardConfig
+    from camelid.train.sft import SFTConfig
+
+    run, sections = Path(cfg.out), load_preset(preset) if preset else {}
+    d = str(run / "data")
+    wiring = {
+        "data": (StackExchangeConfig, {"input": cfg.data, "out": d}),
+        "sft": (SFTConfig, {"model": cfg.model, "data": d, "out": str(run / "sft")}),
+        "reward": (RewardConfig, {"model": str(run / "sft"), "data": d, "out": str(run / "reward")}),
+        "ppo": (PPOConfig, {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": d,
+                            "out": str(run / "ppo")}),
+        "eval": (EvalConfig, {"data": d, "base_model": cfg.model, "sft_model": str(run / "sft"),
+                              "ppo_model": str(run / "ppo"), "reward_model": str(run / "reward"),
+                              "out": str(run / "eval")}),
+    }
+    return {name: build(cls, {**(sections.get(name) or {}), **overrides.get(name, {}), **wired},
+                        where=f"pipeline: {name} config")
+            for name, (cls, wired) in wiring.items()}
+
+
+# -- stage calls: each stage's own Python function, never a subprocess ---------------------------
+
+def _data(c: Any, resume: bool) -> Any:
+    from camelid.data.stackexchange import run
+
+    return run(c)
+
+
+def _sft(c: Any, resume: bool) -> Any:
+    from camelid.train.sft import run
+
+    return run(c, resume=resume)
+
+
+def _reward(c: Any, resume: bool) -> Any:
+    from camelid.train.reward import train
+
+    return train(c, resume=resume)
+
+
+def _ppo(c: Any, resume: bool) -> Any:
+    from camelid.train.ppo import train
+
+    return train(c, resume=resume)
+
+
+def _eval(c: Any, resume: bool) -> Any:
+    from camelid.eval.evaluate import run
+
+    return run(c)
+
+
+RUNNERS: dict[str, Callable[[Any, bool], Any]] = {"data": _data, "sft": _sft, "reward": _reward, "ppo": _ppo, "eval": _eval}
+RESUMABLE = frozenset({"sft", "reward", "ppo"})
+"""Stages with checkpoints: an interrupted one continues from its last checkpoint."""
+STARTED_FILE = "started.json"
+
+
+class PeakMemory:
+    """Peak memory of one stage inside this process: peak allocated GPU memory on CUDA, else the
+    peak resident set, reset at the start through /proc/self/clear_refs ("5" resets the
+    high-water mark, Linux >= 4.0, proc(5)). Where it cannot be reset, the process-wide peak."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.cuda = "torch" in sys.modules and sys.modules["torch"].cuda.is_available()
+        if self.cuda:
+            sys.modules["torch"].cuda.reset_peak_memory_stats()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.kind = "peak RSS of the stage"
+        except OSError:
+            self.kind = "peak RSS of the process so far"
+        self.mb = float("nan")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from camelid.utils import peak_rss_mb
+
+        if self.cuda or ("torch" in sys.modules and sys.modules["torch"].cuda.is_available()):
+            self.mb, self.kind = sys.modules["torch"].cuda.max_memory_allocated() / 2**20, "peak CUDA memory allocated"
+            return
+        try:
+            status = Path("/proc/self/status").read_text()
+            self.mb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration, ValueError):
+            self.mb, self.kind = peak_rss_mb(), "peak RSS of the process so far"
+
+
+def as_json(obj: Any) -> Any:
+    """A stage's result (dataclasses, Paths, nested) as plain JSON values."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: as_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): as_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_json(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+
+
+def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, fresh: bool) -> None:
+    """Run one stage (resuming from its checkpoints when it was cut short with this config) and
+    write its done marker last."""
+    from camelid.config import to_dict
+    from camelid.utils import Timer, print0, write_json
+
+    sdir = run_dir / name
+    started = _read_json(sdir / STARTED_FILE)
+    resume = not fresh and name in RESUMABLE and (started or {}).get("config_hash") == h
+    if not resume:
+        shutil.rmtree(sdir, ignore_errors=True)
+    sdir.mkdir(parents=True, exist_ok=True)
+    write_json(sdir / STARTED_FILE, {"stage": name, "config_hash": h, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    print0(f"\n[{index + 1}/{len(STAGES)}] {name}: {'resuming from its last checkpoint' if resume else 'running'} ({sdir})")
+    try:
+        with Timer() as t, PeakMemory() as mem:
+            result = RUNNERS[name](stage_cfg, resume)
+    except KeyboardInterrupt:
+        print0(f"\ninterrupted during {name}; run the same command again to resume from there", file=sys.stderr)
+        raise
+    write_json(sdir / DONE_FILE, {"stage": name, "config_hash": h, "config": to_dict(stage_cfg), "seconds": t.seconds,
+                                  "peak_mb": mem.mb, "peak_kind": mem.kind, "result": as_json(result),
+                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    print0(f"[{index + 1}/{len(STAGES)}] {name}: done in {t.seconds:.0f} s, peak memory {mem.mb:,.0f} MB")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, dict[str, Any]] | None = None) -> PipelineResult:
+    """data -> sft -> reward -> ppo -> eval -> report in cfg.out, skipping complete stages."""
+    import yaml
+
+    from camelid.config import to_dict
+    from camelid.eval.report import build_report
+    from camelid.utils import atomic_write_text, ensure_writable_dir, print0
+
+    run_dir = ensure_writable_dir(cfg.out)
+    configs = stage_configs(cfg, preset, overrides or {})  # every config checked before any work
+    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(
+        {"pipeline": to_dict(cfg), "preset": preset, "overrides": overrides or {}}, sort_keys=False))
+    force_from = STAGES.index(cfg.force) if cfg.force else len(STAGES)
+    hashes: list[str] = []
+    ran: list[str] = []
+    for i, name in enumerate(STAGES):
+        h = config_hash(_portable(to_dict(configs[name]), run_dir), tuple(hashes))
+        hashes.append(h)
+        done = read_done(run_dir / name)
+        if i < force_from and done is not None and done.get("config_hash") == h:
+            print0(f"[{i + 1}/{len(STAGES)}] {name}: complete with the same config ({h}); skipped")
+            continue
+        run_stage(name, i, configs[name], run_dir, h, fresh=i >= force_from)
+        ran.append(name)
+    report = build_report(run_dir)
+    ppo_dir = run_dir / "ppo"
+    chat_model = ppo_dir / "model" if (ppo_dir / "model").is_dir() else ppo_dir / "adapter"
+    return PipelineResult(run_dir, tuple(ran), report.html, chat_model)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """`--set sft.max_steps=10` (repeatable) -> {"sft": {"max_steps": "10"}} (typed by the config)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        stage, dot, field_name = key.partition(".")
+        if not sep or not dot or stage not in STAGES or not field_name:
+            raise CamelidError(f"--set {item!r}: write STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
+        out.setdefault(stage, {})[field_name.replace("-", "_")] = yaml.safe_load(value) if value else value
+    return out
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from camelid.config import add_config_args
+
+    p = sub.add_parser(name, help="data -> sft -> reward -> ppo -> eval -> report, resumable",
+                       description="The whole RLHF chain, each stage in its own subfolder of --out; a stage whose "
+                                   "output is complete with the same config is skipped, so an interrupted run "
+                                   "resumes where it stopped. Ends with the report and the command to chat.")
+    p.add_argument("--preset", default="tiny", help="preset name or YAML file for every stage (default: tiny)")
+    p.add_argument("--set", dest="sets", action="append", metavar="STAGE.FIELD=VALUE",
+                   help="override one stage setting, e.g. --set ppo.steps=40 (repeatable)")
+    add_config_args(p, PipelineConfig)
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from camelid.config import from_args
+
+    cfg = from_args(PipelineConfig, args, "pipeline")
+    res = run(cfg, args.preset, parse_sets(args.sets))
+    ran = ", ".join(res.ran) if res.ran else "none (all complete)"
+    print(f"\npipeline finished in {res.run_dir} (stages run: {ran})")
+    print(f"report: {res.report}")
+    print(f"chat with the result:  camelid chat --model {res.chat_model}")
+    return 0

@@ -1,0 +1,304 @@
+"""`camelid eval`: base vs SFT vs PPO answers to held-out questions, scored by the reward model.
+
+For each question of the dataset's evaluation split (no question there was trained on: the data
+stage splits by question), each model answers the prompt `Question: <q>\\n\\nAnswer: ` with the
+same sampling settings and the same per-question seed, through the one generation engine. The
+reward model scores `Question: <q>\\n\\nAnswer: <a>` (+ EOS, as in its training). Output:
+
+    OUT/result.json     mean reward, answer length and repetition per model; win rates PPO vs SFT
+                        and SFT vs base with 95% Wilson intervals; KL of PPO to its reference;
+                        the reward model's pair accuracy beside the longer-answer baseline
+    OUT/samples.jsonl   one line per question: the three answers side by side with their rewards
+    OUT/config.yaml     the resolved config
+
+KL: the mean over PPO's answers of Σ_t (log π(a_t|·) − log π_ref(a_t|·)), teacher-forced through
+both models at temperature 1, and the same divided by the answer's tokens. It is the quantity
+PPO's penalty controls (Ziegler et al. 2019, eq. 2). It is an unbiased estimate of KL(π‖π_ref)
+only when answers are sampled from π itself (temperature 1, no top-k/top-p); with other sampling
+settings read it as the log-ratio on the answers the user would actually get.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from camelid.errors import CamelidError
+
+MODELS = ("base", "sft", "ppo")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings (defaults: the folders `camelid pipeline` writes under runs/)."""
+
+    data: str = "runs/data"
+    """Dataset folder from `camelid data` (its evaluation split holds the held-out questions)."""
+    base_model: str = "smollm2-135m"
+    """The model before any training: bundled name or model folder."""
+    sft_model: str = "runs/sft"
+    """The SFT model: a `camelid sft` run folder or model folder ('' to skip)."""
+    ppo_model: str = "runs/ppo"
+    """The PPO model: a `camelid ppo` run folder or model folder ('' to skip)."""
+    reward_model: str = "runs/reward"
+    """The reward model: a `camelid reward train` run folder or a one-logit sequence classifier."""
+    reference_model: str = ""
+    """Reference for the KL of PPO ('' = the SFT model, PPO's own reference)."""
+    out: str = "runs/eval"
+    """Output folder: result.json, samples.jsonl, config.yaml."""
+    split: str = "evaluation"
+    """Split of held-out questions (and pairs for the reward model's accuracy)."""
+    max_questions: int = 32
+    """Evaluate at most this many distinct questions (0: all)."""
+    max_pairs: int = 200
+    """Score at most this many pairs for the reward model's accuracy (0: all)."""
+    max_length: int = 512
+    """Longest pair side, in tokens, for the reward model's accuracy (longer pairs are dropped)."""
+    max_new_tokens: int = 96
+    """Longest answer, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature, the same for every model (0: greedy)."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold, the same for every model."""
+    top_k: int = 0
+    """Top-k filter (0: off), the same for every model."""
+    seed: int = 0
+    """Question i is answered with seed `seed + i` by every model (same seeds, comparable answers)."""
+    batch_size: int = 8
+    """Questions generated (and scored) together."""
+    dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16."""
+    device: str = "auto"
+    """auto, cpu, cuda or mps."""
+    num_threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_questions", "max_pairs", "top_k", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_new_tokens", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
+        if not self.reward_model:
+            raise ValueError("reward_model is required: the scores come from it")
+
+    def models(self) -> dict[str, str]:
+        """The models to compare, by role, skipping the empty ones."""
+        return {k: v for k, v in (("base", self.base_model), ("sft", self.sft_model), ("ppo", self.ppo_model)) if v}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    out: Path
+    result: dict[str, Any]
+    """What result.json holds."""
+
+
+def held_out_questions(cfg: EvalConfig) -> list[str]:
+    """The distinct questions of the evaluation split, in the split's order (deterministic)."""
+    from camelid.train.common import load_split
+
+    ds = load_split(cfg.data, cfg.split, ("question",))
+    questions = list(dict.fromkeys(ds["question"]))
+    return questions[: cfg.max_questions] if cfg.max_questions else questions
+
+
+def resolve(name: str) -> Path:
+    """A run folder (its merged model/, else its adapter/), a model folder or a bundled name, as a
+    local path (an adapter is merged into its base when loaded)."""
+    from camelid.models.resolve import is_adapter_dir, is_hf_dir
+    from camelid.models.train_load import resolve_trained
+
+    p = Path(name).expanduser()
+    if p.is_dir() and not is_hf_dir(p) and not is_hf_dir(p / "model") and is_adapter_dir(p / "adapter"):
+        return p / "adapter"
+    return resolve_trained(name)
+
+
+def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: str) -> list[dict[str, Any]]:
+    """Each question answered by `model` with the shared sampling settings and per-question seed."""
+    from tqdm.auto import tqdm
+
+    from camelid.engine import Engine, SamplingParams
+    from camelid.train.common import qa_text
+
+    engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=cfg.dtype)
+    tok = engine.tokenizer
+    prompts = [list(tok(qa_text(q, ""))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
+    out: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch",
+                      dynamic_ncols=True):
+        chunk = prompts[start : start + cfg.batch_size]
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + start + i) for i in range(len(chunk))]
+        for p, c in zip(chunk, engine.generate(chunk, params)):
+            ids = [t for t in c.token_ids if t not in engine.eos_ids]
+            out.append({"prompt_ids": p, "ids": ids, "response_ids": list(c.token_ids),
+                        "text": tok.decode(ids, skip_special_tokens=True).strip(), "finish": c.finish_reason})
+    del engine
+    gc.collect()
+    return out
+
+
+def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalConfig) -> list[float]:
+    """Σ_t log π(a_t | prompt, a_<t) per answer, teacher-forced at temperature 1 (no gradient)."""
+    import torch
+
+    from camelid.models.load import load_for_inference
+    from camelid.train.ppo_model import pack
+    from camelid.train.rl import logprobs_from_logits
+
+    lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=cfg.dtype)
+    device = next(lm.parameters()).device
+    sums: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(answers), cfg.batch_size):
+            part = answers[start : start + cfg.batch_size]
+            sb = pack([a["prompt_ids"] for a in part], [a["response_ids"] or [tok.eos_token_id] for a in part],
+                      tok.pad_token_id or 0, device)
+            logits = lm(input_ids=sb.input_ids, attention_mask=sb.attention_mask).logits
+            picked = torch.gather(logits, 1, sb.gather_idx[..., None].expand(-1, -1, logits.shape[-1]))
+            lp = logprobs_from_logits(picked, sb.labels) * sb.mask
+            sums += lp.sum(1).float().cpu().tolist()
+    del lm
+    gc.collect()
+    return sums
+
+
+def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], batch_size: int) -> list[float]:
+    from camelid.train.common import qa_text
+    from camelid.train.reward import score_texts
+
+    return score_texts(rm, tok, [qa_text(q, a) for q, a in zip(questions, texts)], batch_size)
+
+
+def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig) -> dict[str, Any]:
+    """The reward model's accuracy on the split's pairs beside the longer-answer baseline."""
+    from camelid.train.common import load_split
+    from camelid.train.reward import evaluate_pairs, tokenize_pairs
+
+    ds = load_split(cfg.data, cfg.split, ("question", "response_j", "response_k"), limit=cfg.max_pairs, seed=cfg.seed)
+    ids_j, ids_k, dropped = tokenize_pairs(ds, tok, cfg.max_length)
+    if not ids_j:
+        return {"pairs": 0, "dropped": dropped}
+    return {**evaluate_pairs(rm, tok, ids_j, ids_k, cfg.batch_size).__dict__, "dropped": dropped}
+
+
+def summarise(questions: list[str], answers: dict[str, list[dict[str, Any]]], rewards: dict[str, list[float]],
+              paths: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-model figures, win rates and the side-by-side rows of samples.jsonl."""
+    from camelid.eval.stats import mean_std, repeated_ngram_share, win_rate
+
+    models = {}
+    for m, ans in answers.items():
+        mean, std = mean_std(rewards[m])
+        lengths = [len(a["ids"]) for a in ans]
+        models[m] = {"path": paths[m], "reward_mean": mean, "reward_std": std,
+                     "length_mean": sum(lengths) / len(lengths),
+                     "ended_by_eos": sum(a["finish"] == "stop" for a in ans) / len(ans),
+                     "rep4": sum(repeated_ngram_share(a["ids"], 4) for a in ans) / len(ans)}
+    wins = {f"{a}_vs_{b}": win_rate(rewards[a], rewards[b]).to_dict()
+            for a, b in (("ppo", "sft"), ("sft", "base"), ("ppo", "base")) if a in rewards and b in rewards}
+    rows = []
+    for i, q in enumerate(questions):
+        row: dict[str, Any] = {"index": i, "question": q}
+        for m in answers:
+            row[m], row[f"reward_{m}"], row[f"length_{m}"] = answers[m][i]["text"], rewards[m][i], len(answers[m][i]["ids"])
+        rows.append(row)
+    return {"models": models, "win_rates": wins}, rows
+
+
+def kl_to_reference(cfg: EvalConfig, ppo_answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """KL of PPO to its reference on PPO's answers: per answer (sum) and per token."""
+    ref = cfg.reference_model or cfg.sft_model
+    lp = answer_logprobs(cfg.ppo_model, ppo_answers, cfg)
+    lp_ref = answer_logprobs(ref, ppo_answers, cfg)
+    per_answer = [a - b for a, b in zip(lp, lp_ref)]
+    tokens = sum(max(len(a["response_ids"]), 1) for a in ppo_answers)
+    return {"per_answer": sum(per_answer) / len(per_answer), "per_token": sum(per_answer) / tokens,
+            "reference": str(resolve(ref)), "answers": len(per_answer),
+            "note": "sum over answer tokens of log pi - log pi_ref, teacher-forced at temperature 1, on PPO's own answers"}
+
+
+def check_reward_model(path: Path) -> None:
+    """A one-line error, before any generation, when `path` holds no one-logit classifier."""
+    import json
+
+    from camelid.models.resolve import is_adapter_dir, is_hf_dir
+
+    if is_adapter_dir(path) and not is_hf_dir(path):
+        ok = json.loads((path / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    else:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        ok = any(a.endswith("ForSequenceClassification") for a in archs)
+    if not ok:
+        raise CamelidError(f"{path} is not a reward model (no sequence-classification head); "
+                           "give the output of `camelid reward train`")
+
+
+def check_inputs(cfg: EvalConfig) -> dict[str, str]:
+    """Resolve every model before any generation: a missing one is a one-line error up front."""
+    paths = {m: str(resolve(name)) for m, name in cfg.models().items()}
+    if "ppo" in paths and not (cfg.reference_model or cfg.sft_model):
+        raise CamelidError("the KL of PPO needs its reference: give --sft-model or --reference-model")
+    check_reward_model(resolve(cfg.reward_model))
+    if cfg.reference_model:
+        resolve(cfg.reference_model)
+    return paths
+
+
+def run(cfg: EvalConfig) -> EvalResult:
+    """Answer, score, compare; write OUT/result.json, samples.jsonl and config.yaml (atomically)."""
+    import json
+
+    from camelid.config import save_config, to_dict
+    from camelid.train.common import set_threads
+    from camelid.train.reward import load_reward_model
+    from camelid.utils import Timer, atomic_dir, ensure_writable_dir, print0, write_json
+
+    set_threads(cfg.num_threads)
+    ensure_writable_dir(Path(cfg.out).parent)
+    paths = check_inputs(cfg)
+    questions = held_out_questions(cfg)
+    with Timer() as t:
+        answers = {m: generate_answers(name, questions, cfg, m) for m, name in cfg.models().items()}
+        kl = kl_to_reference(cfg, answers["ppo"]) if "ppo" in answers else None
+        rm, rm_tok = load_reward_model(str(resolve(cfg.reward_model)), cfg.dtype)
+        rewards = {m: score_answers(rm, rm_tok, questions, [a["text"] for a in ans], cfg.batch_size)
+                   for m, ans in answers.items()}
+        rm_pairs = pair_accuracy(rm, rm_tok, cfg)
+    figures, rows = summarise(questions, answers, rewards, paths)
+    result = {"questions": len(questions), "split": cfg.split, "reward_model": str(resolve(cfg.reward_model)),
+              "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                           "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              **figures, "kl": kl, "rm_pairs": rm_pairs, "seconds": t.seconds}
+    with atomic_dir(cfg.out) as tmp:
+        write_json(tmp / "result.json", result)
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        save_config(cfg, tmp / "config.yaml")
+    for line in summary_lines(result):
+        print0(line)
+    return EvalResult(Path(cfg.out), {**result, "config": to_dict(cfg)})
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = [f"eval: {result['questions']} held-out questions"]
+    for m, v in result["models"].items():
+        lines.append(f"  {m:<5} reward {v['reward_mean']:+.3f} ± {v['reward_std']:.3f}   "
+                     f"length {v['length_mean']:.1f} tokens   repeated 4-grams {v['rep4']:.3f}")
+    for k, w in result["win_rates"].items():
+        lines.append(f"  win rate {k.replace('_', ' ')}: {w['rate']:.1%} (95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; "
+                     f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+    if result.get("kl"):
+        lines.append(f"  KL(PPO || reference): {result['kl']['per_answer']:.3f} nats per answer, "
+                     f"{result['kl']['per_token']:.4f} per token")
+    p = result.get("rm_pairs") or {}
+    if p.get("pairs"):
+        lines.append(f"  reward model on {p['pairs']} pairs: accuracy {p['accuracy']:.3f} "
+                     f"(longer answer wins: {p['longer_wins_accuracy']:.3f})")
+    return lines
