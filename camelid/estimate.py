@@ -185,9 +185,11 @@ def estimate(params: float, method: str = "full", *, seq_len: int = 1024, batch:
                   (f"rule (StackLLaMA): {1.2 + base - 1:.1f}-{1.4 + base - 1:.1f} GB per billion params, overall",
                    _gb_range(low, high))]
         extra = 0.0
-        notes.append(f"the rule is overall (adapters, optimizer, activations at StackLLaMA's settings); the activation "
-                     f"formula gives {_gb(act)} at seq {seq_len} x batch {batch}: compare it with the rule's margin "
-                     f"above the weights, {_gb(low - base * billions)}-{_gb(high - base * billions)}")
+        ckpt = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=True) / GB
+        notes.append(f"the rule is overall (adapters, optimizer, activations at StackLLaMA's settings, which used "
+                     f"gradient checkpointing); the activation formula gives {_gb(act)} at seq {seq_len} x batch {batch}, "
+                     f"{_gb(ckpt)} with checkpointing: compare with the rule's margin above the weights, "
+                     f"{_gb_range(low - base * billions, high - base * billions)}")
         if base != 1:
             notes.append(f"1.2-1.4 GB per billion is the article's figure for an 8-bit base; a {dtype} base adds "
                          f"{base - 1} byte(s) per parameter (our extension of the rule)")
@@ -242,7 +244,10 @@ def measured_from_run(run_dir: str | Path) -> dict[str, dict[str, object]]:
         if method == "lora" and cfg.get("load_8bit"):
             method = "lora-8bit"
         if marker.get("peak_mb") and method not in found:
-            found[method] = {"peak_gb": float(marker["peak_mb"]) * 2**20 / GB, "dtype": "fp32",
+            on_gpu = "CUDA" in str(marker.get("peak_kind", ""))
+            dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(cfg.get("dtype")),
+                                                                                  "bf16" if on_gpu else "fp32")
+            found[method] = {"peak_gb": float(marker["peak_mb"]) * 2**20 / GB, "dtype": dtype,
                              "seq_len": int(cfg.get("seq_length") or cfg.get("max_length") or 512),
                              "batch": int(cfg.get("batch_size") or 1),
                              "what": f"stage {stage} of {run} ({marker.get('peak_kind', 'peak RSS')})"}

@@ -13,8 +13,6 @@ fails on a partial run. The run folder layout is camelid.pipeline's contract.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import io
 import json
 import math
@@ -24,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
-from camelid.pipeline import CONFIG_FILE, DONE_FILE, REPORT_DIR, RESULT_FILE, STAGES, read_done
+from camelid.eval.render import Block, to_html, to_markdown
+from camelid.pipeline import CONFIG_FILE, REPORT_DIR, RESULT_FILE, STAGES, read_done
 from camelid.train.tracking import read_metrics
 
 PLOTS = ("sft_loss", "reward_accuracy", "ppo_curves", "reward_hist")
@@ -203,9 +202,7 @@ def _histograms(ax: Any, groups: dict[str, list[float]], bins: int = 15) -> None
     ax.legend()
 
 
-# -- document model: one list of blocks rendered to both HTML and Markdown -----------------------
-
-Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", name, png|None) | ("pre", title, text)
+# -- document model: lists of blocks, rendered by camelid.eval.render ----------------------------
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -399,64 +396,6 @@ def config_section(stages: dict[str, Stage]) -> list[Block]:
         out.append(("pre", f"{st.name}/{CONFIG_FILE}", st.config_text) if st.config_text
                    else ("p", f"{st.name}: no config (stage not run)."))
     return out
-
-
-# -- rendering --------------------------------------------------------------------------------------
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}td,th{border:1px solid #ccc;padding:.3em .6em;
-vertical-align:top;text-align:left}th{background:#f3f3f3}td{white-space:pre-wrap}img{max-width:100%}
-pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.85em}.PASS{color:#0a0;font-weight:bold}
-.FAIL{color:#c00;font-weight:bold}"""
-
-
-def to_html(title: str, blocks: list[Block]) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style>"
-             f"</head><body><h1>{e(title)}</h1>"]
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h2", "h3", "p"):
-            parts.append(f"<{kind}>{e(b[1])}</{kind}>")
-        elif kind == "table":
-            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
-            body = "".join("<tr>" + "".join(f"<td class='{e(c)}'>{e(c)}</td>" if c in ("PASS", "FAIL")
-                                            else f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b[2])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif kind == "img":
-            if b[2] is None:
-                parts.append(f"<p>(no data for the {e(b[1])} plot)</p>")
-            else:
-                data = base64.b64encode(b[2]).decode()
-                parts.append(f"<img alt='{e(b[1])}' id='plot-{e(b[1])}' src='data:image/png;base64,{data}'>")
-        elif kind == "pre":
-            parts.append(f"<details><summary>{e(b[1])}</summary><pre>{e(b[2])}</pre></details>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
-
-
-def _md_cell(c: str) -> str:
-    return str(c).replace("|", "\\|").replace("\n", "<br>")
-
-
-def to_markdown(title: str, blocks: list[Block]) -> str:
-    lines = [f"# {title}", ""]
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h2", "h3"):
-            lines += [f"{'#' * int(kind[1])} {b[1]}", ""]
-        elif kind == "p":
-            lines += [b[1], ""]
-        elif kind == "table":
-            lines.append("| " + " | ".join(_md_cell(h) for h in b[1]) + " |")
-            lines.append("|" + "---|" * len(b[1]))
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b[2]]
-            lines.append("")
-        elif kind == "img" and b[2] is not None:
-            lines += [f"![{b[1]}](plots/{b[1]}.png)", ""]
-        elif kind == "pre":
-            lines += [f"<details><summary>{b[1]}</summary>", "", "```yaml", b[2].rstrip(), "```", "</details>", ""]
-    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
