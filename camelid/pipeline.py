@@ -102,6 +102,16 @@ def _portable(config: dict[str, Any], run: Path) -> dict[str, Any]:
             for k, v in config.items() if k not in NOT_HASHED}
 
 
+def input_fingerprint(data: str) -> str:
+    """Names, sizes and modification times of the dump's files: a replaced dump reruns the data stage."""
+    from camelid.data import sample_dump_path
+
+    path = sample_dump_path() if data == "sample" else Path(data)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Each stage's resolved config: dataclass defaults < preset section < --set < the pipeline's wiring.
 
@@ -263,7 +273,8 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
     hashes: list[str] = []
     ran: list[str] = []
     for i, name in enumerate(STAGES):
-        h = config_hash(_portable(to_dict(configs[name]), run_dir), tuple(hashes))
+        upstream = tuple(hashes) if name != "data" else (input_fingerprint(cfg.data),)
+        h = config_hash(_portable(to_dict(configs[name]), run_dir), upstream)
         hashes.append(h)
         done = read_done(run_dir / name)
         if i < force_from and done is not None and done.get("config_hash") == h:

@@ -125,3 +125,12 @@ def test_pipeline_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("camelid: error:") == 3 and "Traceback" not in err
     assert not (tmp_path / "r" / "data").exists()  # configs are checked before any stage runs
+
+
+def test_input_fingerprint_follows_the_dump(tmp_path):
+    dump = write_dump(tmp_path / "dump")
+    before = pipeline.input_fingerprint(str(dump))
+    assert pipeline.input_fingerprint(str(dump)) == before
+    (dump / "Posts.xml").write_bytes((dump / "Posts.xml").read_bytes() + b"\n")
+    assert pipeline.input_fingerprint(str(dump)) != before
+    assert pipeline.input_fingerprint("sample") == pipeline.input_fingerprint("sample")
