@@ -309,7 +309,8 @@ def load_split(data_dir: str, split: str, columns: tuple[str, ...], limit: int =
 
     if not Path(data_dir).is_dir():
         raise CamelidError(f"dataset folder {data_dir} does not exist; build it with `camelid data stackexchange` or pass --data")
-    ds = _load(data_dir, split)
+    with quiet_datasets():
+        ds = _load(data_dir, split)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise CamelidError(f"the {split} split of {data_dir} lacks column(s) {', '.join(missing)}")
