@@ -1,0 +1,223 @@
+"""PPO's models: the policy (LoRA on the SFT model) with a value head, its frozen reference, and
+the scorer (a reward model or a plain Python function).
+
+The reference is the policy with its adapter switched off (`disable_adapter()`), so the base
+weights sit in memory once; `--ref-model` loads a separate one instead. Log-probabilities and
+values are computed only at the response positions: the LM head (vocab × hidden, a sizeable
+share of a small model's compute) is applied to those rows alone, never to the prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from camelid.errors import CamelidError
+from camelid.train import rl
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
+"""A Python reward: (queries, responses, response token ids) -> one score per response."""
+
+
+class PolicyWithValue(nn.Module):
+    """A peft causal LM plus an fp32 linear value head on its final hidden state.
+
+    One module, so that DDP wraps and syncs the adapter and the value head together.
+    Value head as trl's `ValueHead` (a Linear on the last hidden state), without its dropout
+    and zero-initialised.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.hidden_size, 1, dtype=torch.float32, device=_device_of(lm))
+        # Zero init: the first values are 0, so the first advantages are the (shaped) rewards
+        # themselves rather than the noise of a random head (which whitening would amplify).
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) at the positions in gather_idx (B, T)."""
+        hidden = _response_hidden(self.lm, input_ids, attention_mask, gather_idx)
+        logits = _head(self.lm)(hidden)
+        values = self.v_head(hidden.float()).squeeze(-1)
+        return logits, values
+
+    @contextlib.contextmanager
+    def as_reference(self):
+        """The base model: the LoRA adapter switched off for the block."""
+        with self.lm.disable_adapter():
+            yield self.lm
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _base(lm: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def _head(lm: nn.Module) -> nn.Module:
+    return _base(lm).get_output_embeddings()
+
+
+def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, H) at gather_idx, the position before each response token.
+
+    Runs the decoder stack only (`get_decoder()`), then gathers, so the LM head runs on T rows
+    per sequence. Right padding: positions 0..L-1 are correct without position_ids.
+    """
+    decoder = _base(lm).get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def reference_logprobs(ref: nn.Module, batch: "SeqBatch") -> torch.Tensor:
+    """log π_ref of the response tokens (B, T) under a plain causal LM (no grad)."""
+    with torch.no_grad():
+        hidden = _response_hidden(ref, batch.input_ids, batch.attention_mask, batch.gather_idx)
+        return rl.logprobs_from_logits(_head(ref)(hidden), batch.labels)
+
+
+@dataclass
+class SeqBatch:
+    """Query + response rows, right padded, ready for a forward pass."""
+
+    input_ids: torch.Tensor
+    """(B, L) prompt then response tokens, padded on the right."""
+    attention_mask: torch.Tensor
+    """(B, L)."""
+    gather_idx: torch.Tensor
+    """(B, T) position whose output predicts response token t: prompt_len − 1 + t."""
+    labels: torch.Tensor
+    """(B, T) the response tokens (padding where masked)."""
+    mask: torch.Tensor
+    """(B, T) 1.0 for real response tokens (up to and including EOS)."""
+
+    def select(self, idx: torch.Tensor) -> "SeqBatch":
+        """Rows `idx`, with the input trimmed to their longest row (less padding to compute)."""
+        attention = self.attention_mask[idx]
+        width = int(attention.sum(1).max())
+        return SeqBatch(
+            self.input_ids[idx, :width], attention[:, :width], self.gather_idx[idx].clamp(max=width - 1),
+            self.labels[idx], self.mask[idx],
+        )
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device) -> SeqBatch:
+    """Concatenate each prompt with its (already EOS-truncated) response and right-pad."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    t = max(1, max(len(r) for r in responses))
+    b = len(prompts)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    gather_idx = torch.zeros((b, t), dtype=torch.long)
+    labels = torch.full((b, t), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, t))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(p + r)
+        attention[i, :n] = 1
+        gather_idx[i] = (len(p) - 1 + torch.arange(t)).clamp(max=width - 1)
+        labels[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1.0
+    return SeqBatch(*(x.to(device) for x in (input_ids, attention, gather_idx, labels, mask)))
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def build_policy(cfg: Any) -> tuple[PolicyWithValue, Any, Path]:
+    """SFT model + fresh LoRA (+ 8-bit base if asked) + value head; (policy, tokenizer, path)."""
+    from camelid.models.train_load import load_for_training
+
+    lm, tok, path = load_for_training(
+        cfg.policy, cfg.lora(), task="causal_lm", load_8bit=cfg.load_8bit, dtype=cfg.dtype,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    tok.padding_side = "right"
+    return PolicyWithValue(lm), tok, path
+
+
+def load_reference(cfg: Any) -> nn.Module | None:
+    """A separate frozen reference model when `ref_model` is set; None means adapter-off policy."""
+    if not cfg.ref_model:
+        return None
+    from camelid.models.train_load import load_base
+
+    ref, _, _ = load_base(cfg.ref_model, task="causal_lm", load_8bit=cfg.load_8bit, dtype=cfg.dtype)
+    return ref.eval()
+
+
+def save_value_head(policy: PolicyWithValue, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in policy.v_head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
+
+
+def load_value_head(policy: PolicyWithValue, from_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    policy.v_head.load_state_dict(load_file(str(from_dir / VALUE_HEAD_FILE), device=str(_device_of(policy.v_head))))
+
+
+def load_adapter_weights(policy: PolicyWithValue, adapter_dir: Path) -> None:
+    """Put saved LoRA weights (from a checkpoint) into the live adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(_device_of(policy.lm)))
+    set_peft_model_state_dict(policy.lm, state)
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+class RewardModelScorer:
+    """Scores query + response texts with a sequence-classification reward model (1 logit)."""
+
+    def __init__(self, name: str, dtype: str, batch_size: int) -> None:
+        from transformers import AutoConfig
+
+        from camelid.models.train_load import load_base, resolve_trained
+
+        path = resolve_trained(name)
+        archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise CamelidError(f"{path} is not a reward model (no *ForSequenceClassification head); train one with `camelid reward train`")
+        self.model, self.tok, self.path = load_base(path, task="seq_cls", dtype=dtype)
+        self.model.eval()
+        self.tok.padding_side = "right"
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, queries: list[str], responses: list[str], response_ids: list[list[int]]) -> torch.Tensor:
+        texts = [q + r for q, r in zip(queries, responses)]
+        device = _device_of(self.model)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
+            logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
+            out.append(logits[:, 0].float().cpu())
+        return torch.cat(out)
+
+
+class FunctionScorer:
+    """Wraps a plain Python reward function (see RewardFn) as a scorer."""
+
+    def __init__(self, fn: RewardFn) -> None:
+        self.fn = fn
+
+    def __call__(self, queries: list[str], responses: list[str], response_ids: list[list[int]]) -> torch.Tensor:
+        scores = torch.as_tensor(list(self.fn(queries, responses, response_ids)), dtype=torch.float32)
+        if scores.shape != (len(queries),):
+            raise CamelidError(f"the reward function returned {tuple(scores.shape)} scores for {len(queries)} responses; return one float each")
+        return scores
