@@ -1,0 +1,209 @@
+"""camelid reward train / score on a 2-layer random Llama: the pairwise loss, learning a toy
+preference, dropped pairs, the longer-answer baseline, merge, scoring, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from camelid.errors import CamelidError
+from camelid.train.common import qa_text
+from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, score_texts, tokenize_pairs, train
+from camelid.train.tracking import read_metrics
+from train_data import MARKER, write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pairwise_loss_hand_values():
+    r_j = torch.tensor([2.0, 0.0, -1.0])
+    r_k = torch.tensor([0.0, 0.0, 1.0])
+    # -log sigmoid(d) = log(1 + e^-d): d = 2 -> 0.126928, d = 0 -> log 2 = 0.693147, d = -2 -> 2.126928
+    expected = (math.log(1 + math.exp(-2)) + math.log(2) + math.log(1 + math.exp(2))) / 3
+    assert float(pairwise_loss(r_j, r_k)) == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.982334, abs=1e-6)
+    # Finite where a naive log(sigmoid()) underflows to -inf.
+    assert float(pairwise_loss(torch.tensor([-200.0]), torch.tensor([0.0]))) == pytest.approx(200.0)
+
+
+def test_trl_reward_trainer_computes_the_pairwise_loss(tiny_model_dir, tmp_path):
+    """RewardTrainer.compute_loss on a real batch equals -logsigmoid(r_j - r_k) of the model's scores."""
+    import datasets
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from camelid.models.lora import LoraSettings
+    from camelid.models.train_load import load_for_training
+
+    torch.manual_seed(0)
+    model, tok, _ = load_for_training(tiny_model_dir, LoraSettings(dropout=0.0), task="seq_cls")
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save.default.weight.normal_()  # non-trivial rewards
+    j = [tok(qa_text("q?", f"good answer {i}"))["input_ids"] + [tok.eos_token_id] for i in range(3)]
+    k = [tok(qa_text("q?", f"bad {i} " * (i + 1)))["input_ids"] + [tok.eos_token_id] for i in range(3)]
+    ds = datasets.Dataset.from_dict({"chosen_ids": j, "rejected_ids": k})
+    args = TRLRewardConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, fp16=False,
+                           per_device_train_batch_size=3, activation_checkpointing=False, disable_dropout=False)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    batch = trainer.data_collator([ds[i] for i in range(3)])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        from camelid.train.reward import score_ids
+
+        r_j, r_k = torch.tensor(score_ids(model, tok, j)), torch.tensor(score_ids(model, tok, k))
+    assert (r_j - r_k).abs().max() > 1e-3
+    by_hand = sum(math.log(1 + math.exp(-(a - b))) for a, b in zip(r_j.tolist(), r_k.tolist())) / 3
+    assert float(loss) == pytest.approx(by_hand, abs=1e-5)
+    assert float(loss) == pytest.approx(float(pairwise_loss(r_j, r_k)), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("rmdata"), n_pairs=128, seed=3)
+
+
+def tiny_cfg(model: Path, data: Path, out: Path, **kw) -> RewardConfig:
+    base = dict(model=str(model), data=str(data), out=str(out), max_length=35, batch_size=8, max_steps=36,
+                save_steps=18, logging_steps=6, learning_rate=1e-2, lora_dropout=0.0, seed=1)
+    return RewardConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, data):
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path_factory.mktemp("rm") / "run")
+    return cfg, train(cfg)
+
+
+def test_learns_the_toy_preference_beyond_the_length_baseline(trained):
+    cfg, r = trained
+    assert r.steps == 36 and math.isfinite(r.train_loss)
+    assert r.eval.accuracy > 0.9, r.eval
+    assert r.eval.mean_margin > 0 and r.eval.accuracy > r.eval.longer_wins_accuracy
+    rows = read_metrics(cfg.out)
+    assert all(math.isfinite(row["reward/loss"]) for row in rows if "reward/loss" in row)
+    assert any(row.get("reward/eval_accuracy") == pytest.approx(r.eval.accuracy) for row in rows)
+    saved = json.loads((Path(cfg.out) / "result.json").read_text())
+    assert saved["eval"]["accuracy"] == pytest.approx(r.eval.accuracy)
+
+
+def test_dropped_pairs_and_baseline_counted_independently(trained, tiny_model_dir):
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from camelid.data.output import split_path
+
+    cfg, r = trained
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    counts = {}
+    for split in ("reward", "evaluation"):
+        t = pq.read_table(split_path(cfg.data, split)).to_pylist()
+        n = lambda q, a: len(tok(f"Question: {q}\n\nAnswer: {a}")["input_ids"]) + 1  # + EOS
+        kept = [(n(x["question"], x["response_j"]), n(x["question"], x["response_k"])) for x in t]
+        kept = [(a, b) for a, b in kept if a <= cfg.max_length and b <= cfg.max_length]
+        counts[split] = (len(t) - len(kept), kept)
+    assert counts["reward"][0] > 0, "the test data should have over-long pairs"
+    assert (r.dropped_train_pairs, r.train_pairs) == (counts["reward"][0], 128 - counts["reward"][0])
+    assert (r.dropped_eval_pairs, r.eval_pairs) == (counts["evaluation"][0], 128 - counts["evaluation"][0])
+    kept = counts["evaluation"][1]
+    longer = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in kept) / len(kept)
+    assert r.eval.longer_wins_accuracy == pytest.approx(longer)
+
+
+def test_lora_and_score_head_trained_base_untouched(trained, tiny_model_dir):
+    cfg, _ = trained
+    ad = load_file(str(Path(cfg.out) / "adapter" / "adapter_model.safetensors"))
+    assert any("score" in k for k in ad) and all(v.abs().max() > 0 for k, v in ad.items() if "lora_B" in k)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    merged = load_file(str(Path(cfg.out) / "model" / "model.safetensors"))
+    for name, w in base.items():
+        if name == "lm_head.weight" or any(f"{m}.weight" in name for m in cfg.lora_target_modules):
+            continue
+        assert torch.equal(merged[name], w), name
+    assert merged["score.weight"].shape == (1, 64)
+
+
+def test_merged_reward_model_scores_equal_adapter_scores_and_cli(trained, tmp_path, capsys):
+    from camelid.cli import main
+
+    cfg, _ = trained
+    texts = [qa_text("How do I look after tree number 7?", f"the {MARKER} apple tree grows"),
+             qa_text("How do I look after tree number 7?", "the apple tree grows")]
+    merged, tok = load_reward_model(cfg.out)  # the run folder -> its model/
+    adapter, tok2 = load_reward_model(str(Path(cfg.out) / "adapter"))
+    s_m, s_a = score_texts(merged, tok, texts), score_texts(adapter, tok2, texts)
+    assert s_m == pytest.approx(s_a, abs=1e-4)
+    assert s_m[0] > s_m[1]  # the marker is preferred
+    assert main(["reward", "score", "--model", cfg.out, texts[0].replace("\n", "\\n")]) == 0
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(s_m[0], abs=1e-3)
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"text": texts[0]}) + "\n" + json.dumps({"question": "How do I look after tree number 7?",
+                                                                    "answer": "the apple tree grows", "id": 2}) + "\n")
+    assert main(["reward", "score", "--model", str(Path(cfg.out) / "model"), "--file", str(f)]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["score"] for x in rows] == pytest.approx(s_m, abs=1e-3) and rows[1]["id"] == 2
+
+
+def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
+    cfg, _ = trained
+    cfg1 = replace(cfg, out=str(tmp_path / "one"), max_steps=3, batch_size=4, merge=False)
+    r1 = train(cfg1)
+    args = ["reward", "train", "--model", cfg.model, "--data", cfg.data, "--out", str(tmp_path / "two"),
+            "--max-length", str(cfg.max_length), "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1",
+            "--learning-rate", str(cfg.learning_rate), "--lora-dropout", "0", "--seed", str(cfg.seed), "--no-merge"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(30500 + os.getpid() % 1000), "-m", "camelid", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(r1.adapter_dir / "adapter_model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-3)
+
+
+def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
+    from transformers import LlamaConfig, ViTConfig
+
+    vit = tmp_path / "vit"
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
+    with pytest.raises(CamelidError, match="cannot be trained as a sequence classifier"):
+        train(tiny_cfg(vit, data, tmp_path / "o"))
+    three = tmp_path / "three"
+    LlamaConfig(architectures=["LlamaForSequenceClassification"], num_labels=3).save_pretrained(three)
+    with pytest.raises(CamelidError, match="3 outputs"):
+        train(tiny_cfg(three, data, tmp_path / "o"))
+    no_reward = write_dataset(tmp_path / "d1", n_pairs=4, splits=("finetune", "evaluation"))
+    with pytest.raises(CamelidError, match="no reward split"):
+        train(tiny_cfg(tiny_model_dir, no_reward, tmp_path / "o"))
+    no_k = write_dataset(tmp_path / "d2", n_pairs=4, drop_columns=("response_k",))
+    with pytest.raises(CamelidError, match="response_k"):
+        train(tiny_cfg(tiny_model_dir, no_k, tmp_path / "o"))
+    with pytest.raises(CamelidError, match="longer than max_length"):
+        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8))
+    cfg, _ = trained
+    with pytest.raises(CamelidError, match="another config"):
+        train(replace(cfg, max_length=48), resume=True)
+    with pytest.raises(CamelidError, match="not a reward model"):
+        load_reward_model(str(tiny_model_dir))
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_tokenize_pairs_appends_eos_and_drops_long(tiny_model_dir):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ds = datasets.Dataset.from_dict({"question": ["q", "q"], "response_j": ["a", "word " * 50], "response_k": ["b", "c"]})
+    j, k, dropped = tokenize_pairs(ds, tok, max_length=20)
+    assert dropped == 1 and len(j) == len(k) == 1
+    assert j[0] == tok(qa_text("q", "a"))["input_ids"] + [tok.eos_token_id]
