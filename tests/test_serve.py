@@ -179,6 +179,10 @@ BAD_REQUESTS = [
     ("max_tokens past context", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1024}, 400, "max_tokens"),
     ("prompt longer than context", "/v1/completions", {"model": MODEL, "prompt": "word " * 1100}, 400, "prompt"),
     ("n too large", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "n": 100}, 400, "n"),
+    ("logprobs alternatives", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("negative seed", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "seed": -1}, 400, "seed"),
+    ("too many stops", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": list("abcdefghij")}, 400, "stop"),
+    ("tool role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("token id out of vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "prompt"),
 ]

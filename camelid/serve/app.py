@@ -8,6 +8,7 @@ the body; keys are compared in constant time (hmac.compare_digest) and never log
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -48,18 +49,19 @@ class APIKeyMiddleware:
 
     def __init__(self, app, keys: Iterable[str]):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        # Compare fixed-length digests, so the time taken reveals neither a key nor its length.
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
 
     def _valid(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")
-        token = token.strip()
+        digest = hashlib.sha256(token.strip()).digest()
         ok = False
-        for key in self.keys:  # check every key, so timing does not reveal which one matched
-            ok |= hmac.compare_digest(token, key)
+        for key in self.digests:  # check every key, so timing does not reveal which one matched
+            ok |= hmac.compare_digest(digest, key)
         return ok and scheme.lower() == b"bearer"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and self.digests and scope["path"].startswith(PROTECTED_PREFIX):
             header = dict(scope["headers"]).get(b"authorization", b"")
             if not self._valid(header):
                 err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
@@ -139,10 +141,14 @@ def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_b
         return _error_response(APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
     @app.get("/health")
-    async def health() -> dict:
-        models = {m.name: m.scheduler.stats() for m in registry}
-        active = sum(s["active_requests"] for s in {id(m.scheduler): m.scheduler.stats() for m in registry}.values())
-        return {"status": "ok", "active_requests": active, "models": models}
+    async def health():
+        """Liveness and load: 200 while every scheduler thread runs, else 503."""
+        stats = {m.name: m.scheduler.stats() for m in registry}
+        schedulers = {id(m.scheduler): stats[m.name] for m in registry}.values()  # adapters may share one
+        ok = all(s["alive"] for s in schedulers)
+        body = {"status": "ok" if ok else "unhealthy",
+                "active_requests": sum(s["active_requests"] for s in schedulers), "models": stats}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -43,8 +43,6 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
 def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, default_max: int | None,
                     extra_stop: tuple[str, ...] = (), logprobs: bool = False) -> list:
     """One SamplingParams per choice. Prompt and answer must fit the model's context (400)."""
-    from camelid.engine import SamplingParams
-
     if prompt_len > P.MAX_PROMPT_TOKENS or prompt_len >= served.context:
         limit = min(P.MAX_PROMPT_TOKENS, served.context - 1)
         raise P.APIError(400, f"the prompt is {prompt_len} tokens; this server takes at most {limit}",
@@ -57,21 +55,27 @@ def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, defau
                          f"max_tokens ({max_new}) do not fit; lower max_tokens or shorten the prompt",
                          param="max_tokens", code="context_length_exceeded")
     n = req.n or 1
-    return [
-        SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            max_new_tokens=max_new,
-            # Distinct seeds per choice, or n seeded choices would all be the same text.
-            seed=None if req.seed is None else req.seed + i,
-            stop=P.stop_strings(req) + extra_stop,
-            ignore_eos=bool(req.ignore_eos),
-            logprobs=logprobs,
-        )
-        for i in range(n)
-    ]
+    try:
+        # Distinct seeds per choice (seed + i), or n seeded choices would all be the same text.
+        return [_params(req, max_new, extra_stop, logprobs, None if req.seed is None else req.seed + i) for i in range(n)]
+    except CamelidError as e:  # a combination the engine refuses (check_request caught the rest)
+        raise P.APIError(400, str(e)) from None
+
+
+def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], logprobs: bool, seed: int | None):
+    from camelid.engine import SamplingParams
+
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        max_new_tokens=max_new,
+        seed=seed,
+        stop=P.stop_strings(req) + extra_stop,
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=logprobs,
+    )
 
 
 def submit(served: ServedModel, prompts: list[list[int]], params: list) -> Job:

@@ -31,8 +31,8 @@ MAX_N = 16
 """Most choices (`n`) per request."""
 MAX_LOGPROBS = 5
 """Most alternatives per token for `logprobs` / `top_logprobs`, as OpenAI allows."""
-MAX_STOP = 16
-"""Most stop strings per request."""
+MAX_STOP = 8
+"""Most stop strings per request (OpenAI allows 4; the engine takes 16, the template adds its own)."""
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions; chat defaults to the rest of the context."""
 
@@ -136,6 +136,8 @@ def check_request(req: _Request) -> None:
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise _bad(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+    if req.seed is not None and not (0 <= req.seed < 2**63 - MAX_N):
+        raise _bad(f"seed must be between 0 and 2**63 - {MAX_N + 1}, got {req.seed}", "seed")
     if req.top_k is not None and req.top_k < 0:
         raise _bad(f"top_k must be >= 0 (0 = off), got {req.top_k}", "top_k")
     rp = req.repetition_penalty
@@ -149,6 +151,9 @@ def check_request(req: _Request) -> None:
     if isinstance(req, CompletionRequest):
         if req.logprobs is not None and not (0 <= req.logprobs <= MAX_LOGPROBS):
             raise _bad(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
+        if req.logprobs:  # the engine reports the sampled token's log-probability, no alternatives yet
+            raise _bad("only logprobs=0 is supported for now: each sampled token's log-probability, "
+                       "without top alternatives", "logprobs")
         if req.suffix:
             raise _bad("suffix (insertion) is not supported", "suffix")
 

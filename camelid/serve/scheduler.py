@@ -84,7 +84,7 @@ class Scheduler:
         if job.n > self.max_batch_size:
             raise ValueError(f"n={job.n} is more than this server's batch size ({self.max_batch_size})")
         with self._cv:
-            if self._closed:
+            if self._closed or not self._thread.is_alive():
                 raise QueueFull("the server is shutting down")
             if self._pending_rows + job.n > self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} sequences waiting)")
@@ -109,6 +109,7 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self._cv:
             return {
+                "alive": self._thread.is_alive(),
                 "queued_requests": len(self._pending),
                 "queued_sequences": self._pending_rows,
                 "running_requests": len(self._running_jobs),

@@ -1,0 +1,140 @@
+"""Serving throughput and latency under load: camelid's batched server vs one request at a time.
+
+Two live `camelid serve` processes on the bundled model (SmolLM2-135M-Instruct), started by
+this script on free ports: the default continuous-batching scheduler, and the same server with
+`--max-batch-size 1`, which serves one sequence at a time as FastChat's model worker does
+without vLLM (the baseline). Against each, 1, 4 and 16 concurrent clients stream chat
+completions in a closed loop (each client sends its next request when the last one ends);
+every request generates exactly --tokens tokens (`ignore_eos`), so both servers do equal work.
+
+Reported per run: aggregate generated tokens/s over the wall time, p50/p95 request latency and
+time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients.
+
+    python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+QUESTIONS = [
+    "Write a haiku about the sea.", "Explain what a hash table is.", "Give three tips for learning to code.",
+    "What causes the seasons on Earth?", "Describe a llama to a child.", "Why is the sky blue?",
+    "Summarise the plot of Hamlet.", "How do vaccines work?",
+]
+
+
+def start_server(max_batch_size: int, threads: int, dtype: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "camelid", "serve", "--port", "0", "--device", "cpu", "--dtype", dtype,
+           "--max-batch-size", str(max_batch_size), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode}")
+        if line.startswith("camelid serve:"):
+            # keep draining its output so a full pipe never blocks the server
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, line.split(" on ")[1].split()[0]
+    proc.kill()
+    raise SystemExit("server did not start within 300 s")
+
+
+def one_request(http: httpx.Client, question: str, tokens: int) -> dict:
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": question}], "stream": True,
+            "temperature": 0.7, "max_tokens": tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, usage = None, None
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+            usage = chunk.get("usage") or usage
+    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": usage["completion_tokens"]}
+
+
+def load_test(url: str, clients: int, requests_each: int, tokens: int) -> dict:
+    def client(i: int) -> list[dict]:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], tokens) for k in range(requests_each)]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    lat = sorted(r["latency"] for r in results)
+    ttft = sorted(r["ttft"] for r in results)
+    return {
+        "tok_s": sum(r["tokens"] for r in results) / wall,
+        "p50": statistics.median(lat), "p95": _pct(lat, 95),
+        "ttft_p50": statistics.median(ttft), "ttft_p95": _pct(ttft, 95),
+        "requests": len(results), "wall": wall,
+    }
+
+
+def _pct(sorted_vals: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    k = max(0, min(len(sorted_vals) - 1, round(p / 100 * len(sorted_vals) + 0.5) - 1))
+    return sorted_vals[k]
+
+
+def run_mode(name: str, max_batch_size: int, args) -> dict[int, dict]:
+    proc, url = start_server(max_batch_size, args.threads, args.dtype)
+    out = {}
+    try:
+        one_request(httpx.Client(base_url=url, timeout=600), QUESTIONS[0], 8)  # warm-up
+        for c in args.clients:
+            r = load_test(url, c, args.requests, args.tokens)
+            out[c] = r
+            print(f"{name:<16} clients={c:<3} {r['tok_s']:8.1f} tok/s   latency p50 {r['p50']:6.2f}s p95 {r['p95']:6.2f}s"
+                  f"   ttft p50 {r['ttft_p50']:5.2f}s p95 {r['ttft_p95']:5.2f}s   ({r['requests']} requests, {r['wall']:.1f}s)",
+                  flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
+def main() -> None:
+    # `timeout`/Ctrl-C: unwind through the finally blocks so no server process is left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
+    ap.add_argument("--dtype", default="auto", help="server dtype (auto = bfloat16 on CPU)")
+    args = ap.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    print(f"bundled model, {args.tokens} tokens/request, {args.requests} requests/client, {args.threads} threads, "
+          f"dtype {args.dtype}", flush=True)
+    batched = run_mode("camelid batched", 32, args)
+    single = run_mode("one-at-a-time", 1, args)
+    print("\nratio batched / one-at-a-time (throughput; latency p50 as one-at-a-time / batched):")
+    for c in args.clients:
+        b, s = batched[c], single[c]
+        print(f"  clients={c:<3} throughput x{b['tok_s'] / s['tok_s']:5.2f}   latency p50 x{s['p50'] / b['p50']:5.2f}")
+    c = max(args.clients)
+    ratio = batched[c]["tok_s"] / single[c]["tok_s"]
+    print(f"goal at {c} clients: >= 4x one-at-a-time -> {ratio:.2f}x {'MET' if ratio >= 4 else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()
