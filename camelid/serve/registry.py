@@ -41,9 +41,10 @@ class ServedModel:
         return self.encode(self.template.render(messages)), tuple(self.template.stop)
 
     def card(self) -> dict[str, Any]:
-        """The `/v1/models` entry (OpenAI's Model object, plus vLLM's root and max_model_len)."""
+        """The `/v1/models` entry: OpenAI's Model object plus vLLM's max_model_len (no `root`:
+        it would show clients a path on the server)."""
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "camelid",
-                "root": self.root, "max_model_len": self.context}
+                "max_model_len": self.context}
 
 
 class ModelRegistry:
