@@ -203,3 +203,33 @@ def test_resume_with_another_config_is_refused(trained, capsys):
     err = cli_error(cli_args(replace(cfg, learning_rate=0.5)) + ["--resume"], capsys)
     assert "another config" in err and "learning_rate" in err
     assert sorted(p.name for p in (Path(cfg.out) / "checkpoints").iterdir()) == before
+
+
+def test_text_sources_dedupe_and_filter(data, tiny_model_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    from camelid.data.output import split_path
+    from camelid.train.sft import sft_texts
+
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "o")
+    pairs = pq.read_table(split_path(data, "finetune")).to_pylist()
+    texts = sft_texts(cfg, "finetune", 0)
+    assert sorted(texts) == sorted({f"Question: {p['question']}\n\nAnswer: {p['response_j']}" for p in pairs})
+    assert sft_texts(cfg, "finetune", 5) == texts[:5]  # seeded shuffle, then the limit
+    answers = pq.read_table(split_path(data, "answers")).to_pylist()
+    good = {f"Question: {a['question']}\n\nAnswer: {a['response']}" for a in answers if a["split"] == "finetune" and a["score"] >= 1}
+    assert set(sft_texts(replace(cfg, text_source="answers"), "finetune", 0)) == good
+    with pytest.raises(CamelidError, match="no finetune texts"):
+        sft_texts(replace(cfg, text_source="answers", answers_min_score=99), "finetune", 0)
+
+
+def test_8bit_base_trains_and_merges_into_full_precision(tmp_path, tiny_model_dir, data):
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "q", max_steps=2, save_steps=2, load_8bit=True)
+    r = run(cfg)
+    assert r.steps == 2 and math.isfinite(r.train_loss) and math.isfinite(r.eval_loss)
+    merged = load_file(str(Path(cfg.out) / "model" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in merged.values())
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])

@@ -70,12 +70,17 @@ def check_targets(model: Any, settings: LoraSettings) -> None:
 
 def attach_lora(model: Any, settings: LoraSettings, task: str) -> Any:
     """Wrap `model` in a peft LoRA model: adapters on `target_modules`, base frozen."""
+    import warnings
+
     from peft import get_peft_model
 
     check_targets(model, settings)
     if task == "seq_cls" and not hasattr(model, SCORE_HEAD):
         raise CamelidError(f"{type(model).__name__} has no `{SCORE_HEAD}` head; a reward model needs a LLaMA-style *ForSequenceClassification")
-    return get_peft_model(model, lora_config(settings, task))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' renamed `is_gradient_checkpointing`; harmless FutureWarning.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config(settings, task))
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

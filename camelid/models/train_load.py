@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,9 @@ def load_for_training(
 
         # Casts norms/embeddings to float32 for stable training and, if asked, turns on
         # gradient checkpointing with input grads enabled (needed with a frozen int8 base).
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        with warnings.catch_warnings():  # peft reads transformers' renamed is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
