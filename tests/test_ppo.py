@@ -148,44 +148,47 @@ def test_resume_after_crash_repeats_the_uninterrupted_run(trained, tmp_path, tin
 
 
 @pytest.fixture(scope="module")
-def chaseable_model(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny Llama with embeddings drawn at std 0.15 instead of 0.02. At 0.02 its next-token
-    distribution is flat over the 49k tokens (logits within ±1), which no few-step policy can
-    move; at 0.15 the tied output embedding spreads logits enough for LoRA to tilt them."""
+def chaseable_model(tmp_path_factory, tiny_model_dir) -> tuple[Path, set[int]]:
+    """The tiny Llama with one embedding coordinate redrawn at std 0.3 (the rest stay at 0.02),
+    and the half of the vocabulary on the far side of that axis from the prompt's last token.
+
+    Why: at std 0.02 everywhere the next-token distribution is flat over 49k tokens (logits
+    within about ±1) and no few-step policy can move it. A "sentiment-like" axis in the tied
+    embedding gives the output one direction along which a LoRA update shifts probability
+    between two halves of the vocabulary; a random model follows the sign of the token it just
+    read, so it starts on the prompt's side (reward near 0), and PPO must cross over.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("chaseable")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
+    emb = model.get_input_embeddings().weight
     with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, 0.15)
+        emb[:, 0] = torch.randn(emb.shape[0], generator=torch.Generator().manual_seed(0)) * 0.3
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.save_pretrained(out)
+    last = tok("Answer: ")["input_ids"][-1]
+    far_side = set((emb[:, 0] * emb[last, 0].sign() < 0).nonzero().flatten().tolist())
+    return out, far_side
 
 
 def test_learning_reward_rises_with_finite_kl(chaseable_model, data, tmp_path):
-    """Toy reward: the share of response tokens from half the vocabulary (those whose embedding
-    has a positive first coordinate, so the set is one direction of the output layer away).
-    Chance is 0.5; PPO must raise it clearly within 10 steps."""
-    from transformers import AutoModelForCausalLM
+    """Toy reward: the share of response tokens from the chosen half of the vocabulary."""
+    model, chosen = chaseable_model
 
-    emb = AutoModelForCausalLM.from_pretrained(chaseable_model).get_input_embeddings().weight
-    good = set((emb[:, 0] > 0).nonzero().flatten().tolist())
+    def share_chosen(queries, responses, response_ids):
+        return [sum(t in chosen for t in ids) / len(ids) for ids in response_ids]
 
-    def share_good(queries, responses, response_ids):
-        return [sum(t in good for t in ids) / len(ids) for ids in response_ids]
-
-    all_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    cfg = tiny_cfg(chaseable_model, data, tmp_path / "learn", steps=10, batch_size=8, mini_batch_size=4, ppo_epochs=4,
-                   min_new_tokens=8, max_new_tokens=8, lora_r=8, lora_alpha=128, lora_target_modules=all_linear,
-                   init_kl_coef=0.01, save_steps=100, samples_every=100, merge=False, seed=0)
-    train(cfg, reward_fn=share_good)
+    cfg = tiny_cfg(model, data, tmp_path / "learn", steps=8, batch_size=8, mini_batch_size=4, ppo_epochs=4,
+                   min_new_tokens=8, max_new_tokens=8, lora_r=8, lora_alpha=16, learning_rate=1e-2,
+                   lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), init_kl_coef=0.01,
+                   save_steps=100, samples_every=100, merge=False, seed=0)
+    train(cfg, reward_fn=share_chosen)
     rows = read_metrics(cfg.out)
     rewards = [r["env/reward_mean"] for r in rows]
-    first, late = rewards[0], sum(rewards[-4:]) / 4
-    assert late > first + 0.15, rewards
-    assert all(math.isfinite(r["objective/kl"]) for r in rows)
+    assert rewards[0] < 0.3 and sum(rewards[-3:]) / 3 > 0.6, rewards  # measured: 0.03 -> 0.8-0.95
+    assert all(math.isfinite(r["objective/kl"]) and r["objective/kl"] < 50 for r in rows)
 
 
 def test_two_processes_agree_with_one_on_gathered_statistics(tmp_path, tiny_model_dir, data, reward_model):
@@ -193,21 +196,21 @@ def test_two_processes_agree_with_one_on_gathered_statistics(tmp_path, tiny_mode
     and sampling seeds, so the same responses, and statistics gathered over both processes."""
     def argv(out: Path, batch: int) -> list[str]:
         return ["ppo", "--policy", str(tiny_model_dir), "--reward-model", str(reward_model), "--data", str(data),
-                "--out", str(out), "--steps", "2", "--batch-size", str(batch), "--mini-batch-size", "2",
+                "--out", str(out), "--steps", "1", "--batch-size", str(batch), "--mini-batch-size", "2",
                 "--ppo-epochs", "1", "--min-new-tokens", "3", "--max-new-tokens", "5", "--learning-rate", "1e-2",
                 "--lora-r", "4", "--lora-dropout", "0", "--samples-every", "1", "--no-merge", "--seed", "5"]
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(29600 + os.getpid() % 1000)]
+    # Without an `accelerate config` file, `--multi_gpu` is what makes accelerate start N
+    # processes; on a machine without CUDA they run on CPU and talk over gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29600 + os.getpid() % 1000)]
     one, two = tmp_path / "one", tmp_path / "two"
-    for cmd in ([*launch, "--num_processes", "1", "-m", "camelid", *argv(one, 4)],
-                [*launch, "--num_processes", "2", "-m", "camelid", *argv(two, 2)]):
+    for cmd in ([sys.executable, "-m", "camelid", *argv(one, 4)], [*launch, "-m", "camelid", *argv(two, 2)]):
         res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
     m1, m2 = read_metrics(one), read_metrics(two)
     for key in ("env/reward_mean", "env/reward_std", "objective/kl", "objective/entropy", "ppo/returns/mean"):
         assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-4, abs=1e-5), key
-    assert m2[1]["objective/kl_coef"] == pytest.approx(m1[1]["objective/kl_coef"], rel=1e-6)
 
     def step1(run: Path) -> list[tuple[str, str]]:
         rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
