@@ -28,8 +28,13 @@ $(VENV)/.stamp-setup: $(VENV)/.stamp-torch pyproject.toml
 
 setup: $(VENV)/.stamp-setup
 
+# The test extra compiles llama-cpp-python once (~10 min; pip caches the wheel). The web page is
+# tested in Debian's chromium; where apt is unavailable those tests skip with the reason.
 $(VENV)/.stamp-test: $(VENV)/.stamp-setup pyproject.toml
-	$(PIP) install -q -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the browser test will skip"; }
 	touch $@
 
 setup-test: $(VENV)/.stamp-test
