@@ -10,7 +10,7 @@ every request generates exactly --tokens tokens (`ignore_eos`), so both servers 
 Reported per run: aggregate generated tokens/s over the wall time, p50/p95 request latency and
 time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients.
 
-    python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--threads 2]
+    python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--threads 2] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -95,20 +95,31 @@ def _pct(sorted_vals: list[float], p: float) -> float:
     return sorted_vals[k]
 
 
-def run_mode(name: str, max_batch_size: int, args) -> dict[int, dict]:
-    proc, url = start_server(max_batch_size, args.threads, args.dtype)
-    out = {}
+def report(name: str, c: int, r: dict) -> None:
+    print(f"{name:<16} clients={c:<3} {r['tok_s']:8.1f} tok/s   latency p50 {r['p50']:6.2f}s p95 {r['p95']:6.2f}s"
+          f"   ttft p50 {r['ttft_p50']:5.2f}s p95 {r['ttft_p95']:5.2f}s   ({r['requests']} requests, {r['wall']:.1f}s)",
+          flush=True)
+
+
+def run(args) -> dict[str, dict[int, dict]]:
+    """Both servers stay up; each concurrency level runs on one, then the other, so a change in
+    machine load during the run hits both sides alike."""
+    modes = {"camelid batched": args.max_batch_size, "one-at-a-time": 1}
+    procs, urls, out = [], {}, {name: {} for name in modes}
     try:
-        one_request(httpx.Client(base_url=url, timeout=600), QUESTIONS[0], 8)  # warm-up
+        for name, size in modes.items():
+            proc, urls[name] = start_server(size, args.threads, args.dtype)
+            procs.append(proc)
+            with httpx.Client(base_url=urls[name], timeout=600) as http:
+                one_request(http, QUESTIONS[0], 8)  # warm-up
         for c in args.clients:
-            r = load_test(url, c, args.requests, args.tokens)
-            out[c] = r
-            print(f"{name:<16} clients={c:<3} {r['tok_s']:8.1f} tok/s   latency p50 {r['p50']:6.2f}s p95 {r['p95']:6.2f}s"
-                  f"   ttft p50 {r['ttft_p50']:5.2f}s p95 {r['ttft_p95']:5.2f}s   ({r['requests']} requests, {r['wall']:.1f}s)",
-                  flush=True)
+            for name in modes:
+                out[name][c] = load_test(urls[name], c, args.requests, args.tokens)
+                report(name, c, out[name][c])
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
     return out
 
 
@@ -121,12 +132,13 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--dtype", default="auto", help="server dtype (auto = bfloat16 on CPU)")
+    ap.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     print(f"bundled model, {args.tokens} tokens/request, {args.requests} requests/client, {args.threads} threads, "
           f"dtype {args.dtype}", flush=True)
-    batched = run_mode("camelid batched", 32, args)
-    single = run_mode("one-at-a-time", 1, args)
+    results = run(args)
+    batched, single = results["camelid batched"], results["one-at-a-time"]
     print("\nratio batched / one-at-a-time (throughput; latency p50 as one-at-a-time / batched):")
     for c in args.clients:
         b, s = batched[c], single[c]

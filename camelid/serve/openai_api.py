@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from camelid.errors import CamelidError
 from camelid.serve import protocol as P
@@ -224,7 +225,8 @@ async def chat_completions(request: Request):
     served = registry(request).get(req.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        ids, template_stop = served.chat_prompt(messages)
+        # tokenising a long prompt takes a while: keep it off the event loop that streams others
+        ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
     except (CamelidError, ValueError) as e:  # the template rejects the conversation (e.g. a tool turn)
         raise P.APIError(400, str(e), param="messages") from None
     params = sampling_params(req, served, len(ids), None, template_stop, logprobs=bool(req.logprobs))
@@ -310,7 +312,7 @@ async def completions(request: Request):
     req = await parse_body(request, P.CompletionRequest)
     P.check_request(req)
     served = registry(request).get(req.model)
-    prompts = completion_prompts(req, served)
+    prompts = await run_in_threadpool(completion_prompts, req, served)
     want_lp = req.logprobs is not None
     if want_lp and req.echo:
         raise P.APIError(400, "echo with logprobs is not supported (no prompt log-probabilities)", param="echo")
