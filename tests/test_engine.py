@@ -106,3 +106,25 @@ def test_repetition_penalty_changes_greedy_output(engine):
     pen = engine.generate([PROMPTS[2]], SamplingParams(temperature=0, max_new_tokens=16, repetition_penalty=5.0))[0]
     assert len(set(pen.token_ids)) >= len(set(plain.token_ids))
     assert pen.token_ids != plain.token_ids
+
+
+def test_fast_path_matches_hf_forward(engine):
+    """The lean Llama forward gives Hugging Face's logits on a padded batch, prefill and decode."""
+    from transformers import DynamicCache
+
+    assert engine.fast is not None
+    tok = engine.tokenizer
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True, padding_side="left")
+    mask = enc["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hf_cache, fast_cache = DynamicCache(), DynamicCache()
+    with torch.inference_mode():
+        hf = engine.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, **{engine.cache_kw: hf_cache}).logits
+        fast = engine.fast(enc["input_ids"], mask, pos, fast_cache)
+        real = mask.bool()
+        torch.testing.assert_close(fast[real], hf[real], atol=1e-4, rtol=1e-4)
+        nxt = hf[:, -1].argmax(-1, keepdim=True)
+        mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        hf2 = engine.model(input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1, **{engine.cache_kw: hf_cache}).logits
+        fast2 = engine.fast(nxt, mask2, pos[:, -1:] + 1, fast_cache)
+    torch.testing.assert_close(fast2, hf2, atol=1e-4, rtol=1e-4)

@@ -13,6 +13,7 @@ not depend on what it is batched with (batched greedy == single greedy).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
@@ -75,6 +76,11 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.cache_kw = _cache_kwarg(model)
+        self.fast = None
+        if os.environ.get("CAMELID_FAST_PATH", "1") != "0":
+            from camelid.engine import fastllama
+
+            self.fast = fastllama.FastLlama(model) if fastllama.supports(model) else None
 
     @classmethod
     def load(cls, model=None, device: str = "auto", dtype: str = "auto", load_8bit: bool = False, max_context: int | None = None) -> "Engine":
@@ -103,6 +109,14 @@ class Engine:
             log.warning("prompt of %d tokens truncated to its last %d to fit the %d-token context", len(ids), room, self.max_context)
             return ids[-room:]
         return ids
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits for the last `logits_to_keep` positions, through the fast path where it applies."""
+        if self.fast is not None:
+            return self.fast(input_ids, attention_mask, position_ids, cache, logits_to_keep)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kw: cache})
+        return out.logits
 
     # ---- generation ----------------------------------------------------------------------
     def new_batch(self) -> "Batch":
@@ -183,7 +197,7 @@ class Batch:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = eng.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{eng.cache_kw: cache})
+        logits = eng.forward(input_ids, mask, pos, cache, logits_to_keep=1)
         new_rows = []
         for rid, t, sp in zip(ids, toks, params):
             gen = None
@@ -195,10 +209,10 @@ class Batch:
                 self.on_row(row)
         seen = None
         if any(sp.repetition_penalty != 1.0 for sp in params):
-            seen = torch.zeros((len(toks), out.logits.shape[-1]), dtype=torch.bool, device=eng.device)
+            seen = torch.zeros((len(toks), logits.shape[-1]), dtype=torch.bool, device=eng.device)
             seen.scatter_(1, input_ids, mask.bool())
         self._merge(new_rows, cache, mask, pos[:, -1] + 1, seen)
-        yield self._emit(out.logits[:, -1], first=len(self.rows) - len(new_rows))
+        yield self._emit(logits[:, -1], first=len(self.rows) - len(new_rows))
 
     def _merge(self, rows, cache, mask, next_pos, seen) -> None:
         if not self.rows:
@@ -224,12 +238,9 @@ class Batch:
         """One decode step for every row; returns their deltas (finished rows leave the batch)."""
         eng = self.engine
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        out = eng.model(
-            input_ids=self.next_tokens[:, None], attention_mask=self.mask, position_ids=self.next_pos[:, None],
-            use_cache=True, **{eng.cache_kw: self.cache},
-        )
+        logits = eng.forward(self.next_tokens[:, None], self.mask, self.next_pos[:, None], self.cache)
         self.next_pos = self.next_pos + 1
-        return self._emit(out.logits[:, -1])
+        return self._emit(logits[:, -1])
 
     def cancel(self, rids: Iterable[int]) -> None:
         rids = set(rids)

@@ -1,0 +1,81 @@
+"""A lean forward pass for plain Llama models at inference: the engine's fast path.
+
+Decode at batch 1 on a CPU is dominated by per-operator overhead, not arithmetic: each step
+runs ~30 layers x ~15 small ops. Hugging Face's forward adds mask construction, rotary-table
+recomputation, keyword plumbing and output objects around every step. This module reuses the
+model's own weights (no copy) and runs the same math — RMSNorm in float32 as
+`LlamaRMSNorm`, rotary embedding from a table precomputed once, grouped-query SDPA — writing
+into the same `DynamicCache` the engine batches with. Anything it does not recognise (peft
+wrappers, other architectures, rope scaling types other than default/llama3 tables the model
+already computed) falls back to the model's own forward; tests pin its logits to HF's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def supports(model) -> bool:
+    """True for an un-wrapped LlamaForCausalLM (the fast path applies)."""
+    return type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model") and hasattr(model.model, "rotary_emb")
+
+
+class FastLlama:
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model
+        self.inner = model.model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.head = model.get_output_embeddings()
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        device = next(model.parameters()).device
+        rot = self.inner.rotary_emb
+        positions = torch.arange(cfg.max_position_embeddings, device=device)[None, :]
+        cos, sin = rot(torch.zeros(1, dtype=dtype, device=device), positions)  # (1, P, D), HF's own math
+        self.cos, self.sin = cos[0], sin[0]
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # LlamaRMSNorm: normalise in float32, cast back, then scale.
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T', V) for the last `logits_to_keep` positions (all when 0)."""
+        bsz, t = input_ids.shape
+        x = self.inner.embed_tokens(input_ids)
+        cos = self.cos[position_ids][:, None]  # (B, 1, T, D)
+        sin = self.sin[position_ids][:, None]
+        past = cache.get_seq_length()
+        mask = None
+        if t > 1 or not bool(attention_mask.all()):
+            # Boolean (B, 1, T, S) mask: key j is visible to query i when it is a real token and
+            # not in the future (query i sits at column past + i).
+            s = attention_mask.shape[1]
+            causal = torch.arange(s, device=x.device)[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
+            mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        gqa = self.kv_heads != self.heads
+        for i, layer in enumerate(self.inner.layers):
+            a = layer.self_attn
+            h = self._norm(x, layer.input_layernorm.weight)
+            q = a.q_proj(h).view(bsz, t, self.heads, self.head_dim).transpose(1, 2)
+            k = a.k_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = a.v_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            k, v = cache.update(k, v, i)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
+            h = self._norm(x, layer.post_attention_layernorm.weight)
+            m = layer.mlp
+            x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.head(self._norm(x, self.inner.norm.weight))
