@@ -129,11 +129,11 @@ class LlamaCppEngine:
         self.parallel = parallel
         self.threads = threads or os.cpu_count() or 1
         cparams = lc.llama_context_default_params()
-        # One KV cache shared by `parallel` sequences, each up to max_context tokens.
+        # `parallel` sequences, each with its own max_context-token slice of the KV cache.
         cparams.n_ctx = self.max_context * parallel
         cparams.n_batch = cparams.n_ubatch = min(512, self.max_context)
         cparams.n_seq_max = parallel
-        cparams.kv_unified = True
+        cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = self.threads
         self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
         self.batch_buf = _internals.LlamaBatch(n_tokens=cparams.n_batch, embd=0, n_seq_max=parallel, verbose=False)
