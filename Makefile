@@ -6,6 +6,9 @@ VENV          ?= .venv
 TORCH_SPEC    ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 EXTRAS        ?= 8bit
+# llama.cpp is compiled for a portable x86-64 baseline (AVX2/FMA/F16C), not -march=native: some
+# virtual machines advertise CPU features (AMX) they then fault on (SIGILL in llama_decode).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CAMELID := $(VENV)/bin/camelid
@@ -31,7 +34,7 @@ setup: $(VENV)/.stamp-setup
 # The test extra compiles llama-cpp-python once (~10 min; pip caches the wheel). The web page is
 # tested in Debian's chromium; where apt is unavailable those tests skip with the reason.
 $(VENV)/.stamp-test: $(VENV)/.stamp-setup pyproject.toml
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: the browser test will skip"; }

@@ -133,17 +133,15 @@ def test_generate_and_programmatic_chat_cli(engine, tiny_gguf, tiny_model_dir, t
     assert len(list((home / "gguf").glob("*.gguf"))) == 1
 
 
-def test_serve_streams_with_the_openai_client(engine):
+def test_serve_streams_with_the_openai_client(engine, tiny_gguf):
     openai = pytest.importorskip("openai")
     from camelid.serve.app import create_app
-    from camelid.serve.registry import ModelRegistry, ServedModel
-    from camelid.serve.scheduler import Scheduler
-    from camelid.serve.server import ServerThread
-    from camelid.templates import pick_template
+    from camelid.serve.server import ServeConfig, ServerThread, build_registry
 
-    template = pick_template(None, engine.tokenizer, engine.path)
-    registry = ModelRegistry()
-    registry.add(ServedModel("tiny-gguf", engine, Scheduler(engine, engine.parallel, 8), template))
+    # The same path as `camelid serve --backend llama.cpp --model tiny.gguf --max-batch-size 2`.
+    registry = build_registry(ServeConfig(model=str(tiny_gguf), served_model_name="tiny-gguf", backend="llama.cpp",
+                                          max_batch_size=2, threads=2))
+    template = registry.get("tiny-gguf").template
     messages = [{"role": "user", "content": "Hello there"}]
     want = engine.generate([template.render(messages)], SamplingParams(temperature=0, max_new_tokens=10, stop=template.stop))[0].text
     try:

@@ -85,12 +85,25 @@ def load_model(
     max_batch_size: int = 32,
     max_queue: int = 256,
     max_context: int | None = None,
+    backend: str = "torch",
+    threads: int | None = None,
 ) -> ServedModel:
     """Load weights with the engine, start its scheduler thread, pick its template."""
-    from camelid.engine import Engine
     from camelid.templates import pick_template
 
-    engine = Engine.load(model, device=device, dtype=dtype, load_8bit=load_8bit, max_context=max_context)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if backend == "llama.cpp":
+        from camelid.engine.llamacpp import load_llamacpp_engine
+
+        # llama.cpp decodes at most `parallel` sequences together: size it to the batch.
+        engine = load_llamacpp_engine(model, threads=threads, max_context=max_context, parallel=max_batch_size)
+    else:
+        from camelid.engine import Engine
+
+        engine = Engine.load(model, device=device, dtype=dtype, load_8bit=load_8bit, max_context=max_context)
     name = served_name or engine.name
     tmpl = pick_template(template, engine.tokenizer, engine.path)
     return ServedModel(name, engine, Scheduler(engine, max_batch_size, max_queue), tmpl, root=str(model or engine.path))

@@ -35,7 +35,11 @@ class ServeConfig:
     dtype: str = "auto"
     """auto, float32, bfloat16 or float16."""
     load_8bit: bool = False
-    """Load the weights in 8-bit (bitsandbytes) to roughly halve memory."""
+    """Int8 weights (about half of bfloat16's memory; torch backend)."""
+    backend: str = "torch"
+    """torch, or llama.cpp (a .gguf, or the model exported to GGUF q8_0 on the fly)."""
+    threads: int = 0
+    """CPU threads for generation (0 = all cores)."""
     template: str = ""
     """Conversation template name (default: the one that fits the model)."""
     max_batch_size: int = 32
@@ -54,6 +58,10 @@ class ServeConfig:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if self.max_context < 0:
             raise ValueError("max_context must be >= 0")
+        if self.backend not in ("torch", "llama.cpp"):
+            raise ValueError(f"backend must be torch or llama.cpp, got {self.backend!r}")
+        if self.backend == "llama.cpp" and self.load_8bit:
+            raise ValueError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
         if any(not k or k != k.strip() for k in self.api_keys):
             raise ValueError("API keys must be non-empty and have no surrounding spaces")
 
@@ -65,7 +73,7 @@ def build_registry(cfg: ServeConfig):
     registry.add(load_model(
         cfg.model, cfg.served_model_name or cfg.model, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
         template=cfg.template or None, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-        max_context=cfg.max_context or None,
+        max_context=cfg.max_context or None, backend=cfg.backend, threads=cfg.threads or None,
     ))
     return registry
 
