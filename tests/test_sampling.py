@@ -66,3 +66,17 @@ def test_false_alarm_prefix_is_released():
     st2 = StopText(("</s>",))
     st2.feed("end </")
     assert st2.finish() == "</"  # generation ended: the held tail is real text
+
+
+def test_sampling_follows_the_distribution():
+    from camelid.engine.sampling import sample_next
+
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]]))
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(3000):
+        tok, lp = sample_next(logits, [SamplingParams(temperature=1.0)], [gen], None)
+        counts[tok[0]] += 1
+    freq = counts / counts.sum()
+    assert counts[3] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(freq[:3], torch.tensor([0.1, 0.6, 0.3]), atol=0.03)
