@@ -4,11 +4,12 @@
 
 Each setup runs in a fresh process (peak RSS, `ru_maxrss`, never goes down within one), on CPU:
 - runtime: Python + torch + transformers imported, no model (the floor under every figure);
-- inference / inference-8bit: load the bundled model (fp32 / bitsandbytes int8 linear layers)
-  and generate to `seq_len` tokens, batch 1, with Hugging Face `generate` (KV cache);
+- inference / inference-8bit: camelid's Engine (`Engine.load`, fp32 / camelid's int8 weights)
+  generates 64 tokens after a prompt of seq_len - 64, batch 1 (the code path of chat and eval);
 - full: Adam (torch.optim.AdamW) on every parameter, fp32, `steps` steps of batch 1 x seq_len;
-- lora / lora-8bit: peft LoRA r=16, alpha=32 on q_proj, v_proj (StackLLaMA's SFT adapter) on
-  an fp32 / 8-bit frozen base, AdamW on the adapter, same steps.
+- lora / lora-8bit: camelid's training loader (`load_for_training`: peft LoRA r=16, alpha=32 on
+  q_proj, v_proj, StackLLaMA's SFT adapter) on an fp32 / bitsandbytes 8-bit frozen base, AdamW
+  on the adapter, same steps (the code path of `camelid sft`).
 
 It prints, per method, the measured peak, the rule's estimate for the same setup
 (`camelid.estimate`), and their ratio; then the `MEASURED` table to paste into
@@ -28,33 +29,32 @@ CHILD = r'''
 import json, resource, sys, time
 method, seq_len, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import torch, transformers
-from camelid.models.resolve import resolve_model
 torch.manual_seed(0)
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 out = {"runtime_gb": rss()}
-if method != "runtime":
-    path = resolve_model("smollm2-135m")
-    kw = {"dtype": torch.float32}
-    if method.endswith("8bit"):
-        kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
-    ids = torch.randint(100, 40000, (1, seq_len))
-    t0 = time.perf_counter()
-    if method.startswith("inference"):
-        with torch.no_grad():
-            model.generate(ids[:, : seq_len - 64], max_new_tokens=64, min_new_tokens=64, do_sample=False)
+ids = torch.randint(100, 40000, (1, seq_len))
+t0 = time.perf_counter()
+if method.startswith("inference"):
+    from camelid.engine import Engine, SamplingParams
+    engine = Engine.load("smollm2-135m", device="cpu", dtype="float32", load_8bit=method.endswith("8bit"))
+    engine.generate([ids[0, : seq_len - 64].tolist()], SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True))
+elif method != "runtime":
+    if method == "full":
+        from camelid.models.resolve import resolve_model
+        model = transformers.AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32)
     else:
-        if method.startswith("lora"):
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                     target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        for _ in range(steps):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    out["seconds"] = time.perf_counter() - t0
+        from camelid.models.lora import LoraSettings
+        from camelid.models.train_load import load_for_training
+        model, _, _ = load_for_training("smollm2-135m", LoraSettings(16, 32, 0.05, ("q_proj", "v_proj")),
+                                        load_8bit=method.endswith("8bit"), dtype="float32")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+out["seconds"] = time.perf_counter() - t0
 out["peak_gb"] = rss()
 print(json.dumps(out))
 '''
@@ -77,21 +77,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = ap.parse_args()
-    print(f"bundled model {BUNDLED_SHAPE.name}, CPU, batch 1 x seq {args.seq_len}, {args.steps} training steps")
+    print(f"bundled model {BUNDLED_SHAPE.name}, CPU, batch 1 x seq {args.seq_len}, {args.steps} training steps", flush=True)
     table = {}
-    for method in METHODS:
+    for method in args.methods.split(","):
         t0 = time.perf_counter()
         row = measure(method, args.seq_len, args.steps)
         if row is None:
             continue
         if method == "runtime":
-            print(f"  runtime (python + torch + transformers): {row['peak_gb'] * 1000:.0f} MB")
+            print(f"  runtime (python + torch + transformers): {row['peak_gb'] * 1000:.0f} MB", flush=True)
             continue
         est = estimate(BUNDLED_SHAPE.params, method, seq_len=args.seq_len, batch=1, dtype="fp32", shape=BUNDLED_SHAPE)
         mid = (est.total_low_gb + est.total_high_gb) / 2
         print(f"  {method:15} measured peak {row['peak_gb'] * 1000:6.0f} MB   estimate {mid * 1000:6.0f} MB   "
-              f"measured/estimate {row['peak_gb'] / mid:4.2f}   ({time.perf_counter() - t0:.0f} s)")
+              f"measured/estimate {row['peak_gb'] / mid:4.2f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
         table[method] = {"peak_gb": round(row["peak_gb"], 3), "runtime_gb": round(row["runtime_gb"], 3),
                          "dtype": "fp32", "seq_len": args.seq_len, "batch": 1,
                          "what": f"bench/memory.py {time.strftime('%Y-%m-%d')}, CPU, peak RSS"}
