@@ -42,10 +42,11 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-setup pyproject.toml
 
 setup-test: $(VENV)/.stamp-test
 
+# The main job: bundled sample dump -> data -> sft -> reward -> ppo -> eval -> report, into
+# runs/tiny (resumable: run it again after an interruption). It prints the report's path and
+# the command to chat with the aligned model.
 run: setup
-	$(CAMELID) generate --max-new-tokens 64 "What is the capital of France? Answer in one sentence."
-	@echo
-	@echo "Chat with it:  $(CAMELID) chat"
+	$(CAMELID) pipeline
 
 chat: setup
 	$(CAMELID) chat
