@@ -207,3 +207,13 @@ def test_tokenize_pairs_appends_eos_and_drops_long(tiny_model_dir):
     j, k, dropped = tokenize_pairs(ds, tok, max_length=20)
     assert dropped == 1 and len(j) == len(k) == 1
     assert j[0] == tok(qa_text("q", "a"))["input_ids"] + [tok.eos_token_id]
+
+
+def test_8bit_base_trains_with_float32_head(tmp_path, tiny_model_dir, data):
+    """TRL casts a quantized model's trainable weights to bf16; ours stay float32 and train."""
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "q", max_steps=2, save_steps=2, load_8bit=True, max_eval_samples=8)
+    r = train(cfg)
+    assert r.steps == 2 and math.isfinite(r.train_loss) and math.isfinite(r.eval.loss)
+    ad = load_file(str(r.adapter_dir / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in ad.values())

@@ -248,6 +248,8 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
         bar = None
         loss = None
         final_rate = None
+        tok0: tuple[float, float] | None = None  # (time, TRL's num_tokens) at the first log
+        tokens_per_s: float | None = None
 
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001 - HF signature
             self.t0, self.step0 = time.perf_counter(), state.global_step
@@ -264,13 +266,23 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
-                loss = "-" if self.loss is None else f"{self.loss:.4f}"
-                self.bar.set_postfix({"loss": loss, f"{unit}/s": f"{self.rate(state):.1f}"}, refresh=False)
+                post = {"loss": "-" if self.loss is None else f"{self.loss:.4f}", f"{unit}/s": f"{self.rate(state):.1f}"}
+                if self.tokens_per_s is not None:
+                    post["tokens/s"] = f"{self.tokens_per_s:.0f}"
+                self.bar.set_postfix(post, refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
-                tracker.log({f"perf/{unit}_per_s": self.rate(state), "perf/peak_rss_mb": peak_rss_mb()}, state.global_step)
+            if not logs or "loss" not in logs:
+                return
+            self.loss = float(logs["loss"])
+            perf = {f"perf/{unit}_per_s": self.rate(state), "perf/peak_rss_mb": peak_rss_mb()}
+            if unit != "tokens" and "num_tokens" in logs:  # variable-length stages: TRL counts real tokens
+                now, n = time.perf_counter(), float(logs["num_tokens"])
+                if self.tok0 is None:
+                    self.tok0 = (now, n)
+                elif now > self.tok0[0]:
+                    self.tokens_per_s = perf["perf/tokens_per_s"] = (n - self.tok0[1]) / (now - self.tok0[0])
+            tracker.log(perf, state.global_step)
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
             self.final_rate = self.rate(state)
@@ -278,6 +290,23 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
                 self.bar.close()
 
     return _Progress()
+
+
+def keep_trainable_dtype(trainer: Any, dtype_name: str) -> Any:
+    """Undo TRL's cast of a quantized model's trainable weights to bfloat16 (its QLoRA recipe,
+    trl/trainer/sft_trainer.py and reward_trainer.py, `_is_quantized_model`) when we train in
+    float32: without autocast, a bfloat16 reward `score` head fails on float32 inputs, and bf16
+    LoRA matmuls are slow on CPUs without native bf16. Runs before the optimizer is created."""
+    import torch
+
+    from camelid.models.train_load import training_dtype
+
+    dt = training_dtype(dtype_name)
+    if dt == torch.float32:
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != dt:
+                p.data = p.data.to(dt)
+    return trainer
 
 
 def quiet_trainer(trainer: Any) -> Any:
