@@ -126,11 +126,13 @@ def sample_next(
     logp = torch.log_softmax(logits, dim=-1)
     tokens = logp.argmax(dim=-1)
     if not bool(greedy.all()):
-        # Inverse-CDF sampling, one uniform draw per row from that row's generator: ~30x cheaper
-        # than torch.multinomial on a 49k vocabulary on CPU, and just as exact.
-        cdf = torch.cumsum(logp.exp(), dim=-1)
+        # The exponential race (Gumbel-max in another form, as vLLM samples): argmax of p_i / E_i
+        # with E_i ~ Exp(1) draws token i with probability p_i. One draw per token from the
+        # row's own generator; ~30x cheaper than torch.multinomial on a 49k vocabulary on CPU,
+        # and a tiny change in one logit moves only that token's chance (no cumulative drift).
+        probs = logp.exp()
         for i, p in enumerate(params):
             if not p.greedy:
-                u = torch.rand(1, generator=generators[i], device=device) * cdf[i, -1]
-                tokens[i] = torch.searchsorted(cdf[i], u, right=True).clamp(max=cdf.shape[-1] - 1)[0]
+                race = torch.empty_like(probs[i]).exponential_(generator=generators[i])
+                tokens[i] = (probs[i] / race).argmax()
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
