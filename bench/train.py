@@ -212,7 +212,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--load-8bit", action="store_true")
     p.add_argument("--sft-steps", type=int, default=5)
-    p.add_argument("--reward-steps", type=int, default=5)
+    p.add_argument("--reward-steps", type=int, default=4)
     p.add_argument("--skip-8bit", action="store_true")
     a = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -236,23 +236,31 @@ def run_all(a: argparse.Namespace, data: str) -> None:
     rows = []
     key = lambda unit: "tokens_per_s" if unit == "tokens/s" else "rate"  # noqa: E731
 
-    def row(name: str, mode: str, args: list[str], unit: str, env: dict | None = None) -> dict:
+    def row(name: str, mode: str, args: list[str], unit: str, env: dict | None = None, best_of: dict | None = None) -> dict:
         r = spawn(mode, args, env)
+        if best_of is not None and best_of[key(unit)] > r[key(unit)]:  # a second try: keep the faster
+            r = {**best_of, "wall_s": best_of["wall_s"] + r["wall_s"]}
         rows.append((name, r, unit))
         extra = f" ({r['tokens_per_s']:.0f} tokens/s)" if unit != "tokens/s" else ""
-        print(f"  {name:<36} {r[key(unit)]:8.2f} {unit}{extra:<18} peak RSS {r['peak_rss_mb']:6.0f} MB  ({r['wall_s']:.0f} s)", flush=True)
+        print(f"  {name:<40} {r[key(unit)]:7.2f} {unit}{extra:<17} peak RSS {r['peak_rss_mb']:5.0f} MB", flush=True)
         return r
 
     print(f"SFT: packed blocks of {a.seq_length} tokens, batch 2, {a.sft_steps} steps (first step not timed)")
-    ours = row("camelid sft", "ours_sft", sft, "tokens/s")
-    trl = row("TRL SFTTrainer (packing=True)", "trl_sft", sft, "tokens/s")
+    # Ours, TRL, then both again, keeping each side's faster run: other load on the machine slows
+    # whichever run it lands on, and the faster of two is the better estimate of each.
+    ours = spawn("ours_sft", sft)
+    trl = spawn("trl_sft", sft)
+    ours = row("camelid sft (best of 2)", "ours_sft", sft, "tokens/s", best_of=ours)
+    trl = row("TRL SFTTrainer packing=True (best of 2)", "trl_sft", sft, "tokens/s", best_of=trl)
     print(f"  ratio ours / TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS")
     if jem:
         j = row("camelid sft + jemalloc", "ours_sft", sft, "tokens/s", jem)
         print(f"  jemalloc / glibc malloc: {j['tokens_per_s'] / ours['tokens_per_s']:.2f}x tokens/s, {j['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x peak RSS")
     print(f"Reward model: pairs up to {a.max_length} tokens, batch 4, {a.reward_steps} steps")
-    ours = row("camelid reward train", "ours_reward", rm, "pairs/s")
-    trl = row("TRL RewardTrainer", "trl_reward", rm, "pairs/s")
+    ours = spawn("ours_reward", rm)
+    trl = spawn("trl_reward", rm)
+    ours = row("camelid reward train (best of 2)", "ours_reward", rm, "pairs/s", best_of=ours)
+    trl = row("TRL RewardTrainer (best of 2)", "trl_reward", rm, "pairs/s", best_of=trl)
     print(f"  ratio ours / TRL: {ours['rate'] / trl['rate']:.2f}x pairs/s, {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS")
     if not a.skip_8bit:
         print("8-bit base (bitsandbytes int8 on CPU), 2 timed steps")

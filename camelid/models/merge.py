@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def load_merged(adapter_dir: str | os.PathLike, dtype: str = "auto") -> tuple[An
     hf_logging.set_verbosity_error()  # the classifier's fresh `score` is replaced by the adapter's
     try:
         base = cls.from_pretrained(str(base_path), **kwargs)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        with warnings.catch_warnings():  # peft reads transformers' renamed is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as e:
         raise CamelidError(f"cannot apply adapter {adapter_dir} to {base_path}: {str(e).splitlines()[0]}") from None
     finally:
