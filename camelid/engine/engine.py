@@ -183,9 +183,7 @@ class Batch:
     # Prefill new requests, then merge them into the running batch.
     def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
         eng = self.engine
-        toks = [eng.fit_prompt(p if isinstance(p, list) else eng.encode(p), sp.max_new_tokens) for p, sp in zip(prompts, params)]
-        if any(len(t) == 0 for t in toks):
-            raise CamelidError("empty prompt: give at least one token of text")
+        toks = prompt_ids(eng, prompts, params)
         width = max(len(t) for t in toks)
         input_ids = torch.full((len(toks), width), eng.pad_id, dtype=torch.long)
         mask = torch.zeros((len(toks), width), dtype=torch.long)
@@ -305,6 +303,14 @@ class Batch:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+def prompt_ids(engine, prompts, params: list[SamplingParams]) -> list[list[int]]:
+    """Token ids of each prompt (str or ids), cut to fit the context; shared by every backend."""
+    toks = [engine.fit_prompt(p if isinstance(p, list) else engine.encode(p), sp.max_new_tokens) for p, sp in zip(prompts, params)]
+    if any(len(t) == 0 for t in toks):
+        raise CamelidError("empty prompt: give at least one token of text")
+    return toks
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from camelid.engine.engine import Completion, Delta
+from camelid.engine.engine import Completion, Delta, prompt_ids
 from camelid.engine.sampling import SamplingParams
 from camelid.engine.text import IncrementalDecoder, StopText
 from camelid.errors import CamelidError
@@ -255,9 +255,7 @@ class LlamaCppBatch:
         import torch
 
         eng = self.engine
-        toks = [eng.fit_prompt(p if isinstance(p, list) else eng.encode(p), sp.max_new_tokens) for p, sp in zip(prompts, params)]
-        if any(len(t) == 0 for t in toks):
-            raise CamelidError("empty prompt: give at least one token of text")
+        toks = prompt_ids(eng, prompts, params)
         if len(self.rows) + len(toks) > eng.parallel:
             raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
         new_rows, logits = [], []
