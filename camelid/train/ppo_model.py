@@ -182,32 +182,20 @@ def load_adapter_weights(policy: PolicyWithValue, adapter_dir: Path) -> None:
 
 
 class RewardModelScorer:
-    """Scores query + response texts with a sequence-classification reward model (1 logit)."""
+    """Scores query + response texts with a trained reward model, exactly as `camelid eval` and
+    the reward stage's own evaluation do (`score_texts`: EOS appended, as in reward training), so
+    PPO optimises the very number the evaluation reports."""
 
     def __init__(self, name: str, dtype: str, batch_size: int) -> None:
-        from transformers import AutoConfig
+        from camelid.train.reward import load_reward_model
 
-        from camelid.models.train_load import load_base, resolve_trained
-
-        path = resolve_trained(name)
-        archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise CamelidError(f"{path} is not a reward model (no *ForSequenceClassification head); train one with `camelid reward train`")
-        self.model, self.tok, self.path = load_base(path, task="seq_cls", dtype=dtype)
-        self.model.eval()
-        self.tok.padding_side = "right"
+        self.model, self.tok = load_reward_model(name, dtype)
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def __call__(self, queries: list[str], responses: list[str], response_ids: list[list[int]]) -> torch.Tensor:
-        texts = [q + r for q, r in zip(queries, responses)]
-        device = _device_of(self.model)
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
-            logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
-            out.append(logits[:, 0].float().cpu())
-        return torch.cat(out)
+        from camelid.train.reward import score_texts
+
+        return torch.tensor(score_texts(self.model, self.tok, [q + r for q, r in zip(queries, responses)], self.batch_size))
 
 
 class FunctionScorer:
