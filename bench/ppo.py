@@ -15,6 +15,13 @@ peak RSS 1.9 GB. TRL 0.11.4 cannot be installed beside this project's TRL, hence
     python bench/ppo.py [--steps 3] [--threads 2]
 
 The first step is warm-up (allocator, lazy kernels) and is left out of the means.
+
+It also prints the floor of a step on this machine: the matrix arithmetic of the passes any
+implementation of this PPO step must run (prefill, reward forward, old-policy and reference
+forwards, 16 mini-batch forward + backward passes) at this machine's float32 GEMM rate, plus the
+48 sequential decode steps, each of which must read every weight once, at its memory read rate;
+both rates measured in the same run. Everything else (attention, norms, sampling, Python) is
+what an implementation adds above the floor.
 """
 
 from __future__ import annotations
@@ -35,19 +42,22 @@ TOPICS = ("merge two sorted lists in Python without using sort", "undo a git com
           "debounce a function in JavaScript", "make an HTTP request with a timeout in Go")
 
 
+def read_bench_questions() -> list[str]:
+    """64 Stack-Exchange-like questions (~60-90 tokens each)."""
+    return [f"How do I {TOPICS[i % len(TOPICS)]}? I have tried the approach from the documentation (case {i}), but it "
+            "fails with an error I do not understand, and the answers I found online are outdated. "
+            "What is the recommended way to do this today, and why does my version not work?" for i in range(64)]
+
+
 def write_questions(root: Path) -> Path:
-    """An rl split of Stack-Exchange-like questions (~60-90 tokens each) in camelid's layout."""
+    """An rl split of the bench questions in camelid's layout."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from camelid.data.output import PAIR_SCHEMA, split_path
 
     rows = []
-    for i in range(64):
-        topic = TOPICS[i % len(TOPICS)]
-        q = (f"How do I {topic}? I have tried the approach from the documentation (case {i}), but it fails "
-             "with an error I do not understand, and the answers I found online are outdated. "
-             "What is the recommended way to do this today, and why does my version not work?")
+    for i, q in enumerate(read_bench_questions()):
         meta = {"tags": ["bench"], "site": "bench", "question_url": "", "answer_j_url": "", "answer_k_url": "",
                 "answer_j_id": 2 * i, "answer_k_id": 2 * i + 1}
         rows.append({"qid": i, "question": q, "date": "2024-01-01", "metadata": meta, "response_j": "a",
@@ -76,6 +86,61 @@ def make_reward_model(root: Path) -> Path:
     return out
 
 
+def matmul_gflops(threads: int) -> float:
+    """float32 GEMM rate on an MLP-shaped product (2 x 121 tokens x hidden 576 x 1536)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, w = torch.randn(242, 576), torch.randn(1536, 576)
+    for _ in range(5):
+        torch.nn.functional.linear(a, w)
+    n, t0 = 200, time.perf_counter()
+    for _ in range(n):
+        torch.nn.functional.linear(a, w)
+    return 2 * 242 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
+def read_gbps() -> float:
+    """Memory read rate: summing a 256 MB float32 tensor."""
+    import torch
+
+    x = torch.ones(64 * 2**20)
+    x.sum()
+    n, t0 = 10, time.perf_counter()
+    for _ in range(n):
+        x.sum()
+    return x.numel() * 4 * n / (time.perf_counter() - t0) / 1e9
+
+
+def weight_gb() -> float:
+    """float32 bytes of the bundled model's weights (the tied embedding counted once)."""
+    from transformers import AutoConfig
+
+    from camelid.models.resolve import resolve_model
+
+    c = AutoConfig.from_pretrained(str(resolve_model("smollm2-135m")))
+    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    return 4 * (c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * f) + h * c.vocab_size) / 1e9
+
+
+def step_gflop(prompt_tokens: list[int], new_tokens: int, epochs: int) -> float:
+    """GFLOP of one PPO step's passes but decode, from the bundled model's shape (matmuls only)."""
+    from transformers import AutoConfig
+
+    from camelid.models.resolve import resolve_model
+
+    c = AutoConfig.from_pretrained(str(resolve_model("smollm2-135m")))
+    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    dec = 2 * c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * f)  # FLOP per token through the decoder
+    head = 2 * h * c.vocab_size  # FLOP per token of the LM head
+    p, r = sum(prompt_tokens), new_tokens * len(prompt_tokens)
+    rollout = p * dec  # prefill (decode is bounded by memory traffic instead: see weight_gb)
+    score = (p + r) * dec  # reward model, one logit
+    old_ref = 2 * ((p + r) * dec + r * head)  # old policy and reference, LM head on response rows only
+    update = epochs * 2 * ((p + r) * dec + r * head)  # forward + input-gradient backward (frozen base)
+    return (rollout + score + old_ref + update) / 1e9
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="PPO steps to run (the first is warm-up)")
@@ -102,6 +167,16 @@ def main() -> int:
         wall = time.perf_counter() - t0
         rows = read_metrics(root / "run")[1:]
     peak_gb = peak_rss_mb() / 1024
+    from transformers import AutoTokenizer
+
+    from camelid.models.resolve import resolve_model
+    from camelid.train.common import qa_text
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
+    lengths = [len(tok(qa_text(row, ""))["input_ids"]) for row in read_bench_questions()[:8]]
+    gflops = matmul_gflops(args.threads)
+    gbps = read_gbps()
+    floor = step_gflop(lengths, 48, 4) / gflops + 48 * weight_gb() / gbps
     mean = {k: sum(r[f"time/{k}"] for r in rows) / len(rows) for k in ("rollout", "score", "optimize")}
     mean["step"] = sum(mean.values())
     print(f"\nPPO step, bundled 135M model, batch 8 / mini-batch 2 / 4 epochs / 48 tokens / LoRA r16, "
@@ -110,9 +185,13 @@ def main() -> int:
     for k, label in (("rollout", "rollout"), ("score", "score"), ("optimize", "optimise"), ("step", "step")):
         print(f"{label + ' (s)':12} {mean[k]:10.2f} {PEER[k]:11.1f} {mean[k] / PEER[k]:7.2f}")
     print(f"{'peak (GB)':12} {peak_gb:10.2f} {PEER['peak_gb']:11.1f} {peak_gb / PEER['peak_gb']:7.2f}")
+    print(f"\nfloor of this step on this machine: {floor:.1f} s (matmul arithmetic at the measured {gflops:.0f} "
+          f"GFLOP/s float32, decode weight reads at {gbps:.1f} GB/s); the goal is {GOAL * PEER['step']:.1f} s")
     ok = mean["step"] <= GOAL * PEER["step"] and peak_gb <= PEER["peak_gb"]
     print(f"\ngoal (<= {GOAL}x the peer's step time at <= its memory): {'met' if ok else 'NOT met'}")
-    print(json.dumps({"camelid": {**{k: round(v, 3) for k, v in mean.items()}, "peak_gb": round(peak_gb, 3)}, "peer": PEER}))
+    print(json.dumps({"camelid": {**{k: round(v, 3) for k, v in mean.items()}, "peak_gb": round(peak_gb, 3)}, "peer": PEER,
+                      "floor_s": round(floor, 2), "matmul_gflops": round(gflops, 1),
+                      "read_gbps": round(gbps, 1)}))
     return 0
 
 
