@@ -112,27 +112,27 @@ def read_gbps() -> float:
     return x.numel() * 4 * n / (time.perf_counter() - t0) / 1e9
 
 
-def weight_gb() -> float:
-    """float32 bytes of the bundled model's weights (the tied embedding counted once)."""
+def model_flop() -> tuple[int, int]:
+    """(decoder FLOP per token, LM-head FLOP per token) of the bundled model, matmuls only; each
+    multiply-add is 2 FLOP, so half of each is the float32 weight count behind it."""
     from transformers import AutoConfig
 
     from camelid.models.resolve import resolve_model
 
     c = AutoConfig.from_pretrained(str(resolve_model("smollm2-135m")))
     h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    return 4 * (c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * f) + h * c.vocab_size) / 1e9
+    return 2 * c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * f), 2 * h * c.vocab_size
+
+
+def weight_gb() -> float:
+    """float32 bytes of the weights a decode step reads (the tied embedding counted once, as the head)."""
+    dec, head = model_flop()
+    return 4 * (dec + head) / 2 / 1e9
 
 
 def step_gflop(prompt_tokens: list[int], new_tokens: int, epochs: int) -> float:
-    """GFLOP of one PPO step's passes but decode, from the bundled model's shape (matmuls only)."""
-    from transformers import AutoConfig
-
-    from camelid.models.resolve import resolve_model
-
-    c = AutoConfig.from_pretrained(str(resolve_model("smollm2-135m")))
-    h, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    dec = 2 * c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * f)  # FLOP per token through the decoder
-    head = 2 * h * c.vocab_size  # FLOP per token of the LM head
+    """GFLOP of one PPO step's passes but decode (matmuls only)."""
+    dec, head = model_flop()
     p, r = sum(prompt_tokens), new_tokens * len(prompt_tokens)
     rollout = p * dec  # prefill (decode is bounded by memory traffic instead: see weight_gb)
     score = (p + r) * dec  # reward model, one logit
