@@ -245,23 +245,22 @@ def run_all(a: argparse.Namespace, data: str) -> None:
         print(f"  {name:<40} {r[key(unit)]:7.2f} {unit}{extra:<17} peak RSS {r['peak_rss_mb']:5.0f} MB", flush=True)
         return r
 
+    def ours_vs_trl(ours_name: str, trl_name: str, stage: str, args: list[str], unit: str) -> dict:
+        """Ours, TRL, then both again, keeping each side's faster run: other load on the machine
+        slows whichever run it lands on, and the faster of two is the better estimate of each."""
+        first_ours, first_trl = spawn(f"ours_{stage}", args), spawn(f"trl_{stage}", args)
+        ours = row(f"{ours_name} (best of 2)", f"ours_{stage}", args, unit, best_of=first_ours)
+        trl = row(f"{trl_name} (best of 2)", f"trl_{stage}", args, unit, best_of=first_trl)
+        print(f"  ratio ours / TRL: {ours[key(unit)] / trl[key(unit)]:.2f}x {unit}, {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS")
+        return ours
+
     print(f"SFT: packed blocks of {a.seq_length} tokens, batch 2, {a.sft_steps} steps (first step not timed)")
-    # Ours, TRL, then both again, keeping each side's faster run: other load on the machine slows
-    # whichever run it lands on, and the faster of two is the better estimate of each.
-    ours = spawn("ours_sft", sft)
-    trl = spawn("trl_sft", sft)
-    ours = row("camelid sft (best of 2)", "ours_sft", sft, "tokens/s", best_of=ours)
-    trl = row("TRL SFTTrainer packing=True (best of 2)", "trl_sft", sft, "tokens/s", best_of=trl)
-    print(f"  ratio ours / TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS")
+    ours = ours_vs_trl("camelid sft", "TRL SFTTrainer packing=True", "sft", sft, "tokens/s")
     if jem:
         j = row("camelid sft + jemalloc", "ours_sft", sft, "tokens/s", jem)
         print(f"  jemalloc / glibc malloc: {j['tokens_per_s'] / ours['tokens_per_s']:.2f}x tokens/s, {j['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x peak RSS")
     print(f"Reward model: pairs up to {a.max_length} tokens, batch 4, {a.reward_steps} steps")
-    ours = spawn("ours_reward", rm)
-    trl = spawn("trl_reward", rm)
-    ours = row("camelid reward train (best of 2)", "ours_reward", rm, "pairs/s", best_of=ours)
-    trl = row("TRL RewardTrainer (best of 2)", "trl_reward", rm, "pairs/s", best_of=trl)
-    print(f"  ratio ours / TRL: {ours['rate'] / trl['rate']:.2f}x pairs/s, {ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x peak RSS")
+    ours_vs_trl("camelid reward train", "TRL RewardTrainer", "reward", rm, "pairs/s")
     if not a.skip_8bit:
         print("8-bit base (bitsandbytes int8 on CPU), 2 timed steps")
         short = ["--steps", "3", "--seq-length", "128", "--max-length", "256"]
