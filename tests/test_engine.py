@@ -128,3 +128,35 @@ def test_fast_path_matches_hf_forward(engine):
         hf2 = engine.model(input_ids=nxt, attention_mask=mask2, position_ids=pos[:, -1:] + 1, **{engine.cache_kw: hf_cache}).logits
         fast2 = engine.fast(nxt, mask2, pos[:, -1:] + 1, fast_cache)
     torch.testing.assert_close(fast2, hf2, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_path_runs_a_peft_policy(engine):
+    """PPO's rollout: the lean forward on a LoRA-wrapped model gives peft's logits, with the
+    adapter on and under `disable_adapter()` (the reference)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    lm = get_peft_model(copy.deepcopy(engine.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter (peft starts B at zero)
+    lm.eval()
+    policy = Engine(lm, engine.tokenizer)
+    assert policy.fast is not None
+    ids = engine.tokenizer(PROMPTS[2], return_tensors="pt")["input_ids"]
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+
+    def both():
+        ref = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        return policy.fast(ids, mask, pos, DynamicCache()), ref
+
+    with torch.inference_mode():
+        fast, ref = both()
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+        with lm.disable_adapter():
+            fast_off, ref_off = both()
+    torch.testing.assert_close(fast_off, ref_off, atol=1e-4, rtol=1e-4)
+    assert (fast - fast_off).abs().max() > 1e-2  # the adapter did change the logits

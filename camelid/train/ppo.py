@@ -198,8 +198,11 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     sb = pack(roll.prompt_ids, roll.response_ids, policy.lm.config.pad_token_id or 0, acc.device)
     policy.eval()
     parts = defaultdict(list)
+    # Rows in order of length, so each forward chunk pads to nearly its own rows' length; the
+    # results are put back in rollout order below.
+    order = sb.attention_mask.sum(1).argsort(stable=True)
     with torch.no_grad():
-        for idx in torch.arange(len(roll.queries)).split(cfg.forward_batch_size):
+        for idx in order.split(cfg.forward_batch_size):
             part = sb.select(idx)
             logits, values = policy(part.input_ids, part.attention_mask, part.gather_idx)
             parts["logprobs"].append(rl.logprobs_from_logits(logits, part.labels))
@@ -208,7 +211,8 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
             del logits
             with policy.as_reference() if ref is None else contextlib.nullcontext(ref) as reference:
                 parts["ref"].append(reference_logprobs(reference, part))
-    logprobs, entropy, values, ref_lp = (torch.cat(parts[k]) * sb.mask for k in ("logprobs", "entropy", "values", "ref"))
+    back = order.argsort()
+    logprobs, entropy, values, ref_lp = (torch.cat(parts[k])[back] * sb.mask for k in ("logprobs", "entropy", "values", "ref"))
     kl = rl.kl_penalty(logprobs, ref_lp, cfg.kl_penalty)
     rewards, _ = rl.per_token_rewards(scores.to(sb.mask.device), kl, sb.mask, kl_coef)
     advantages, returns = rl.gae(values, rewards, sb.mask, cfg.gamma, cfg.lam)
