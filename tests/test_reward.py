@@ -217,3 +217,16 @@ def test_8bit_base_trains_with_float32_head(tmp_path, tiny_model_dir, data):
     assert r.steps == 2 and math.isfinite(r.train_loss) and math.isfinite(r.eval.loss)
     ad = load_file(str(r.adapter_dir / "adapter_model.safetensors"))
     assert all(v.dtype == torch.float32 for v in ad.values())
+
+
+def test_batched_scores_come_back_in_order(trained):
+    """score_texts batches texts of similar length together; each score still lands on its own
+    text and equals the text scored alone."""
+    cfg, _ = trained
+    model, tok = load_reward_model(cfg.out)
+    texts = [qa_text(f"How do I look after tree number {i}?", " ".join(["the apple tree grows"] * n))
+             for i, n in enumerate((5, 1, 9, 2, 7))]
+    batched = score_texts(model, tok, texts, batch_size=2)
+    alone = [score_texts(model, tok, [t])[0] for t in texts]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert len(set(round(x, 4) for x in alone)) == len(texts)  # distinct scores: a mix-up would show

@@ -150,8 +150,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
     import torch
 
     from camelid.models.load import load_for_inference
-    from camelid.train.ppo_model import pack
-    from camelid.train.rl import logprobs_from_logits
+    from camelid.train.ppo_model import pack, reference_logprobs
 
     lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=cfg.dtype)
     device = next(lm.parameters()).device
@@ -161,9 +160,8 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
             part = answers[start : start + cfg.batch_size]
             sb = pack([a["prompt_ids"] for a in part], [a["response_ids"] or [tok.eos_token_id] for a in part],
                       tok.pad_token_id or 0, device)
-            logits = lm(input_ids=sb.input_ids, attention_mask=sb.attention_mask).logits
-            picked = torch.gather(logits, 1, sb.gather_idx[..., None].expand(-1, -1, logits.shape[-1]))
-            lp = logprobs_from_logits(picked, sb.labels) * sb.mask
+            # The LM head runs on the answer positions only, not on every prompt token.
+            lp = reference_logprobs(lm, sb) * sb.mask
             sums += lp.sum(1).float().cpu().tolist()
     del lm
     gc.collect()

@@ -101,12 +101,15 @@ def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: in
     import torch
 
     device = next(model.parameters()).device
-    out: list[float] = []
+    # Batches of similar lengths (little padding to compute); scores return in the given order.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [0.0] * len(ids)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            batch = ids[start : start + batch_size]
+            rows = order[start : start + batch_size]
+            batch = [ids[i] for i in rows]
             width = max(len(x) for x in batch)
             input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -114,7 +117,8 @@ def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: in
                 input_ids[i, : len(x)] = torch.tensor(x)
                 mask[i, : len(x)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            out.extend(logits[:, 0].float().cpu().tolist())
+            for i, score in zip(rows, logits[:, 0].float().cpu().tolist()):
+                out[i] = score
     model.train(was_training)
     return out
 
