@@ -185,9 +185,46 @@ def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: A
     args = trainer_arguments(cfg, TRLRewardConfig, run, max_length=cfg.max_length, center_rewards_coefficient=None,
                              disable_dropout=False)
     with quiet_datasets():
-        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                processing_class=tok, callbacks=callbacks)
+        trainer = _bucketed(RewardTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                           processing_class=tok, callbacks=callbacks)
     return quiet_trainer(keep_trainable_dtype(trainer, cfg.dtype))
+
+
+LENGTH_BUCKETS = 2
+"""Forward passes per reward batch, each over rows of similar length (see `_bucketed`)."""
+
+
+def _bucketed(trainer_cls: type) -> type:
+    """`trainer_cls` whose model forward runs the batch's chosen + rejected rows in LENGTH_BUCKETS
+    passes of similar lengths, each padded only to its own longest row.
+
+    TRL pads all 2 x batch rows to the longest one; on the sample's pairs that is 58% real
+    tokens, and 78% with two buckets. Right padding and causal attention make a row's reward
+    independent of its padding, so the logits (returned in TRL's row order) are the same.
+    Single process only: under DDP a second forward before backward would trip its reducer.
+    """
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+    class Bucketed(trainer_cls):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) or inputs["input_ids"].shape[0] < 2 * LENGTH_BUCKETS:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+            def forward(input_ids, attention_mask, **rest):
+                lengths = attention_mask.sum(1)
+                order = lengths.argsort(stable=True)
+                logits = []
+                for idx in order.chunk(LENGTH_BUCKETS):
+                    width = int(lengths[idx].max())
+                    out = model(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width], **rest)
+                    logits.append(out.logits)
+                return SequenceClassifierOutputWithPast(logits=torch.cat(logits)[order.argsort()])
+
+            return super().compute_loss(forward, inputs, *args, **kwargs)
+
+    Bucketed.__name__ = Bucketed.__qualname__ = trainer_cls.__name__
+    return Bucketed
 
 
 def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
