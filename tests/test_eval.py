@@ -97,6 +97,21 @@ def test_same_model_same_seed_same_answers_and_zero_kl(models, tmp_path):
     assert result["kl"]["per_answer"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_several_answers_per_question(models, tmp_path):
+    """--answers-per-question 2: each question answered twice with different seeds, every model
+    on the same seeds; the win rate counts every answer; the first answers equal a 1-answer run."""
+    run(_cfg(models, tmp_path / "one", max_questions=3))
+    run(_cfg(models, tmp_path / "two", max_questions=3, answers_per_question=2))
+    one = [json.loads(x) for x in (tmp_path / "one" / "samples.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
+    result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert result["questions"] == 3 and result["answers_per_question"] == 2 and len(two) == 6
+    assert [r["question"] for r in two] == [r["question"] for r in one] * 2
+    assert [r["ppo"] for r in two[:3]] == [r["ppo"] for r in one]
+    assert any(a["ppo"] != b["ppo"] for a, b in zip(two[:3], two[3:]))  # a second draw, not a copy
+    assert result["win_rates"]["ppo_vs_sft"]["n"] == 6 and result["kl"]["answers"] == 6
+
+
 def test_eval_cli_run_folder_and_bad_input(models, tmp_path, capsys):
     # Only the base model, through the CLI: no PPO -> no KL, no win rates involving it.
     out = tmp_path / "eval"

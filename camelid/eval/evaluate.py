@@ -52,6 +52,9 @@ class EvalConfig:
     """Split of held-out questions (and pairs for the reward model's accuracy)."""
     max_questions: int = 32
     """Evaluate at most this many distinct questions (0: all)."""
+    answers_per_question: int = 1
+    """Answers each model gives to each question, each with its own seed (the same seeds for every
+    model); more answers per question narrow the win-rate interval."""
     max_pairs: int = 200
     """Score at most this many pairs for the reward model's accuracy (0: all)."""
     max_length: int = 512
@@ -79,7 +82,7 @@ class EvalConfig:
         for name in ("max_questions", "max_pairs", "top_k", "num_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "batch_size", "max_length"):
+        for name in ("max_new_tokens", "batch_size", "max_length", "answers_per_question"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -262,7 +265,8 @@ def run(cfg: EvalConfig) -> EvalResult:
     set_threads(cfg.num_threads)
     ensure_writable_dir(Path(cfg.out).parent)
     paths = check_inputs(cfg)
-    questions = held_out_questions(cfg)
+    # Answer j of question i is prompt i + j * len(questions): seed `seed + i + j * len(questions)`.
+    questions = held_out_questions(cfg) * cfg.answers_per_question
     with Timer() as t:
         answers = {m: generate_answers(name, questions, cfg, m) for m, name in cfg.models().items()}
         kl = kl_to_reference(cfg, answers["ppo"]) if "ppo" in answers else None
@@ -271,7 +275,8 @@ def run(cfg: EvalConfig) -> EvalResult:
                    for m, ans in answers.items()}
         rm_pairs = pair_accuracy(rm, rm_tok, cfg)
     figures, rows = summarise(questions, answers, rewards, paths)
-    result = {"questions": len(questions), "split": cfg.split, "reward_model": str(resolve(cfg.reward_model)),
+    result = {"questions": len(questions) // cfg.answers_per_question, "answers_per_question": cfg.answers_per_question,
+              "split": cfg.split, "reward_model": str(resolve(cfg.reward_model)),
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               **figures, "kl": kl, "rm_pairs": rm_pairs, "seconds": t.seconds}
@@ -285,7 +290,8 @@ def run(cfg: EvalConfig) -> EvalResult:
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
-    lines = [f"eval: {result['questions']} held-out questions"]
+    k = result.get("answers_per_question", 1)
+    lines = [f"eval: {result['questions']} held-out questions" + (f", {k} answers to each" if k > 1 else "")]
     for m, v in result["models"].items():
         lines.append(f"  {m:<5} reward {v['reward_mean']:+.3f} ± {v['reward_std']:.3f}   "
                      f"length {v['length_mean']:.1f} tokens   repeated 4-grams {v['rep4']:.3f}")

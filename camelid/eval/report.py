@@ -357,7 +357,9 @@ def eval_section(st: Stage, samples: list[dict[str, Any]], plots: dict[str, byte
     if not r:
         return out + not_run(st)
     s = r.get("sampling") or {}
-    out.append(("p", f"{r.get('questions', '?')} questions of the evaluation split; every model sampled with "
+    k = r.get("answers_per_question", 1)
+    out.append(("p", f"{r.get('questions', '?')} questions of the evaluation split"
+                     f"{f', {k} answers to each' if k > 1 else ''}; every model sampled with "
                      f"the same settings and seeds ({', '.join(f'{k} {v}' for k, v in s.items())}); "
                      "answers scored by the reward model."))
     models = r.get("models") or {}
