@@ -99,7 +99,7 @@ def test_length_buckets_give_trl_loss_and_gradients(tiny_model_dir, tmp_path):
         model.zero_grad()
         loss = compute(trainer, model, dict(batch))
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ours, g_ours = loss_and_grads(type(trainer).compute_loss)
     trl, g_trl = loss_and_grads(RewardTrainer.compute_loss)
