@@ -160,7 +160,7 @@ def main() -> int:
         cfg = PPOConfig(policy="smollm2-135m", reward_model=str(rm), data=str(data), out=str(root / "run"),
                         steps=args.steps, batch_size=8, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=4,
                         min_new_tokens=48, max_new_tokens=48, stop_at_eos=False, top_k=0, top_p=1.0, lora_r=16,
-                        lora_alpha=32, dtype="float32", num_threads=args.threads, merge=False, save_steps=10_000,
+                        lora_alpha=32, dtype="float32", num_threads=args.threads, merge=False, save_steps=10_000, forward_batch_size=2,
                         samples_every=10_000, seed=0)
         t0 = time.perf_counter()
         train(cfg)
