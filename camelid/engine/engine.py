@@ -326,8 +326,9 @@ def _cache_kwarg(model) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache`; accept either version."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    from camelid.models.lora import unwrap
+
+    return "cache" if "cache" in inspect.signature(type(unwrap(model)).forward).parameters else "past_key_values"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

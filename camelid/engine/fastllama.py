@@ -15,21 +15,18 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-
-def _unwrap(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from camelid.models.lora import unwrap
 
 
 def supports(model) -> bool:
     """True for a LlamaForCausalLM, bare or inside a peft wrapper (the fast path applies)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     return type(model).__name__ == "LlamaForCausalLM" and hasattr(model, "model") and hasattr(model.model, "rotary_emb")
 
 
 class FastLlama:
     def __init__(self, model):
-        model = _unwrap(model)
+        model = unwrap(model)
         cfg = model.config
         self.model = model
         self.inner = model.model

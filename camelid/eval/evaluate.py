@@ -265,8 +265,9 @@ def run(cfg: EvalConfig) -> EvalResult:
     set_threads(cfg.num_threads)
     ensure_writable_dir(Path(cfg.out).parent)
     paths = check_inputs(cfg)
-    # Answer j of question i is prompt i + j * len(questions): seed `seed + i + j * len(questions)`.
-    questions = held_out_questions(cfg) * cfg.answers_per_question
+    held_out = held_out_questions(cfg)
+    # Answer j of question i is prompt i + j * len(held_out): seed `seed + i + j * len(held_out)`.
+    questions = held_out * cfg.answers_per_question
     with Timer() as t:
         answers = {m: generate_answers(name, questions, cfg, m) for m, name in cfg.models().items()}
         kl = kl_to_reference(cfg, answers["ppo"]) if "ppo" in answers else None
@@ -275,7 +276,7 @@ def run(cfg: EvalConfig) -> EvalResult:
                    for m, ans in answers.items()}
         rm_pairs = pair_accuracy(rm, rm_tok, cfg)
     figures, rows = summarise(questions, answers, rewards, paths)
-    result = {"questions": len(questions) // cfg.answers_per_question, "answers_per_question": cfg.answers_per_question,
+    result = {"questions": len(held_out), "answers_per_question": cfg.answers_per_question,
               "split": cfg.split, "reward_model": str(resolve(cfg.reward_model)),
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},

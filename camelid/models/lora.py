@@ -20,6 +20,11 @@ TASKS = ("causal_lm", "seq_cls")
 SCORE_HEAD = "score"
 
 
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA hyper-parameters (Hu et al. 2021, arXiv:2106.09685)."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from camelid.errors import CamelidError
+from camelid.models.lora import unwrap
 from camelid.train import rl
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -60,13 +61,8 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _base(lm: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a peft wrapper (or the model itself)."""
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
-
 def _head(lm: nn.Module) -> nn.Module:
-    return _base(lm).get_output_embeddings()
+    return unwrap(lm).get_output_embeddings()
 
 
 def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
@@ -75,7 +71,7 @@ def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     Runs the decoder stack only (`get_decoder()`), then gathers, so the LM head runs on T rows
     per sequence. Right padding: positions 0..L-1 are correct without position_ids.
     """
-    decoder = _base(lm).get_decoder()
+    decoder = unwrap(lm).get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
