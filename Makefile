@@ -13,7 +13,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CAMELID := $(VENV)/bin/camelid
 
-.PHONY: setup setup-test run chat test test-fast bench clean
+.PHONY: setup setup-test run chat test test-fast bench bench-peer clean
 
 $(VENV)/.stamp-torch:
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +60,18 @@ test-fast: setup-test
 bench: setup-test
 	$(PY) bench/generate.py
 
+# The PPO benchmark's peer, TRL 0.11.4's PPOTrainer (StackLLaMA's; TRL has removed it since), in
+# its own venv: it needs transformers 4.x, camelid 5.x. bench/ppo.py runs it when this exists.
+PEER_VENV ?= .venv-peer
+PEER_PKGS ?= trl==0.11.4 transformers==4.46.3 peft==0.13.2 accelerate==1.1.1 datasets==3.1.0 tokenizers==0.20.3 rich
+$(PEER_VENV)/.stamp:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
+	$(PEER_VENV)/bin/python -m pip install -q $(PEER_PKGS) "$(TORCH_SPEC)"
+	touch $@
+
+bench-peer: $(PEER_VENV)/.stamp
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) .pytest_cache

@@ -160,3 +160,44 @@ def test_fast_path_runs_a_peft_policy(engine):
             fast_off, ref_off = both()
     torch.testing.assert_close(fast_off, ref_off, atol=1e-4, rtol=1e-4)
     assert (fast - fast_off).abs().max() > 1e-2  # the adapter did change the logits
+
+
+def test_fast_path_cache_appends_in_place_and_matches_hf(engine):
+    """The fast path appends K/V into a growing buffer instead of concatenating every step; across
+    rows joining, finishing at different lengths and padding being trimmed, sampled tokens and
+    log-probs equal the Hugging Face path's (DynamicCache's own concatenation)."""
+    hf = Engine(engine.model, engine.tokenizer)
+    hf.fast = None
+    lengths = (20, 5, 12)
+
+    def run(eng):
+        got = {i: [] for i in range(3)}
+        lps = {i: [] for i in range(3)}
+        batch = eng.new_batch()
+
+        def take(deltas):
+            for d in deltas:
+                got[d.index] += d.token_ids
+                lps[d.index] += d.logprobs
+
+        with torch.inference_mode():
+            sps = [SamplingParams(temperature=0.8, max_new_tokens=n, seed=i, logprobs=True) for i, n in enumerate(lengths)]
+            take(next(iter(batch.add([0, 1], PROMPTS[:2], sps[:2]))))
+            for _ in range(3):
+                take(batch.step())
+            take(next(iter(batch.add([2], PROMPTS[2:], sps[2:]))))
+            buffers = []
+            while batch.rows:
+                take(batch.step())
+                layer = batch.cache.layers[0] if batch.cache is not None else None
+                if layer is not None and hasattr(layer, "_camelid_buffers"):
+                    buffers.append(layer.keys.data_ptr() == layer._camelid_buffers[0].data_ptr())
+        return got, lps, buffers
+
+    fast_tokens, fast_lps, in_place = run(engine)
+    hf_tokens, hf_lps, _ = run(hf)
+    assert fast_tokens == hf_tokens
+    assert [len(fast_tokens[i]) for i in range(3)] == list(lengths)
+    for i in range(3):
+        torch.testing.assert_close(torch.tensor(fast_lps[i]), torch.tensor(hf_lps[i]), atol=1e-4, rtol=1e-4)
+    assert sum(in_place) > len(in_place) // 2  # most steps wrote into the buffer, not a new tensor
