@@ -1,5 +1,7 @@
 """The generation engine on a tiny random Llama: streaming, batching, seeds, stops, cancel."""
 
+import math
+
 import pytest
 import torch
 
@@ -43,6 +45,23 @@ def test_per_request_lengths_and_logprobs(engine):
     outs = engine.generate(PROMPTS, params)
     assert [len(o.token_ids) for o in outs] == [3, 7, 5]
     assert all(len(o.logprobs) == len(o.token_ids) and all(lp <= 0 for lp in o.logprobs) for o in outs)
+
+
+def test_top_logprobs_are_the_distributions_top_tokens(engine):
+    """top_logprobs=5 under temperature and top-k 3: the alternatives are the three tokens top-k
+    kept, in order, renormalised; the two it removed read the -9999 floor; the sampled token is
+    one of the three and carries the same log-probability."""
+    sp = SamplingParams(temperature=0.7, top_k=3, max_new_tokens=6, seed=1, logprobs=True, top_logprobs=5)
+    out = engine.generate([PROMPTS[0]], sp)[0]
+    assert len(out.top_logprobs) == len(out.token_ids) == 6
+    for tok, lp, alts in zip(out.token_ids, out.logprobs, out.top_logprobs):
+        kept = [a for a in alts if a[1] > -9999.0]
+        assert len(alts) == 5 and len(kept) == 3 and [a[1] for a in alts[3:]] == [-9999.0, -9999.0]
+        assert sum(math.exp(a[1]) for a in kept) == pytest.approx(1.0, abs=1e-4)
+        assert [a[1] for a in kept] == sorted((a[1] for a in kept), reverse=True)
+        assert dict(kept)[tok] == pytest.approx(lp)
+    plain = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.7, top_k=3, max_new_tokens=6, seed=1))[0]
+    assert plain.token_ids == out.token_ids and plain.top_logprobs is None  # asking changes nothing sampled
 
 
 def test_stop_string_cuts_text(engine):

@@ -111,6 +111,17 @@ def test_sampling_matches_torch_engine_with_the_same_seed(engine, torch_engine):
     assert a[:3] == b[:3]  # same sampler, same seed, logits equal up to f16 rounding
 
 
+def test_top_logprobs_match_torch_engine(engine, torch_engine):
+    """The llama.cpp backend reports the same alternatives through the shared sampler."""
+    params = SamplingParams(temperature=0, max_new_tokens=3, logprobs=True, top_logprobs=3)
+    a = engine.generate(["Once upon a time"], params)[0]
+    b = torch_engine.generate(["Once upon a time"], params)[0]
+    assert len(a.top_logprobs) == 3 and all(len(alts) == 3 for alts in a.top_logprobs)
+    assert a.top_logprobs[0][0][0] == b.top_logprobs[0][0][0] == a.token_ids[0]  # greedy: the first alternative
+    # f16 weights: near-tied ids may swap places, the values agree.
+    assert [x[1] for x in a.top_logprobs[0]] == pytest.approx([x[1] for x in b.top_logprobs[0]], abs=0.05)
+
+
 def _camelid(args, stdin="", env=None, timeout=300):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
     return subprocess.run([sys.executable, "-m", "camelid", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)

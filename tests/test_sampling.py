@@ -17,6 +17,8 @@ from camelid.errors import CamelidError
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"stop": ("",)}, "stop"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": -1}, "top_logprobs"),
 ])
 def test_invalid_sampling_values(kw, msg):
     with pytest.raises(CamelidError, match=msg):
@@ -75,7 +77,7 @@ def test_sampling_follows_the_distribution():
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
     for _ in range(3000):
-        tok, lp = sample_next(logits, [SamplingParams(temperature=1.0)], [gen], None)
+        tok, lp, _ = sample_next(logits, [SamplingParams(temperature=1.0)], [gen], None)
         counts[tok[0]] += 1
     freq = counts / counts.sum()
     assert counts[3] == 0  # a zero-probability token is never drawn

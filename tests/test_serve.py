@@ -146,6 +146,35 @@ def test_completion_logprobs(client):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_completion_top_logprobs(client):
+    """logprobs=3: per token a {text: logprob} of the 3 likeliest; greedy picks the first of them."""
+    r = client.completions.create(model=MODEL, prompt="one two three", temperature=0, max_tokens=5, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.top_logprobs) == 5
+    for tok, tok_lp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 3  # fewer only when two ids decode to the same text
+        values = list(top.values())
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert top[tok] == pytest.approx(tok_lp) and tok_lp == pytest.approx(values[0])
+
+
+def test_chat_top_logprobs_stream_equals_whole(client):
+    """Chat's top_logprobs: alternatives in order, the sampled token's log-probability among them
+    or below them, and the same figures streamed and whole."""
+    kw = dict(model=MODEL, messages=CHAT, temperature=0.9, seed=3, max_tokens=6, logprobs=True, top_logprobs=4)
+    whole = client.chat.completions.create(**kw).choices[0].logprobs.content
+    streamed = [e for chunk in client.chat.completions.create(**kw, stream=True)
+                for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert len(whole) == 6
+    assert [(e.token, e.logprob, [(a.token, a.logprob) for a in e.top_logprobs]) for e in streamed] == \
+           [(e.token, e.logprob, [(a.token, a.logprob) for a in e.top_logprobs]) for e in whole]
+    for e in whole:
+        alts = [a.logprob for a in e.top_logprobs]
+        assert len(alts) == 4 and alts == sorted(alts, reverse=True)
+        assert e.logprob <= alts[0] + 1e-6
+        assert e.token in [a.token for a in e.top_logprobs] or e.logprob <= alts[-1] + 1e-6
+
+
 # ---- raw HTTP: SSE framing -----------------------------------------------------------------
 def test_sse_framing_and_usage(url):
     body = {"model": MODEL, "messages": CHAT, "temperature": 0, "max_tokens": 5, "stream": True,
@@ -179,7 +208,9 @@ BAD_REQUESTS = [
     ("max_tokens past context", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1024}, 400, "max_tokens"),
     ("prompt longer than context", "/v1/completions", {"model": MODEL, "prompt": "word " * 1100}, 400, "prompt"),
     ("n too large", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "n": 100}, 400, "n"),
-    ("logprobs alternatives", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("logprobs > 5", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ("top_logprobs > 20", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("negative seed", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "seed": -1}, 400, "seed"),
     ("too many stops", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": list("abcdefghij")}, 400, "stop"),
     ("tool role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),

@@ -39,6 +39,8 @@ class Delta:
     logprobs: list[float] | None = None
     finish_reason: str | None = None
     """None while running; then "stop" (EOS, stop token or stop string), "length" or "cancelled"."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """Per token: the `top_logprobs` most likely (token id, log-probability), when asked."""
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -61,6 +64,7 @@ class _Row:
     generator: torch.Generator | None
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: str | None = None
 
 
@@ -154,6 +158,7 @@ class Engine:
                     done[d.index] = Completion(
                         "".join(texts[d.index]), list(row.out), row.prompt_len, d.finish_reason,
                         list(row.logprobs) if row.params.logprobs else None,
+                        list(row.top) if row.params.top_logprobs else None,
                     )
         return [done[i] for i in range(len(prompts))]
 
@@ -251,7 +256,8 @@ class Batch:
         eng = self.engine
         rows = self.rows[first:]
         seen = self.seen[first:] if self.seen is not None else None
-        tokens, logps = sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen)
+        tokens, logps, top = sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen)
+        alternatives = top_lists(rows, top)
         if first == 0:
             self.next_tokens = tokens
         else:
@@ -259,12 +265,14 @@ class Batch:
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         deltas = []
-        for row, tok, lp in zip(rows, tokens.tolist(), logps.tolist()):
+        for row, tok, lp, alt in zip(rows, tokens.tolist(), logps.tolist(), alternatives):
             if row.finish == "cancelled":
                 deltas.append(Delta(row.rid, "", [], None, "cancelled"))
                 continue
             row.out.append(tok)
             row.logprobs.append(lp)
+            if alt is not None:
+                row.top.append(alt)
             text, finish = "", None
             stop_tok = (tok in eng.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids
             if stop_tok:
@@ -280,7 +288,8 @@ class Batch:
                     text += "" if row.stop_text.stopped else row.stop_text.finish()
                     finish = "stop" if row.stop_text.stopped else "length"
             row.finish = finish
-            deltas.append(Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish))
+            deltas.append(Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish,
+                                [alt] if alt is not None else None))
         self._drop_finished()
         return deltas
 
@@ -303,6 +312,15 @@ class Batch:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+def top_lists(rows, top) -> list[list[tuple[int, float]] | None]:
+    """Each row's `top_logprobs` alternatives from sample_next's (ids, logprobs), or None."""
+    if top is None:
+        return [None] * len(rows)
+    ids, lps = top[0].tolist(), top[1].tolist()
+    return [list(zip(ids[i][: r.params.top_logprobs], lps[i][: r.params.top_logprobs])) if r.params.top_logprobs else None
+            for i, r in enumerate(rows)]
 
 
 def prompt_ids(engine, prompts, params: list[SamplingParams]) -> list[list[int]]:

@@ -105,6 +105,7 @@ class _Row:
     pos: int = 0
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: str | None = None
 
     @property
@@ -226,16 +227,19 @@ class LlamaCppEngine:
         texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
         ids: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
         logps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
+        tops: dict[int, list] = {i: [] for i in range(len(prompts))}
         done: dict[int, Completion] = {}
         for deltas in self.stream(prompts, plist):
             for d in deltas:
                 texts[d.index].append(d.text)
                 ids[d.index] += d.token_ids
                 logps[d.index] += d.logprobs or []
+                tops[d.index] += d.top_logprobs or []
                 if d.finish_reason:
                     n_prompt = len(self._prompt_ids(prompts[d.index], plist[d.index]))
                     lp = logps[d.index] if plist[d.index].logprobs else None
-                    done[d.index] = Completion("".join(texts[d.index]), ids[d.index], n_prompt, d.finish_reason, lp)
+                    top = tops[d.index] if plist[d.index].top_logprobs else None
+                    done[d.index] = Completion("".join(texts[d.index]), ids[d.index], n_prompt, d.finish_reason, lp, top)
         return [done[i] for i in range(len(prompts))]
 
     def _prompt_ids(self, prompt, params: SamplingParams) -> list[int]:
@@ -297,17 +301,19 @@ class LlamaCppBatch:
             if row.finish == "cancelled":
                 deltas.append(Delta(row.rid, "", [], None, "cancelled"))
                 continue
-            tok, lp = sampled[id(row)]
-            deltas.append(self._advance(row, tok, lp))
+            tok, lp, alt = sampled[id(row)]
+            deltas.append(self._advance(row, tok, lp, alt))
         for row in [r for r in self.rows if r.finish is not None]:
             self.engine.release_slot(row.slot)
         self.rows = [r for r in self.rows if r.finish is None]
         return deltas
 
-    def _advance(self, row: _Row, tok: int, lp: float) -> Delta:
+    def _advance(self, row: _Row, tok: int, lp: float, alt: list[tuple[int, float]] | None) -> Delta:
         """Append a token to a row and decide whether it finished (as engine.Batch._emit does)."""
         row.out.append(tok)
         row.logprobs.append(lp)
+        if alt is not None:
+            row.top.append(alt)
         text, finish = "", None
         if (tok in self.engine.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids:
             finish = "stop"
@@ -321,19 +327,21 @@ class LlamaCppBatch:
                 text += "" if row.stop_text.stopped else row.stop_text.finish()
                 finish = "stop" if row.stop_text.stopped else "length"
         row.finish = finish
-        return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish)
+        return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
 
 
-def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float]]:
+def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list]:
     """Next token per row with camelid's sampler (identical semantics to the torch engine);
     plain greedy rows take a numpy argmax, which is what the sampler would return."""
     import numpy as np
 
     arr = np.stack(logits)
-    if all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.params.logprobs for r in rows):
-        return arr.argmax(-1).tolist(), [0.0] * len(rows)
+    if all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.params.logprobs and not r.params.top_logprobs
+           for r in rows):
+        return arr.argmax(-1).tolist(), [0.0] * len(rows), [None] * len(rows)
     import torch
 
+    from camelid.engine.engine import top_lists
     from camelid.engine.sampling import sample_next
 
     seen = None
@@ -341,8 +349,8 @@ def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float]
         seen = torch.zeros(arr.shape, dtype=torch.bool)
         for i, r in enumerate(rows):
             seen[i, torch.tensor(r.prompt + r.out, dtype=torch.long)] = True
-    tokens, logps = sample_next(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen)
-    return tokens.tolist(), logps.tolist()
+    tokens, logps, top = sample_next(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen)
+    return tokens.tolist(), logps.tolist(), top_lists(rows, top)
 
 
 def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | None = None, quant: str = "q8_0",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from camelid.errors import CamelidError
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per step (OpenAI's chat API allows 20)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class SamplingParams:
     """Keep generating past EOS (benchmarks that need a fixed length)."""
     logprobs: bool = False
     """Return the log-probability of each sampled token."""
+    top_logprobs: int = 0
+    """Also return the this-many most likely tokens at each step, with their log-probabilities
+    (0 to MAX_TOP_LOGPROBS; from the same distribution as `logprobs`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +75,8 @@ def check_sampling(p: SamplingParams) -> None:
         raise CamelidError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
     if len(p.stop) > MAX_STOP_STRINGS or any(not s for s in p.stop):
         raise CamelidError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+    if not (isinstance(p.top_logprobs, int) and 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS):
+        raise CamelidError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {p.top_logprobs}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -100,16 +108,31 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+class Sampled(NamedTuple):
+    tokens: torch.Tensor
+    """(B,) the chosen token of each row."""
+    logprobs: torch.Tensor
+    """(B,) its log-probability."""
+    top: tuple[torch.Tensor, torch.Tensor] | None
+    """(ids, logprobs), each (B, K), the K most likely tokens, K = the rows' largest
+    `top_logprobs`; None when no row asked. Tokens a filter removed read LOGPROB_FLOOR."""
+
+
+LOGPROB_FLOOR = -9999.0
+"""What a token outside top-k / top-p reports as its log-probability (OpenAI's convention;
+-inf is not JSON)."""
+
+
 def sample_next(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row. logits (B, V) float -> (tokens (B,), logprobs (B,)).
+) -> Sampled:
+    """Pick one token per row from logits (B, V).
 
-    The log-probability is taken from the distribution the token was drawn from (after
-    penalty/temperature/filtering), as OpenAI's API reports it.
+    Log-probabilities are taken from the distribution the token was drawn from (after
+    penalty/temperature/filtering), as OpenAI's API reports them.
     """
     logits = logits.float()
     device = logits.device
@@ -137,4 +160,9 @@ def sample_next(
             if not p.greedy:
                 u = torch.rand(probs.shape[-1], generator=generators[i], device=device)
                 tokens[i] = (probs[i] / u.log_().neg_()).argmax()
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    top = None
+    k = max(p.top_logprobs for p in params)
+    if k:
+        values, ids = logp.topk(k, dim=-1)
+        top = (ids, values.clamp(min=LOGPROB_FLOOR))
+    return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0], top)

@@ -42,7 +42,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
 
 
 def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, default_max: int | None,
-                    extra_stop: tuple[str, ...] = (), logprobs: bool = False) -> list:
+                    extra_stop: tuple[str, ...] = (), logprobs: bool = False, top_logprobs: int = 0) -> list:
     """One SamplingParams per choice. Prompt and answer must fit the model's context (400)."""
     if prompt_len > P.MAX_PROMPT_TOKENS or prompt_len >= served.context:
         limit = min(P.MAX_PROMPT_TOKENS, served.context - 1)
@@ -58,12 +58,13 @@ def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, defau
     n = req.n or 1
     try:
         # Distinct seeds per choice (seed + i), or n seeded choices would all be the same text.
-        return [_params(req, max_new, extra_stop, logprobs, None if req.seed is None else req.seed + i) for i in range(n)]
+        return [_params(req, max_new, extra_stop, logprobs, top_logprobs, None if req.seed is None else req.seed + i)
+                for i in range(n)]
     except CamelidError as e:  # a combination the engine refuses (check_request caught the rest)
         raise P.APIError(400, str(e)) from None
 
 
-def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], logprobs: bool, seed: int | None):
+def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], logprobs: bool, top_logprobs: int, seed: int | None):
     from camelid.engine import SamplingParams
 
     return SamplingParams(
@@ -76,6 +77,7 @@ def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], logprobs
         stop=P.stop_strings(req) + extra_stop,
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -107,12 +109,14 @@ class Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
 
     def add(self, d) -> None:
         self.text.append(d.text)
         self.token_ids += d.token_ids
         self.logprobs += d.logprobs or []
+        self.top += d.top_logprobs or []
         self.finish_reason = d.finish_reason or self.finish_reason
 
 
@@ -192,6 +196,13 @@ def token_strings(served: ServedModel, ids: list[int]) -> list[str]:
     return [served.engine.tokenizer.decode([t]) for t in ids]
 
 
+def alternative_strings(served: ServedModel, top: list[list[tuple[int, float]]] | None) -> list[list[tuple[str, float]]] | None:
+    """Each token's (id, logprob) alternatives with the ids as text."""
+    if not top:
+        return None
+    return [list(zip(token_strings(served, [i for i, _ in alts]), [lp for _, lp in alts])) for alts in top]
+
+
 def registry(request: Request):
     return request.app.state.registry
 
@@ -229,7 +240,8 @@ async def chat_completions(request: Request):
         ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
     except (CamelidError, ValueError) as e:  # the template rejects the conversation (e.g. a tool turn)
         raise P.APIError(400, str(e), param="messages") from None
-    params = sampling_params(req, served, len(ids), None, template_stop, logprobs=bool(req.logprobs))
+    params = sampling_params(req, served, len(ids), None, template_stop, logprobs=bool(req.logprobs),
+                             top_logprobs=req.top_logprobs or 0)
     job = submit(served, [ids] * len(params), params)
     out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), bool(req.logprobs), job.n, wants_usage(req))
     if req.stream:
@@ -251,8 +263,10 @@ class ChatOutput(Output):
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return P.chat_chunk(self.rid, self.served.name, self.created, [choice], None, self.include_usage)
 
-    def _lp(self, ids: list[int], lps: list[float] | None) -> dict | None:
-        return P.chat_logprobs(token_strings(self.served, ids), lps or []) if self.logprobs else None
+    def _lp(self, ids: list[int], lps: list[float] | None, top: list | None) -> dict | None:
+        if not self.logprobs:
+            return None
+        return P.chat_logprobs(token_strings(self.served, ids), lps or [], alternative_strings(self.served, top))
 
     # Chunks as OpenAI sends them: the role first, content deltas, a finish chunk per choice,
     # then (stream_options.include_usage) one chunk with no choices and the usage.
@@ -264,7 +278,7 @@ class ChatOutput(Output):
         for d in deltas:
             self.produced += len(d.token_ids)
             if d.text or (self.logprobs and d.token_ids):
-                chunks.append(self._chunk(d.index, {"content": d.text}, self._lp(d.token_ids, d.logprobs)))
+                chunks.append(self._chunk(d.index, {"content": d.text}, self._lp(d.token_ids, d.logprobs, d.top_logprobs)))
             if d.finish_reason:
                 chunks.append(self._chunk(d.index, {}, None, _finish(d.finish_reason)))
         return chunks
@@ -279,7 +293,7 @@ class ChatOutput(Output):
             "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.served.name,
             "system_fingerprint": None,
             "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": self._lp(c.token_ids, c.logprobs), "finish_reason": _finish(c.finish_reason)}
+                         "logprobs": self._lp(c.token_ids, c.logprobs, c.top), "finish_reason": _finish(c.finish_reason)}
                         for i, c in enumerate(choices)],
             "usage": P.usage(self.prompt_tokens, sum(len(c.token_ids) for c in choices)),
         }
@@ -318,7 +332,8 @@ async def completions(request: Request):
         raise P.APIError(400, "echo with logprobs is not supported (no prompt log-probabilities)", param="echo")
     rows, params = [], []
     for ids in prompts:
-        ps = sampling_params(req, served, len(ids), P.DEFAULT_COMPLETION_MAX_TOKENS, logprobs=want_lp)
+        ps = sampling_params(req, served, len(ids), P.DEFAULT_COMPLETION_MAX_TOKENS, logprobs=want_lp,
+                             top_logprobs=req.logprobs or 0)
         rows += [ids] * len(ps)
         params += ps
     job = submit(served, rows, params)
@@ -345,8 +360,10 @@ class CompletionOutput(Output):
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         return P.completion_chunk(self.rid, self.served.name, self.created, choices, usage, self.include_usage)
 
-    def _lp(self, ids: list[int], lps: list[float] | None, offset: int) -> dict | None:
-        return P.completion_logprobs(token_strings(self.served, ids), lps or [], offset, None) if self.logprobs else None
+    def _lp(self, ids: list[int], lps: list[float] | None, offset: int, top: list | None) -> dict | None:
+        if not self.logprobs:
+            return None
+        return P.completion_logprobs(token_strings(self.served, ids), lps or [], offset, alternative_strings(self.served, top))
 
     def start(self) -> list[dict]:
         return [self._chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
@@ -358,7 +375,7 @@ class CompletionOutput(Output):
             self.produced += len(d.token_ids)
             if d.text or (self.logprobs and d.token_ids) or d.finish_reason:
                 finish = _finish(d.finish_reason) if d.finish_reason else None
-                lp = self._lp(d.token_ids, d.logprobs, self.offsets[d.index])
+                lp = self._lp(d.token_ids, d.logprobs, self.offsets[d.index], d.top_logprobs)
                 chunks.append(self._chunk([{"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": finish}]))
             self.offsets[d.index] += len(d.text)
         return chunks
@@ -371,7 +388,7 @@ class CompletionOutput(Output):
             "id": self.rid, "object": "text_completion", "created": self.created, "model": self.served.name,
             "system_fingerprint": None,
             "choices": [{"index": i, "text": self.echo[i] + "".join(c.text),
-                         "logprobs": self._lp(c.token_ids, c.logprobs, len(self.echo[i])),
+                         "logprobs": self._lp(c.token_ids, c.logprobs, len(self.echo[i]), c.top),
                          "finish_reason": _finish(c.finish_reason)} for i, c in enumerate(choices)],
             "usage": P.usage(self.prompt_tokens, sum(len(c.token_ids) for c in choices)),
         }

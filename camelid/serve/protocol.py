@@ -30,7 +30,9 @@ MAX_PROMPT_TOKENS = 16384
 MAX_N = 16
 """Most choices (`n`) per request."""
 MAX_LOGPROBS = 5
-"""Most alternatives per token for `logprobs` / `top_logprobs`, as OpenAI allows."""
+"""Most alternatives per token for completions' `logprobs`, as OpenAI allows."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token for chat's `top_logprobs`, as OpenAI allows."""
 MAX_STOP = 8
 """Most stop strings per request (OpenAI allows 4; the engine takes 16, the template adds its own)."""
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -146,14 +148,14 @@ def check_request(req: _Request) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise _bad(f"{name} is not supported; use repetition_penalty", name)
-    if isinstance(req, ChatRequest) and req.top_logprobs:
-        raise _bad("top_logprobs is not supported yet (logprobs=true gives each sampled token's log-probability)", "top_logprobs")
+    if isinstance(req, ChatRequest) and req.top_logprobs is not None:
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise _bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {req.top_logprobs}", "top_logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
     if isinstance(req, CompletionRequest):
         if req.logprobs is not None and not (0 <= req.logprobs <= MAX_LOGPROBS):
             raise _bad(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
-        if req.logprobs:  # the engine reports the sampled token's log-probability, no alternatives yet
-            raise _bad("only logprobs=0 is supported for now: each sampled token's log-probability, "
-                       "without top alternatives", "logprobs")
         if req.suffix:
             raise _bad("suffix (insertion) is not supported", "suffix")
 
@@ -196,18 +198,34 @@ def completion_chunk(rid: str, model: str, created: int, choices: list[dict], us
     return _chunk("text_completion", rid, model, created, choices, usage_, with_usage)
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    """Chat's `logprobs.content`: one entry per sampled token (no alternatives yet)."""
+def chat_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None = None) -> dict:
+    """Chat's `logprobs.content`: one entry per sampled token, with its `top_logprobs`
+    alternatives (most likely first) when asked."""
+    def entry(t: str, lp: float) -> dict:
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+    top = top or [[] for _ in tokens]
     return {"content": [
-        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-        for t, lp in zip(tokens, logprobs)
+        {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]}
+        for t, lp, alts in zip(tokens, logprobs, top)
     ]}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int, top: list[dict] | None) -> dict:
-    """Legacy completions' logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int,
+                        top: list[list[tuple[str, float]]] | None) -> dict:
+    """Legacy completions' logprobs: tokens, token_logprobs, top_logprobs (per token a
+    {token: logprob} dict of the alternatives, or null for logprobs=0), text_offset."""
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+    tops = None
+    if top is not None:
+        # Two ids can decode to the same text (byte pieces): the likelier one keeps the key.
+        tops = []
+        for alts in top:
+            d: dict[str, float] = {}
+            for a, alp in alts:
+                d.setdefault(a, alp)
+            tops.append(d)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
