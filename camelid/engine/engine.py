@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from camelid.engine.sampling import SamplingParams, sample_next
+from camelid.engine.sampling import SamplingParams, per_row_alternatives, sample_next
 from camelid.engine.text import IncrementalDecoder, StopText
 from camelid.errors import CamelidError
 
@@ -257,7 +257,7 @@ class Batch:
         rows = self.rows[first:]
         seen = self.seen[first:] if self.seen is not None else None
         tokens, logps, top = sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen)
-        alternatives = top_lists(rows, top)
+        alternatives = per_row_alternatives(top, [r.params for r in rows])
         if first == 0:
             self.next_tokens = tokens
         else:
@@ -312,15 +312,6 @@ class Batch:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-
-
-def top_lists(rows, top) -> list[list[tuple[int, float]] | None]:
-    """Each row's `top_logprobs` alternatives from sample_next's (ids, logprobs), or None."""
-    if top is None:
-        return [None] * len(rows)
-    ids, lps = top[0].tolist(), top[1].tolist()
-    return [list(zip(ids[i][: r.params.top_logprobs], lps[i][: r.params.top_logprobs])) if r.params.top_logprobs else None
-            for i, r in enumerate(rows)]
 
 
 def prompt_ids(engine, prompts, params: list[SamplingParams]) -> list[list[int]]:

@@ -341,16 +341,16 @@ def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float]
         return arr.argmax(-1).tolist(), [0.0] * len(rows), [None] * len(rows)
     import torch
 
-    from camelid.engine.engine import top_lists
-    from camelid.engine.sampling import sample_next
+    from camelid.engine.sampling import per_row_alternatives, sample_next
 
     seen = None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         seen = torch.zeros(arr.shape, dtype=torch.bool)
         for i, r in enumerate(rows):
             seen[i, torch.tensor(r.prompt + r.out, dtype=torch.long)] = True
-    tokens, logps, top = sample_next(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen)
-    return tokens.tolist(), logps.tolist(), top_lists(rows, top)
+    params = [r.params for r in rows]
+    tokens, logps, top = sample_next(torch.from_numpy(arr), params, [r.rng for r in rows], seen)
+    return tokens.tolist(), logps.tolist(), per_row_alternatives(top, params)
 
 
 def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | None = None, quant: str = "q8_0",

@@ -45,7 +45,7 @@ class SamplingParams:
     logprobs: bool = False
     """Return the log-probability of each sampled token."""
     top_logprobs: int = 0
-    """Also return the this-many most likely tokens at each step, with their log-probabilities
+    """Also return this many of the most likely tokens at each step, with their log-probabilities
     (0 to MAX_TOP_LOGPROBS; from the same distribution as `logprobs`)."""
 
     def __post_init__(self) -> None:
@@ -166,3 +166,13 @@ def sample_next(
         values, ids = logp.topk(k, dim=-1)
         top = (ids, values.clamp(min=LOGPROB_FLOOR))
     return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0], top)
+
+
+def per_row_alternatives(top: tuple[torch.Tensor, torch.Tensor] | None, params: list[SamplingParams]) -> list:
+    """`Sampled.top` as each row's list of (token id, log-probability), cut to the row's own
+    `top_logprobs`; None for rows that did not ask."""
+    if top is None:
+        return [None] * len(params)
+    ids, lps = top[0].tolist(), top[1].tolist()
+    return [list(zip(ids[i][: p.top_logprobs], lps[i][: p.top_logprobs])) if p.top_logprobs else None
+            for i, p in enumerate(params)]
