@@ -42,7 +42,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
 
 
 def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, default_max: int | None,
-                    extra_stop: tuple[str, ...] = (), logprobs: bool = False, top_logprobs: int = 0) -> list:
+                    extra_stop: tuple[str, ...] = ()) -> list:
     """One SamplingParams per choice. Prompt and answer must fit the model's context (400)."""
     if prompt_len > P.MAX_PROMPT_TOKENS or prompt_len >= served.context:
         limit = min(P.MAX_PROMPT_TOKENS, served.context - 1)
@@ -58,15 +58,15 @@ def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, defau
     n = req.n or 1
     try:
         # Distinct seeds per choice (seed + i), or n seeded choices would all be the same text.
-        return [_params(req, max_new, extra_stop, logprobs, top_logprobs, None if req.seed is None else req.seed + i)
-                for i in range(n)]
+        return [_params(req, max_new, extra_stop, None if req.seed is None else req.seed + i) for i in range(n)]
     except CamelidError as e:  # a combination the engine refuses (check_request caught the rest)
         raise P.APIError(400, str(e)) from None
 
 
-def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], logprobs: bool, top_logprobs: int, seed: int | None):
+def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: int | None):
     from camelid.engine import SamplingParams
 
+    logprobs, top_logprobs = P.logprob_options(req)
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -240,10 +240,9 @@ async def chat_completions(request: Request):
         ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
     except (CamelidError, ValueError) as e:  # the template rejects the conversation (e.g. a tool turn)
         raise P.APIError(400, str(e), param="messages") from None
-    params = sampling_params(req, served, len(ids), None, template_stop, logprobs=bool(req.logprobs),
-                             top_logprobs=req.top_logprobs or 0)
+    params = sampling_params(req, served, len(ids), None, template_stop)
     job = submit(served, [ids] * len(params), params)
-    out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), bool(req.logprobs), job.n, wants_usage(req))
+    out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), P.logprob_options(req)[0], job.n, wants_usage(req))
     if req.stream:
         return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(out.whole(await collect(job, served, request)))
@@ -327,13 +326,12 @@ async def completions(request: Request):
     P.check_request(req)
     served = registry(request).get(req.model)
     prompts = await run_in_threadpool(completion_prompts, req, served)
-    want_lp = req.logprobs is not None
+    want_lp = P.logprob_options(req)[0]
     if want_lp and req.echo:
         raise P.APIError(400, "echo with logprobs is not supported (no prompt log-probabilities)", param="echo")
     rows, params = [], []
     for ids in prompts:
-        ps = sampling_params(req, served, len(ids), P.DEFAULT_COMPLETION_MAX_TOKENS, logprobs=want_lp,
-                             top_logprobs=req.logprobs or 0)
+        ps = sampling_params(req, served, len(ids), P.DEFAULT_COMPLETION_MAX_TOKENS)
         rows += [ids] * len(ps)
         params += ps
     job = submit(served, rows, params)

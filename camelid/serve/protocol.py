@@ -164,6 +164,14 @@ def stop_strings(req: _Request) -> tuple[str, ...]:
     return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
 
 
+def logprob_options(req: _Request) -> tuple[bool, int]:
+    """(report each token's log-probability, alternatives per token) as the request asks: chat
+    has `logprobs` + `top_logprobs`, completions one `logprobs` count (0 = the token alone)."""
+    if isinstance(req, ChatRequest):
+        return bool(req.logprobs), req.top_logprobs or 0
+    return req.logprobs is not None, req.logprobs or 0
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
