@@ -49,6 +49,15 @@ def legacy_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def vm_hwm_kb() -> int:
+    """Peak RSS of this program (kB): VmHWM, not ru_maxrss, which keeps the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -57,6 +66,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the policy's and reward model's weights")
     args = ap.parse_args()
 
     import torch
@@ -77,10 +87,11 @@ def main() -> int:
                            gradient_accumulation_steps=1, ppo_epochs=4, early_stopping=False, target_kl=0.1,
                            init_kl_coef=0.2, adap_kl_ctrl=True, seed=0)
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
-        model = AutoModelForCausalLMWithValueHead.from_pretrained(str(model_dir), peft_config=lora, torch_dtype=torch.float32)
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(str(model_dir), peft_config=lora, torch_dtype=getattr(torch, args.dtype))
         optimizer = torch.optim.Adam(filter(lambda p: p.requires_grad, model.parameters()), lr=config.learning_rate)
         trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok, optimizer=optimizer)
-        scorer = pipeline("text-classification", model=str(rm_dir), tokenizer=str(rm_dir), device="cpu")
+        scorer = pipeline("text-classification", model=str(rm_dir), tokenizer=str(rm_dir), device="cpu",
+                          torch_dtype=getattr(torch, args.dtype))
         gen = {"top_k": 0.0, "top_p": 1.0, "do_sample": True, "pad_token_id": tok.pad_token_id, "eos_token_id": 100_000}
         lengths = LengthSampler(args.new_tokens, args.new_tokens + 1)
         texts = json.loads(Path(args.questions).read_text())
@@ -102,7 +113,7 @@ def main() -> int:
             print(f"peer step {step + 1}/{args.steps}: {t3 - t0:.1f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gb = vm_hwm_kb() / 2**20
     print(json.dumps({"steps": rows, "peak_gb": peak_gb}))
     return 0
 

@@ -1,10 +1,14 @@
 """Seconds per PPO step (rollout / score / optimise) and peak memory: camelid ppo vs TRL 0.11.4.
 
-StackLLaMA's step shape on the bundled model (SmolLM2-135M-Instruct, float32 on CPU): batch 8,
+StackLLaMA's step shape on the bundled model (SmolLM2-135M-Instruct on CPU): batch 8,
 mini-batch 2, 4 PPO epochs, 48 new tokens for every response (EOS stop off, as StackLLaMA's
 "never stop" generation, so both sides do equal work), LoRA r=16 on q/v, top-k 0 / top-p 1
 sampling. The reward model is the bundled model with a one-logit classification head (seeded
 random head: its scores are meaningless, its cost is the real one).
+
+Both sides run in the same dtype: `--dtype auto` (the default) is the one `camelid ppo` picks on
+this machine — bfloat16 on a CPU with AMX (bfloat16 matrix multiply in hardware), float32
+otherwise — and the peer's policy and reward model are loaded in it too.
 
 The peer: TRL 0.11.4's PPOTrainer (the trainer StackLLaMA ran on; removed from TRL since) with the
 same settings, run in the same invocation by bench/peer_trl011_ppo.py in its own venv (`make
@@ -92,12 +96,12 @@ def make_reward_model(root: Path) -> Path:
     return out
 
 
-def matmul_gflops(threads: int) -> float:
-    """float32 GEMM rate on an MLP-shaped product (2 x 121 tokens x hidden 576 x 1536)."""
+def matmul_gflops(threads: int, dtype: str) -> float:
+    """GEMM rate in `dtype` on an MLP-shaped product (2 x 121 tokens x hidden 576 x 1536)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, w = torch.randn(242, 576), torch.randn(1536, 576)
+    a, w = torch.randn(242, 576, dtype=getattr(torch, dtype)), torch.randn(1536, 576, dtype=getattr(torch, dtype))
     for _ in range(5):
         torch.nn.functional.linear(a, w)
     n, t0 = 200, time.perf_counter()
@@ -130,10 +134,10 @@ def model_flop() -> tuple[int, int]:
     return 2 * c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * f), 2 * h * c.vocab_size
 
 
-def weight_gb() -> float:
-    """float32 bytes of the weights a decode step reads (the tied embedding counted once, as the head)."""
+def weight_gb(dtype: str) -> float:
+    """Bytes of the weights a decode step reads (the tied embedding counted once, as the head)."""
     dec, head = model_flop()
-    return 4 * (dec + head) / 2 / 1e9
+    return (2 if dtype == "bfloat16" else 4) * (dec + head) / 2 / 1e9
 
 
 def step_gflop(prompt_tokens: list[int], new_tokens: int, epochs: int) -> float:
@@ -147,12 +151,12 @@ def step_gflop(prompt_tokens: list[int], new_tokens: int, epochs: int) -> float:
     return (rollout + score + old_ref + update) / 1e9
 
 
-def run_peer(python: Path, model: Path, rm: Path, root: Path, steps: int, threads: int) -> dict:
+def run_peer(python: Path, model: Path, rm: Path, root: Path, steps: int, threads: int, dtype: str) -> dict:
     """TRL 0.11.4 on the same inputs in its own venv; mean per-phase seconds of steps 2..N."""
     questions = root / "questions.json"
     questions.write_text(json.dumps(read_bench_questions()))
     cmd = [str(python), str(PEER_SCRIPT), "--model", str(model), "--reward-model", str(rm), "--questions", str(questions),
-           "--steps", str(steps), "--threads", str(threads)]
+           "--steps", str(steps), "--threads", str(threads), "--dtype", dtype]
     print(f"peer: {' '.join(cmd[:2])} ...", flush=True)
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -165,6 +169,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="PPO steps to run on each side (the first is warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="both sides' dtype (auto: camelid's training dtype on this machine)")
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="python of the TRL 0.11.4 venv (make bench-peer)")
     ap.add_argument("--make-reward-model", type=Path, help=argparse.SUPPRESS)  # the child process's job
     args = ap.parse_args()
@@ -175,11 +181,13 @@ def main() -> int:
         ap.error("--steps must be >= 2 (the first step is warm-up)")
 
     from camelid.models.resolve import resolve_model
+    from camelid.train.ppo_model import ppo_dtype
     from camelid.train.ppo import train
     from camelid.train.ppo_config import PPOConfig
     from camelid.train.tracking import read_metrics
     from camelid.utils import peak_rss_mb
 
+    dtype = ppo_dtype(args.dtype)
     with tempfile.TemporaryDirectory(prefix="camelid-bench-ppo-") as tmp:
         root = Path(tmp)
         data = write_questions(root / "data")
@@ -188,7 +196,7 @@ def main() -> int:
         cfg = PPOConfig(policy="smollm2-135m", reward_model=str(rm), data=str(data), out=str(root / "run"),
                         steps=args.steps, batch_size=8, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=4,
                         min_new_tokens=48, max_new_tokens=48, stop_at_eos=False, top_k=0, top_p=1.0, lora_r=16,
-                        lora_alpha=32, dtype="float32", num_threads=args.threads, merge=False, save_steps=10_000, forward_batch_size=2,
+                        lora_alpha=32, dtype=dtype, num_threads=args.threads, merge=False, save_steps=10_000,
                         samples_every=10_000, seed=0)
         t0 = time.perf_counter()
         train(cfg)
@@ -196,31 +204,31 @@ def main() -> int:
         rows = read_metrics(root / "run")[1:]
         peak_gb = peak_rss_mb() / 1024
         if args.peer_python.exists():
-            peer, peer_label = run_peer(args.peer_python, resolve_model("smollm2-135m"), rm, root, args.steps, args.threads), "measured"
+            peer, peer_label = run_peer(args.peer_python, resolve_model("smollm2-135m"), rm, root, args.steps, args.threads, dtype), "measured"
         else:
-            peer, peer_label = RECORDED_PEER, f"recorded (no peer venv at {args.peer_python}: `make bench-peer`)"
+            peer, peer_label = RECORDED_PEER, f"recorded in float32 on an AVX2 machine (no peer venv at {args.peer_python}: `make bench-peer`)"
     from transformers import AutoTokenizer
 
     from camelid.train.common import qa_text
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
     lengths = [len(tok(qa_text(row, ""))["input_ids"]) for row in read_bench_questions()[:8]]
-    gflops = matmul_gflops(args.threads)
+    gflops = matmul_gflops(args.threads, dtype)
     gbps = read_gbps()
-    floor = step_gflop(lengths, 48, 4) / gflops + 48 * weight_gb() / gbps
+    floor = step_gflop(lengths, 48, 4) / gflops + 48 * weight_gb(dtype) / gbps
     mean = {k: sum(r[f"time/{k}"] for r in rows) / len(rows) for k in ("rollout", "score", "optimize")}
     mean["step"] = sum(mean.values())
-    print(f"\nPPO step, bundled 135M model, batch 8 / mini-batch 2 / 4 epochs / 48 tokens / LoRA r16, "
+    print(f"\nPPO step, bundled 135M model, {dtype}, batch 8 / mini-batch 2 / 4 epochs / 48 tokens / LoRA r16, "
           f"{args.threads} threads, mean of steps 2..{args.steps} (camelid {wall:.0f} s in all); peer {peer_label}\n")
     print(f"{'':12} {'camelid':>10} {'TRL 0.11.4':>11} {'ratio':>7}")
     for k, label in (("rollout", "rollout"), ("score", "score"), ("optimize", "optimise"), ("step", "step")):
         print(f"{label + ' (s)':12} {mean[k]:10.2f} {peer[k]:11.2f} {mean[k] / peer[k]:7.2f}")
     print(f"{'peak (GB)':12} {peak_gb:10.2f} {peer['peak_gb']:11.2f} {peak_gb / peer['peak_gb']:7.2f}")
     print(f"\nfloor of this step on this machine: {floor:.1f} s (matmul arithmetic at the measured {gflops:.0f} "
-          f"GFLOP/s float32, decode weight reads at {gbps:.1f} GB/s); the goal is {GOAL * peer['step']:.1f} s")
+          f"GFLOP/s {dtype}, decode weight reads at {gbps:.1f} GB/s); the goal is {GOAL * peer['step']:.1f} s")
     ok = mean["step"] <= GOAL * peer["step"] and peak_gb <= peer["peak_gb"]
     print(f"\ngoal (<= {GOAL}x the peer's step time at <= its memory): {'met' if ok else 'NOT met'}")
-    print(json.dumps({"camelid": {**{k: round(v, 3) for k, v in mean.items()}, "peak_gb": round(peak_gb, 3)},
+    print(json.dumps({"dtype": dtype, "camelid": {**{k: round(v, 3) for k, v in mean.items()}, "peak_gb": round(peak_gb, 3)},
                       "peer": {k: round(v, 3) for k, v in peer.items()}, "peer_source": peer_label.split()[0],
                       "floor_s": round(floor, 2), "matmul_gflops": round(gflops, 1), "read_gbps": round(gbps, 1)}))
     return 0

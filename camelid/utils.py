@@ -107,9 +107,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (Linux/macOS)."""
+    """Peak resident memory of this process in MB (Linux/macOS).
+
+    Linux: VmHWM, the high-water mark of this program's own memory. getrusage's ru_maxrss
+    survives exec, so a program started by a big process (a benchmark starting its peer)
+    would report its parent's peak when that is higher."""
     import resource
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

@@ -93,9 +93,12 @@ def test_run_writes_outputs_and_logs_every_step(trained):
 def test_only_adapter_and_value_head_change_reference_stays(trained, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
+    from camelid.models.cpu_train import speed_up
+
     cfg, result = trained
     policy = result.policy
-    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    dtype = policy.lm.get_base_model().get_input_embeddings().weight.dtype  # the training dtype of this machine
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).state_dict()
     base = policy.lm.get_base_model().state_dict()
     lora_b = {k: v for k, v in base.items() if "lora_B" in k}
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # LoRA B starts at zero
@@ -107,7 +110,7 @@ def test_only_adapter_and_value_head_change_reference_stays(trained, tiny_model_
     # The reference (adapter off) computes exactly the original model; the policy does not.
     ids = torch.tensor([[1, 520, 2114, 30, 216, 3327]])
     with torch.no_grad():
-        ref_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+        ref_logits = speed_up(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype))(ids).logits
         with policy.lm.disable_adapter():
             assert torch.allclose(policy.lm(input_ids=ids).logits, ref_logits, atol=1e-6)
         assert not torch.allclose(policy.lm(input_ids=ids).logits, ref_logits, atol=1e-4)

@@ -204,7 +204,7 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     with torch.no_grad():
         for idx in order.split(cfg.forward_batch_size):
             part = sb.select(idx)
-            logits, values = policy(part.input_ids, part.attention_mask, part.gather_idx)
+            logits, values = policy(part.input_ids, part.gather_idx)
             parts["logprobs"].append(rl.logprobs_from_logits(logits, part.labels))
             parts["entropy"].append(rl.entropy_from_logits(logits))
             parts["values"].append(values)
@@ -256,7 +256,7 @@ def _minibatch(model: Any, exp: Experience, idx: Any, cfg: PPOConfig) -> dict[st
     from camelid.train import rl
 
     sb = exp.batch.select(idx)
-    logits, vpred = model(sb.input_ids, sb.attention_mask, sb.gather_idx)
+    logits, vpred = model(sb.input_ids, sb.gather_idx)
     logprobs = rl.logprobs_from_logits(logits, sb.labels)
     pg = rl.policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], sb.mask, cfg.cliprange)
     vf = rl.value_loss(vpred, exp.values[idx], exp.returns[idx], sb.mask, cfg.cliprange_value)

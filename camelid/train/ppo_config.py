@@ -29,7 +29,7 @@ class PPOConfig:
     load_8bit: bool = False
     """Load the frozen base (and a separate reference) in 8 bits with bitsandbytes."""
     dtype: str = "auto"
-    """Training dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16."""
+    """Training dtype: auto (bfloat16 on GPUs that support it and on CPUs with bfloat16 matrix hardware (AMX), else float32), float32, bfloat16."""
     lora_r: int = 16
     """LoRA rank (StackLLaMA: 16)."""
     lora_alpha: int = 32

@@ -5,6 +5,10 @@ The reference is the policy with its adapter switched off (`disable_adapter()`),
 weights sit in memory once; `--ref-model` loads a separate one instead. Log-probabilities and
 values are computed only at the response positions: the LM head (vocab × hidden, a sizeable
 share of a small model's compute) is applied to those rows alone, never to the prompt.
+
+In a 16-bit model the head still runs in float32 (`head_logits`): bfloat16 logits carry ~3
+significant digits (a step of 0.06 at a logit of 16), and PPO's ratio exp(log π − log π_old)
+and its KL penalty are differences of such numbers.
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and values (B, T) at the positions in gather_idx (B, T)."""
-        hidden = _response_hidden(self.lm, input_ids, attention_mask, gather_idx)
-        logits = _head(self.lm)(hidden)
+    def forward(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) at the positions in gather_idx (B, T) of right-padded rows."""
+        hidden = _response_hidden(self.lm, input_ids, gather_idx)
+        logits = head_logits(self.lm, hidden)
         values = self.v_head(hidden.float()).squeeze(-1)
         return logits, values
 
@@ -65,22 +69,56 @@ def _head(lm: nn.Module) -> nn.Module:
     return unwrap(lm).get_output_embeddings()
 
 
-def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
+def head_logits(lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of `hidden` (B, T, H): the LM head as is in a float32 model; in a 16-bit one,
+    a float32 copy of the (frozen, bias-free) head weight, made once and kept on the head module."""
+    head = _head(lm)
+    if hidden.dtype == torch.float32 or not isinstance(head, nn.Linear) or head.weight.requires_grad or head.bias is not None:
+        return head(hidden).float()
+    w = head.weight
+    cached = getattr(head, "_camelid_float32", None)
+    if cached is None or cached[0] != (w.data_ptr(), w._version):
+        cached = ((w.data_ptr(), w._version), w.detach().float())
+        head._camelid_float32 = cached
+    return _Float32Head.apply(hidden, cached[1], w.detach())
+
+
+class _Float32Head(torch.autograd.Function):
+    """logits = hidden @ W32ᵀ in float32; the gradient to `hidden` in the model's 16-bit dtype.
+
+    The forward is what PPO's ratios need exact; the backward's product (grad_logits @ W) is as
+    large and its rounding is that of every other gradient in the 16-bit model, so it runs at
+    the 16-bit rate."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, w32: torch.Tensor, w16: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w16)
+        return hidden.float() @ w32.T
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (w16,) = ctx.saved_tensors
+        return grad.to(w16.dtype) @ w16, None, None
+
+
+def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, H) at gather_idx, the position before each response token.
 
     Runs the decoder stack only (`get_decoder()`), then gathers, so the LM head runs on T rows
-    per sequence. Right padding: positions 0..L-1 are correct without position_ids.
+    per sequence. The rows are right-padded, so no padding mask is passed: under the causal mask
+    a real token never sees the padding after it, and its output is the same with or without
+    one; without, attention runs its causal kernel (which skips the masked half) and no
+    (B, 1, L, L) mask is built. Positions 0..L-1 are right without position_ids.
     """
-    decoder = unwrap(lm).get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = unwrap(lm).get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def reference_logprobs(ref: nn.Module, batch: "SeqBatch") -> torch.Tensor:
     """log π_ref of the response tokens (B, T) under a plain causal LM (no grad)."""
     with torch.no_grad():
-        hidden = _response_hidden(ref, batch.input_ids, batch.attention_mask, batch.gather_idx)
-        return rl.logprobs_from_logits(_head(ref)(hidden), batch.labels)
+        hidden = _response_hidden(ref, batch.input_ids, batch.gather_idx)
+        return rl.logprobs_from_logits(head_logits(ref, hidden), batch.labels)
 
 
 @dataclass
@@ -131,12 +169,21 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
 # --- loading -------------------------------------------------------------------------------------
 
 
+def ppo_dtype(name: str) -> str:
+    """PPO's dtype: "auto" is bfloat16 on a CUDA GPU that supports it and on a CPU that multiplies
+    bfloat16 in hardware (AMX), else float32. On such a CPU a PPO step ran 2x faster than in
+    float32 and `make run`'s quality bar held (docs/architecture.md)."""
+    from camelid.models.train_load import training_dtype
+
+    return str(training_dtype(name, cpu_bf16=True)).removeprefix("torch.")
+
+
 def build_policy(cfg: Any) -> tuple[PolicyWithValue, Any, Path]:
     """SFT model + fresh LoRA (+ 8-bit base if asked) + value head; (policy, tokenizer, path)."""
     from camelid.models.train_load import load_for_training
 
     lm, tok, path = load_for_training(
-        cfg.policy, cfg.lora(), task="causal_lm", load_8bit=cfg.load_8bit, dtype=cfg.dtype,
+        cfg.policy, cfg.lora(), task="causal_lm", load_8bit=cfg.load_8bit, dtype=ppo_dtype(cfg.dtype),
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
     tok.padding_side = "right"
@@ -149,7 +196,7 @@ def load_reference(cfg: Any) -> nn.Module | None:
         return None
     from camelid.models.train_load import load_base
 
-    ref, _, _ = load_base(cfg.ref_model, task="causal_lm", load_8bit=cfg.load_8bit, dtype=cfg.dtype)
+    ref, _, _ = load_base(cfg.ref_model, task="causal_lm", load_8bit=cfg.load_8bit, dtype=ppo_dtype(cfg.dtype))
     return ref.eval()
 
 
@@ -185,7 +232,7 @@ class RewardModelScorer:
     def __init__(self, name: str, dtype: str, batch_size: int) -> None:
         from camelid.train.reward import load_reward_model
 
-        self.model, self.tok = load_reward_model(name, dtype)
+        self.model, self.tok = load_reward_model(name, ppo_dtype(dtype))
         self.batch_size = batch_size
 
     def __call__(self, queries: list[str], responses: list[str], response_ids: list[list[int]]) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""CPU training speed-ups (camelid.models.cpu_train) and PPO's float32 head: same math as the
+libraries' own paths, checked against them on the tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from camelid.models import cpu_train
+from camelid.models.lora import LoraSettings, unwrap
+from camelid.models.train_load import load_for_training, training_dtype
+
+
+def test_ppo_auto_dtype_follows_the_cpus_bf16_hardware_sft_and_reward_stay_float32():
+    from camelid.train.ppo_model import ppo_dtype
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine decides by its GPU")
+    assert ppo_dtype("auto") == ("bfloat16" if cpu_train.native_bf16() else "float32")
+    assert training_dtype("auto") == torch.float32
+    assert ppo_dtype("float32") == "float32" and training_dtype("bfloat16", cpu_bf16=True) == torch.bfloat16
+
+
+def test_fast_dropout_drops_p_and_keeps_the_mean():
+    # 0.05 * 65536 = 3276.8 -> 3277 lanes of 65536 drop: p = 0.0500031; kept values x 1/(1-p).
+    d = cpu_train.FastLoraDropout(0.05).train()
+    torch.manual_seed(0)
+    y = d(torch.ones(2000, 1000))
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 3277 / 65536) < 5 * (0.05 * 0.95 / 2e6) ** 0.5  # within 5 standard errors
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - 3277 / 65536)))
+    assert abs(y.mean().item() - 1.0) < 0.002
+    # Each of the three lanes of a draw is uniform: the drop rate is the same at every position mod 3.
+    per_lane = (y.flatten()[: 1_999_998].view(-1, 3) == 0).float().mean(0)
+    assert (per_lane - 0.05).abs().max() < 0.002
+
+
+def test_fast_dropout_is_seeded_identity_in_eval_and_passes_the_masked_gradient():
+    d = cpu_train.FastLoraDropout(0.3)
+    x = torch.randn(7, 33, requires_grad=True)
+    torch.manual_seed(5)
+    a = d(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, d(x))  # the global generator decides the mask: resumable runs repeat it
+    a.sum().backward()
+    assert torch.equal(x.grad, (a != 0).float() * d.scale)
+    assert d.eval()(x) is x
+    assert cpu_train.FastLoraDropout(0.0).train()(x) is x
+
+
+def lora_model(tiny_model_dir, dtype: str):
+    model, _, _ = load_for_training(tiny_model_dir, LoraSettings(r=4, alpha=8, dropout=0.1), dtype=dtype)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)  # non-zero adapters, so that LoRA is in the outputs
+    return model
+
+
+def test_speed_up_swaps_lora_dropout_and_16bit_attention(tiny_model_dir):
+    fp32 = lora_model(tiny_model_dir, "float32")
+    bf16 = lora_model(tiny_model_dir, "bfloat16")
+    for model in (fp32, bf16):
+        drops = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict) for d in m.lora_dropout.values()]
+        assert drops and all(isinstance(d, cpu_train.FastLoraDropout) and d.p == 0.1 for d in drops)
+    assert unwrap(fp32).config._attn_implementation == "sdpa"
+    assert unwrap(bf16).config._attn_implementation == cpu_train.FLOAT32_ATTENTION
+
+
+def test_float32_attention_gives_the_sdpa_outputs(tiny_model_dir):
+    """A bfloat16 model with float32 attention against the same model with bfloat16 SDPA: equal
+    up to bfloat16 rounding, on a right-padded batch with a padding mask."""
+    model = lora_model(tiny_model_dir, "bfloat16").eval()
+    ids = torch.randint(5, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    ours = model(input_ids=ids, attention_mask=mask).logits.float()
+    unwrap(model).set_attn_implementation("sdpa")
+    theirs = model(input_ids=ids, attention_mask=mask).logits.float()
+    real = mask.bool()
+    assert (ours - theirs)[real].abs().max() <= 0.05 * theirs[real].abs().max()
+    unwrap(model).set_attn_implementation(cpu_train.FLOAT32_ATTENTION)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits.float(), ours)
+
+
+def test_ppo_head_is_float32_forward_and_16bit_backward(tiny_model_dir):
+    from camelid.train.ppo_model import head_logits
+
+    model = lora_model(tiny_model_dir, "bfloat16")
+    head = unwrap(model).get_output_embeddings()
+    hidden = torch.randn(2, 5, head.in_features, dtype=torch.bfloat16, requires_grad=True)
+    logits = head_logits(model, hidden)
+    # Exact float32 products of the bfloat16 numbers (both convert to float32 without loss).
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, hidden.detach().float() @ head.weight.float().T)
+    grad = torch.randn_like(logits)
+    logits.backward(grad)
+    assert hidden.grad.dtype == torch.bfloat16
+    exact = grad @ head.weight.float()
+    assert (hidden.grad.float() - exact).abs().max() <= 0.02 * exact.abs().max()
+    # A float32 model: the head as is.
+    model32 = lora_model(tiny_model_dir, "float32")
+    h32 = torch.randn(2, 5, head.in_features)
+    assert torch.equal(head_logits(model32, h32), unwrap(model32).get_output_embeddings()(h32))
+
+
+def test_right_padded_rows_need_no_padding_mask(tiny_model_dir):
+    """PPO's forward passes no padding mask (right padding, causal attention): each row's
+    log-probs and values equal those of the row run alone."""
+    from camelid.train.ppo_model import PolicyWithValue, pack
+
+    policy = PolicyWithValue(lora_model(tiny_model_dir, "float32")).eval()
+    nn.init.normal_(policy.v_head.weight, std=0.1)
+    prompts, responses = [[5, 6, 7, 8, 9], [10, 11]], [[20, 21, 22], [30, 31, 32, 33, 34, 35]]
+    with torch.no_grad():
+        batch = pack(prompts, responses, 0, torch.device("cpu"))
+        logits, values = policy(batch.input_ids, batch.gather_idx)
+        for i in range(2):
+            alone = pack(prompts[i : i + 1], responses[i : i + 1], 0, torch.device("cpu"))
+            l1, v1 = policy(alone.input_ids, alone.gather_idx)
+            n = len(responses[i])
+            torch.testing.assert_close(logits[i, :n], l1[0, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values[i, :n], v1[0, :n], rtol=1e-5, atol=1e-5)
