@@ -8,7 +8,7 @@ Used by SFT, the reward model and PPO's policy. The public functions:
 
 - `training_dtype(name, cpu_bf16=False)`: "auto" -> bfloat16 on a CUDA GPU that supports it,
   else float32; with `cpu_bf16`, also bfloat16 on a CPU that multiplies bfloat16 in hardware
-  (AMX: `cpu_train.native_bf16`). PPO asks for that (2x faster there, its quality bar met);
+  (AMX: `cpu_train.native_bf16`). PPO asks for that (1.6-1.8x faster there, its quality bar met);
   SFT and the reward model stay float32 on every CPU (see docs/architecture.md). Without
   native bf16 arithmetic (AVX2 only), bf16 training measured 14-38x slower than float32.
 - `training_device()`: cuda:<LOCAL_RANK> when CUDA is present (one GPU per process under

@@ -173,7 +173,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
 
 def ppo_dtype(name: str) -> str:
     """PPO's dtype: "auto" is bfloat16 on a CUDA GPU that supports it and on a CPU that multiplies
-    bfloat16 in hardware (AMX), else float32. On such a CPU a PPO step ran 2x faster than in
+    bfloat16 in hardware (AMX), else float32. On such a CPU a PPO step ran 1.6-1.8x faster than in
     float32 and `make run`'s quality bar held (docs/architecture.md)."""
     from camelid.models.train_load import training_dtype
 
