@@ -35,8 +35,10 @@ def pick_device(device: str = "auto"):
 def pick_dtype(dtype: str, device) -> "torch.dtype":
     """auto: bfloat16 on CPU and on CUDA GPUs that support it, float16 on older GPUs and MPS.
 
-    On CPU, decode is memory-bound: bfloat16 halves the bytes read per token and measured
-    1.6x faster than float32 here (bench/generate.py), even without native bf16 arithmetic.
+    On CPU, bfloat16 is chosen for memory (half of float32's), not speed: how fast it decodes
+    depends on the CPU's bf16 kernels and the batch. bench/generate.py on the bundled model, one
+    row: 14.8 tok/s against float32's 24.1 on a 2-core AMX machine (12.2 vs 15.8 at one thread
+    earlier); at 8 rows (PPO's rollout) bfloat16 was faster (3.4 vs 5.2 s per rollout).
     """
     import torch
 
