@@ -6,11 +6,12 @@ questions, so both figures come from the same machine in the same run. Imports n
 
 The step is StackLLaMA's rl_training.py loop body: `ppo_trainer.generate` (batches of 4, a
 LengthSampler, top-k 0 / top-p 1, eos_token_id 100_000 = never stop), a text-classification
-pipeline on query + response (batch 16, raw logits), `ppo_trainer.step`. float32 on the CPU
-(StackLLaMA loads the base in 8 bits on a GPU; bitsandbytes' CPU path is a different, slower
-kernel, and camelid's side runs float32 too).
+pipeline on query + response (batch 16, raw logits), `ppo_trainer.step`. Policy and reward
+model in `--dtype` (float32 or bfloat16: bench/ppo.py passes the dtype camelid's side runs in;
+StackLLaMA loads the base in 8 bits on a GPU, whose bitsandbytes CPU path is a different, slower
+kernel).
 
-    python bench/peer_trl011_ppo.py --model DIR --reward-model DIR --questions FILE.json --steps 3
+    python bench/peer_trl011_ppo.py --model DIR --reward-model DIR --questions FILE.json --steps 3 [--dtype bfloat16]
 
 Prints one JSON line: per-step seconds of each phase and the peak RSS.
 """

@@ -19,7 +19,7 @@ prints the figures recorded for the issue (33.7 s = 12.9 generate + 1.1 reward +
 1.9 GB) and says so. Peak memory is each process's peak RSS; the reward model is made in a child
 process so that neither side's peak counts it.
 
-    python bench/ppo.py [--steps 3] [--threads 2]
+    python bench/ppo.py [--steps 3] [--threads 2] [--dtype auto|float32|bfloat16]
 
 The first step is warm-up (allocator, lazy kernels) and is left out of the means.
 

@@ -55,6 +55,10 @@ def test_logprobs_and_entropy():
     # a (nearly) certain distribution has entropy ~0
     sharp = torch.tensor([[[100.0, 0.0, 0.0, 0.0]]])
     assert rl.entropy_from_logits(sharp).item() == pytest.approx(0.0, abs=1e-6)
+    # Both from one log-softmax: the same numbers as the two functions.
+    labels = torch.tensor([[0, 3]])
+    lp, ent = rl.logprobs_and_entropy(logits, labels)
+    assert torch.equal(lp, rl.logprobs_from_logits(logits, labels)) and torch.equal(ent, rl.entropy_from_logits(logits))
 
 
 def test_response_mask_after_eos():

@@ -206,8 +206,9 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
             part = sb.select(idx)
             logits, values = policy(part.input_ids, part.gather_idx)
             # Row by row: the full-vocabulary temporaries (log-softmax, its exp) are one row's.
-            parts["logprobs"].append(torch.cat([rl.logprobs_from_logits(x, y) for x, y in zip(logits.split(1), part.labels.split(1))]))
-            parts["entropy"].append(torch.cat([rl.entropy_from_logits(x) for x in logits.split(1)]))
+            lp, ent = zip(*(rl.logprobs_and_entropy(x, y) for x, y in zip(logits.split(1), part.labels.split(1))))
+            parts["logprobs"].append(torch.cat(lp))
+            parts["entropy"].append(torch.cat(ent))
             parts["values"].append(values)
             del logits
             with policy.as_reference() if ref is None else contextlib.nullcontext(ref) as reference:

@@ -120,7 +120,9 @@ def reference_logprobs(ref: nn.Module, batch: "SeqBatch") -> torch.Tensor:
     """log π_ref of the response tokens (B, T) under a plain causal LM (no grad)."""
     with torch.no_grad():
         hidden = _response_hidden(ref, batch.input_ids, batch.gather_idx)
-        return torch.cat([rl.logprobs_from_logits(head_logits(ref, h), y) for h, y in zip(hidden.split(1), batch.labels.split(1))])
+        logits = head_logits(ref, hidden)
+        # Row by row: the log-softmax temporaries are one row's, as in make_experience.
+        return torch.cat([rl.logprobs_from_logits(x, y) for x, y in zip(logits.split(1), batch.labels.split(1))])
 
 
 @dataclass

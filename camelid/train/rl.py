@@ -110,6 +110,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` and `entropy_from_logits` from one log-softmax (fp32).
+
+    Shapes: logits (B, T, V), labels (B, T) int -> ((B, T), (B, T)).
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
 def response_mask(response_ids: torch.Tensor, lengths: torch.Tensor, eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
     """Mask of the tokens a response really has: positions < its length, up to and including the
     first EOS. Anything after EOS is 0 — not scored, not trained on (StackLLaMA generated with
