@@ -107,11 +107,10 @@ class FastLlama:
             k = a.k_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = a.v_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            if self.attn_dtype is not None:  # the cache holds float32 K/V: no per-step cast of it
+                q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
             k, v = _append(cache, i, k, v)
-            if self.attn_dtype is None:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-            else:
-                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=gqa).to(q.dtype)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
             x = x + a.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
             h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp

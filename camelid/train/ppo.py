@@ -390,6 +390,8 @@ def ppo_step(step, cfg, state, engine, prompts, scorer, policy, model, ref, opt,
     """One PPO step: rollout -> score -> experience -> PPO epochs -> log."""
     import torch
 
+    from camelid.train.ppo_model import float32_head
+
     torch.manual_seed(_step_seed(cfg.seed, step, acc.process_index))  # dropout of this step
     rank, world, b = acc.process_index, acc.num_processes, cfg.batch_size
     t0 = time.perf_counter()
@@ -402,8 +404,9 @@ def ppo_step(step, cfg, state, engine, prompts, scorer, policy, model, ref, opt,
     scores = shape_scores(raw, state, cfg, acc)
     t2 = time.perf_counter()
     kl_coef = state.kl_ctl.value
-    exp = make_experience(policy, ref, roll, scores, kl_coef, cfg, acc)
-    train_stats = ppo_epochs(model, opt, exp, cfg, step, acc)
+    with float32_head(policy.lm):
+        exp = make_experience(policy, ref, roll, scores, kl_coef, cfg, acc)
+        train_stats = ppo_epochs(model, opt, exp, cfg, step, acc)
     t3 = time.perf_counter()
     metrics = step_metrics(exp, raw, train_stats, roll, kl_coef, acc)
     state.kl_ctl.update(metrics["objective/kl"], world * b)
