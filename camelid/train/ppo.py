@@ -215,13 +215,11 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     with torch.no_grad():
         for idx in order.split(cfg.forward_batch_size):
             part = sb.select(idx)
-            logits, values = policy.heads(hidden[idx]) if hidden is not None else policy(part.input_ids, part.gather_idx)
-            # Row by row: the full-vocabulary temporaries (log-softmax, its exp) are one row's.
-            lp, ent = zip(*(rl.logprobs_and_entropy(x, y) for x, y in zip(logits.split(1), part.labels.split(1))))
-            parts["logprobs"].append(torch.cat(lp))
-            parts["entropy"].append(torch.cat(ent))
+            h = hidden[idx] if hidden is not None else policy.response_hidden(part.input_ids, part.gather_idx)
+            lp, ent, values = policy.experience(h, part.labels)
+            parts["logprobs"].append(lp)
+            parts["entropy"].append(ent)
             parts["values"].append(values)
-            del logits
             with policy.as_reference() if ref is None else contextlib.nullcontext(ref) as reference:
                 parts["ref"].append(reference_logprobs(reference, part))
     back = order.argsort()
@@ -390,7 +388,7 @@ def ppo_step(step, cfg, state, engine, prompts, scorer, policy, model, ref, opt,
     """One PPO step: rollout -> score -> experience -> PPO epochs -> log."""
     import torch
 
-    from camelid.train.ppo_model import float32_head
+    from camelid.utils import release_free_memory
 
     torch.manual_seed(_step_seed(cfg.seed, step, acc.process_index))  # dropout of this step
     rank, world, b = acc.process_index, acc.num_processes, cfg.batch_size
@@ -404,9 +402,9 @@ def ppo_step(step, cfg, state, engine, prompts, scorer, policy, model, ref, opt,
     scores = shape_scores(raw, state, cfg, acc)
     t2 = time.perf_counter()
     kl_coef = state.kl_ctl.value
-    with float32_head(policy.lm):
-        exp = make_experience(policy, ref, roll, scores, kl_coef, cfg, acc)
-        train_stats = ppo_epochs(model, opt, exp, cfg, step, acc)
+    exp = make_experience(policy, ref, roll, scores, kl_coef, cfg, acc)
+    release_free_memory()  # the earlier phases' freed blocks, before the step's largest phase
+    train_stats = ppo_epochs(model, opt, exp, cfg, step, acc)
     t3 = time.perf_counter()
     metrics = step_metrics(exp, raw, train_stats, roll, kl_coef, acc)
     state.kl_ctl.update(metrics["objective/kl"], world * b)
