@@ -106,24 +106,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def release_free_memory() -> None:
-    """Hand memory the allocator holds but no tensor uses back to the OS (glibc's malloc_trim;
-    a no-op elsewhere). glibc keeps freed blocks of earlier phases mapped, so a process's
-    resident size drifts up to the sum of its phases' peaks rather than the largest one; PPO
-    calls this between a step's phases. Costs a few milliseconds, plus the page faults of
-    touching that memory again."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB (Linux/macOS).
 

@@ -50,21 +50,9 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) and values (B, T) at the positions in gather_idx (B, T) of right-padded rows."""
         hidden = _response_hidden(self.lm, input_ids, gather_idx)
-        return head_logits(self.lm, hidden), self.values(hidden)
-
-    def response_hidden(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, H) at gather_idx (see _response_hidden)."""
-        return _response_hidden(self.lm, input_ids, gather_idx)
-
-    def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Values (B, T) of final hidden states (B, T, H)."""
-        return self.v_head(hidden.float()).squeeze(-1)
-
-    def experience(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log-probs of `labels`, entropy, values), each (B, T), of final hidden states (B, T, H):
-        the LM head's input, from a forward pass or from the rollout (`Completion.hidden`). No grad."""
-        with torch.no_grad():
-            return (*head_logprobs(self.lm, hidden, labels, entropy=True), self.values(hidden))
+        logits = head_logits(self.lm, hidden)
+        values = self.v_head(hidden.float()).squeeze(-1)
+        return logits, values
 
     @contextlib.contextmanager
     def as_reference(self):
@@ -94,10 +82,9 @@ class _Float32Head(torch.autograd.Function):
     """logits = hidden @ Wᵀ in float32 for a 16-bit W; the gradient to `hidden` in W's dtype.
 
     Forward: the weight is cast to float32 a slice of rows at a time (8,192 x hidden, 19 MB for
-    a 576-wide model) rather than kept as a float32 copy (113 MB for a 49k vocabulary: held for a
-    PPO step it saved ~0.4 s of ~15, but raised the step's peak memory to TRL's or above). The
-    backward's product (grad_logits @ W) is as large and its rounding is that of every other
-    gradient in the 16-bit model, so it runs at the 16-bit rate."""
+    a 576-wide model) rather than kept as a float32 copy (113 MB for a 49k vocabulary): as fast,
+    and no memory held. The backward's product (grad_logits @ W) is as large and its rounding
+    is that of every other gradient in the 16-bit model, so it runs at the 16-bit rate."""
 
     ROWS = 8192
 
@@ -129,26 +116,13 @@ def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, gather_idx: torch.T
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-HEAD_ROWS = 2
-"""Sequences per LM-head product in the no-grad passes: their float32 logits (2 x 48 x 49k =
-19 MB on the bundled model) and log-softmax are all that is held, not the whole chunk's."""
-
-
-def head_logprobs(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, entropy: bool = False):
-    """log π of `labels` (B, T) from final hidden states (B, T, H), HEAD_ROWS sequences at a time
-    (no grad); with `entropy`, also each position's entropy (B, T)."""
-    parts = []
-    with torch.no_grad():
-        for h, y in zip(hidden.split(HEAD_ROWS), labels.split(HEAD_ROWS)):
-            logits = head_logits(lm, h)
-            parts.append(rl.logprobs_and_entropy(logits, y) if entropy else (rl.logprobs_from_logits(logits, y),))
-    return tuple(torch.cat(x) for x in zip(*parts)) if entropy else torch.cat([p[0] for p in parts])
-
-
 def reference_logprobs(ref: nn.Module, batch: "SeqBatch") -> torch.Tensor:
     """log π_ref of the response tokens (B, T) under a plain causal LM (no grad)."""
     with torch.no_grad():
-        return head_logprobs(ref, _response_hidden(ref, batch.input_ids, batch.gather_idx), batch.labels)
+        hidden = _response_hidden(ref, batch.input_ids, batch.gather_idx)
+        logits = head_logits(ref, hidden)
+        # Row by row: the log-softmax temporaries are one row's, as in make_experience.
+        return torch.cat([rl.logprobs_from_logits(x, y) for x, y in zip(logits.split(1), batch.labels.split(1))])
 
 
 @dataclass
