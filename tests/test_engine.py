@@ -220,3 +220,49 @@ def test_fast_path_cache_appends_in_place_and_matches_hf(engine):
     for i in range(3):
         torch.testing.assert_close(torch.tensor(fast_lps[i]), torch.tensor(hf_lps[i]), atol=1e-4, rtol=1e-4)
     assert sum(in_place) > len(in_place) // 2  # most steps wrote into the buffer, not a new tensor
+
+
+@pytest.mark.parametrize("path", ["fast", "hf"])
+def test_return_hidden_gives_the_states_each_token_was_sampled_from(engine, path):
+    """With return_hidden, row t of Completion.hidden is the LM head's input that token t was
+    sampled from: the head on it gives the returned log-probability (temperature 1, no filter),
+    and it equals a full forward's final hidden state at position prompt_len - 1 + t. Rows of
+    different lengths in one batch, on the fast path and on Hugging Face's forward."""
+    eng = engine if path == "fast" else Engine(engine.model, engine.tokenizer)
+    if path == "hf":
+        eng.fast = None
+    params = [SamplingParams(temperature=1.0, max_new_tokens=n, seed=i, logprobs=True, return_hidden=True) for i, n in enumerate((6, 3))]
+    outs = eng.generate(PROMPTS[:2], params)
+    plain = eng.generate(PROMPTS[:1], SamplingParams(temperature=1.0, max_new_tokens=6, seed=0))[0]
+    assert plain.hidden is None and plain.token_ids == outs[0].token_ids  # asking for them changes nothing else
+    head = engine.model.get_output_embeddings()
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.hidden.shape == (len(out.token_ids), engine.model.config.hidden_size)
+        with torch.no_grad():
+            lp = torch.log_softmax(head(out.hidden).float(), -1)[torch.arange(len(out.token_ids)), out.token_ids]
+            ids = engine.encode(prompt) + out.token_ids
+            full = engine.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(lp, torch.tensor(out.logprobs), atol=1e-4, rtol=1e-4)
+        n = len(ids) - len(out.token_ids)
+        torch.testing.assert_close(out.hidden, full[n - 1 : len(ids) - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_fast_path_attends_in_float32_when_the_model_does(tiny_model_dir):
+    """A 16-bit model switched to float32 attention (PPO's policy on a CPU) gets float32
+    attention on the fast path too, so that its rollout computes what its training forward does."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from camelid.engine.fastllama import FastLlama
+    from camelid.models.cpu_train import float32_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    ids = torch.randint(100, 4000, (2, 96), generator=torch.Generator().manual_seed(0))
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1]).expand(2, -1)
+    plain = FastLlama(model)
+    float32_attention(model)
+    fast32 = FastLlama(model)
+    assert plain.attn_dtype is None and fast32.attn_dtype == torch.float32
+    with torch.no_grad():
+        hf = model(input_ids=ids).logits.float()
+        a, b = plain(ids, mask, pos, DynamicCache()).float(), fast32(ids, mask, pos, DynamicCache()).float()
+    assert (b - hf).abs().mean() <= 0.1 * (a - hf).abs().mean()  # measured: equal, against 4e-4

@@ -243,6 +243,35 @@ def test_8bit_base_with_a_separate_reference_and_a_reward_model(tmp_path, tiny_m
     assert (Path(cfg.out) / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_old_logprobs_from_the_rollout_equal_a_forward_pass(tmp_path, tiny_model_dir, data):
+    """The default takes the old policy's log-probs and values from the hidden states the rollout
+    sampled from; in float32 they equal those of a forward pass over the batch (TRL's way,
+    old_from_rollout=False), and so do the advantages and returns built on them."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    from camelid.engine import Engine
+    from camelid.train.ppo import PromptSet, make_experience, read_questions, rollout
+    from camelid.train.ppo_model import build_policy
+
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "a", dtype="float32", stop_at_eos=False)
+    torch.manual_seed(0)
+    policy, tok, _ = build_policy(cfg)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name or "v_head" in name:
+            torch.nn.init.normal_(p, std=0.2)  # a policy that is not the reference, values not zero
+    prompts = PromptSet(read_questions(cfg), AutoTokenizer.from_pretrained(tiny_model_dir), cfg)
+    policy.eval()
+    roll = rollout(Engine(policy.lm, tok), prompts, [0, 1, 2, 3], [6, 3, 5, 6], cfg)
+    assert [len(h) for h in roll.hidden] == [len(r) for r in roll.response_ids] == [6, 3, 5, 6]
+    acc, scores = Accelerator(cpu=True), torch.tensor([0.5, -1.0, 2.0, 0.0])
+    ours = make_experience(policy, None, roll, scores, 0.2, cfg, acc)
+    forward = make_experience(policy, None, replace(roll, hidden=None), scores, 0.2, cfg, acc)
+    for key in ("logprobs", "values", "entropy", "ref_logprobs", "advantages", "returns"):
+        torch.testing.assert_close(getattr(ours, key), getattr(forward, key), atol=1e-4, rtol=1e-4)
+    assert (ours.logprobs - ours.ref_logprobs).abs().max() > 1e-2 and ours.values.abs().max() > 1e-2
+
+
 # --- bad input: one-line errors -----------------------------------------------------------------
 
 

@@ -52,6 +52,9 @@ class Completion:
     finish_reason: str
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    hidden: torch.Tensor | None = None
+    """(len(token_ids), hidden size) when `return_hidden` was asked: row t is the LM head's input
+    that token t was sampled from (the final, normalised hidden state one position before it)."""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class _Row:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)
     finish: str | None = None
 
 
@@ -114,8 +118,19 @@ class Engine:
             return ids[-room:]
         return ids
 
-    def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits for the last `logits_to_keep` positions, through the fast path where it applies."""
+    def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0, hidden: list | None = None) -> torch.Tensor:
+        """Logits for the last `logits_to_keep` positions, through the fast path where it applies.
+
+        With a list as `hidden`, the LM head's input (B, T', H) is appended to it: taken by a hook
+        on the output embeddings, so both paths (and any architecture) give the same thing."""
+        if hidden is not None:
+            from camelid.models.lora import unwrap
+
+            handle = unwrap(self.model).get_output_embeddings().register_forward_hook(lambda m, args, out: hidden.append(args[0]))
+            try:
+                return self.forward(input_ids, attention_mask, position_ids, cache, logits_to_keep)
+            finally:
+                handle.remove()
         if self.fast is not None:
             return self.fast(input_ids, attention_mask, position_ids, cache, logits_to_keep)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -159,6 +174,7 @@ class Engine:
                         "".join(texts[d.index]), list(row.out), row.prompt_len, d.finish_reason,
                         list(row.logprobs) if row.params.logprobs else None,
                         list(row.top) if row.params.top_logprobs else None,
+                        torch.stack(row.hidden) if row.params.return_hidden else None,
                     )
         return [done[i] for i in range(len(prompts))]
 
@@ -200,7 +216,8 @@ class Batch:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        logits = eng.forward(input_ids, mask, pos, cache, logits_to_keep=1)
+        hidden = [] if any(sp.return_hidden for sp in params) else None
+        logits = eng.forward(input_ids, mask, pos, cache, logits_to_keep=1, hidden=hidden)
         new_rows = []
         for rid, t, sp in zip(ids, toks, params):
             gen = None
@@ -215,7 +232,7 @@ class Batch:
             seen = torch.zeros((len(toks), logits.shape[-1]), dtype=torch.bool, device=eng.device)
             seen.scatter_(1, input_ids, mask.bool())
         self._merge(new_rows, cache, mask, pos[:, -1] + 1, seen)
-        yield self._emit(logits[:, -1], first=len(self.rows) - len(new_rows))
+        yield self._emit(logits[:, -1], first=len(self.rows) - len(new_rows), hidden=hidden[0][:, -1] if hidden else None)
 
     def _merge(self, rows, cache, mask, next_pos, seen) -> None:
         if not self.rows:
@@ -241,9 +258,10 @@ class Batch:
         """One decode step for every row; returns their deltas (finished rows leave the batch)."""
         eng = self.engine
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        logits = eng.forward(self.next_tokens[:, None], self.mask, self.next_pos[:, None], self.cache)
+        hidden = [] if any(r.params.return_hidden for r in self.rows) else None
+        logits = eng.forward(self.next_tokens[:, None], self.mask, self.next_pos[:, None], self.cache, hidden=hidden)
         self.next_pos = self.next_pos + 1
-        return self._emit(logits[:, -1])
+        return self._emit(logits[:, -1], hidden=hidden[0][:, -1] if hidden else None)
 
     def cancel(self, rids: Iterable[int]) -> None:
         rids = set(rids)
@@ -251,8 +269,9 @@ class Batch:
             if row.rid in rids and row.finish is None:
                 row.finish = "cancelled"
 
-    def _emit(self, logits: torch.Tensor, first: int = 0) -> list[Delta]:
-        """Sample for rows[first:] (new rows after a prefill) or all rows, update their text."""
+    def _emit(self, logits: torch.Tensor, first: int = 0, hidden: torch.Tensor | None = None) -> list[Delta]:
+        """Sample for rows[first:] (new rows after a prefill) or all rows, update their text.
+        `hidden` (len(rows[first:]), H): the head inputs the logits came from."""
         eng = self.engine
         rows = self.rows[first:]
         seen = self.seen[first:] if self.seen is not None else None
@@ -265,11 +284,13 @@ class Batch:
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         deltas = []
-        for row, tok, lp, alt in zip(rows, tokens.tolist(), logps.tolist(), alternatives):
+        for i, (row, tok, lp, alt) in enumerate(zip(rows, tokens.tolist(), logps.tolist(), alternatives)):
             if row.finish == "cancelled":
                 deltas.append(Delta(row.rid, "", [], None, "cancelled"))
                 continue
             row.out.append(tok)
+            if row.params.return_hidden:
+                row.hidden.append(hidden[i].clone())
             row.logprobs.append(lp)
             if alt is not None:
                 row.top.append(alt)

@@ -68,6 +68,12 @@ class FastLlama:
         positions = torch.arange(cfg.max_position_embeddings, device=device)[None, :]
         cos, sin = rot(torch.zeros(1, dtype=dtype, device=device), positions)  # (1, P, D), HF's own math
         self.cos, self.sin = cos[0], sin[0]
+        # A model set to float32 attention (cpu_train.float32_attention: PPO's policy in a 16-bit
+        # CPU run) attends in float32 here too, so the rollout's hidden states are the ones its
+        # training forward computes, up to the products' rounding.
+        from camelid.models.cpu_train import FLOAT32_ATTENTION
+
+        self.attn_dtype = torch.float32 if getattr(cfg, "_attn_implementation", None) == FLOAT32_ATTENTION else None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # LlamaRMSNorm: normalise in float32, cast back, then scale.
@@ -101,8 +107,10 @@ class FastLlama:
             k = a.k_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = a.v_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            if self.attn_dtype is not None:  # the cache holds float32 K/V: no per-step cast of it
+                q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
             k, v = _append(cache, i, k, v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
             x = x + a.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
             h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp

@@ -47,6 +47,9 @@ class SamplingParams:
     top_logprobs: int = 0
     """Also return this many of the most likely tokens at each step, with their log-probabilities
     (0 to MAX_TOP_LOGPROBS; from the same distribution as `logprobs`)."""
+    return_hidden: bool = False
+    """Also return, per generated token, the hidden state it was sampled from: the LM head's
+    input at the position before it (PPO computes old log-probs and values from these)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -138,6 +138,8 @@ class Rollout:
     responses: list[str]
     generated_tokens: int
     """Tokens the engine produced, including any after EOS (for throughput)."""
+    hidden: list[Any] | None = None
+    """Per response (len(response_ids[i]), H): the hidden states its tokens were sampled from."""
 
 
 def rollout(engine: Any, prompts: PromptSet, positions: list[int], lengths: list[int], cfg: PPOConfig) -> Rollout:
@@ -150,7 +152,7 @@ def rollout(engine: Any, prompts: PromptSet, positions: list[int], lengths: list
     queries, prompt_ids = zip(*(prompts.get(p) for p in positions))
     params = [
         SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=n,
-                       seed=cfg.seed * 1_000_003 + p, ignore_eos=not cfg.stop_at_eos)
+                       seed=cfg.seed * 1_000_003 + p, ignore_eos=not cfg.stop_at_eos, return_hidden=cfg.old_from_rollout)
         for n, p in zip(lengths, positions)
     ]
     done = engine.generate([list(x) for x in prompt_ids], params)
@@ -160,7 +162,8 @@ def rollout(engine: Any, prompts: PromptSet, positions: list[int], lengths: list
     keep = rl.response_mask(ids, n_gen, tuple(sorted(engine.eos_ids))).sum(1).long().tolist()
     response_ids = [c.token_ids[:k] for c, k in zip(done, keep)]
     responses = [engine.tokenizer.decode(r, skip_special_tokens=True) for r in response_ids]
-    return Rollout(list(queries), [list(x) for x in prompt_ids], response_ids, responses, int(n_gen.sum()))
+    hidden = [c.hidden[:k] for c, k in zip(done, keep)] if cfg.old_from_rollout else None
+    return Rollout(list(queries), [list(x) for x in prompt_ids], response_ids, responses, int(n_gen.sum()), hidden)
 
 
 def shape_scores(raw: Any, state: Any, cfg: PPOConfig, acc: Any) -> Any:
@@ -189,13 +192,21 @@ class Experience:
 
 
 def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: float, cfg: PPOConfig, acc: Any) -> Experience:
-    """Old and reference log-probs and values (no grad), KL-shaped rewards, whitened GAE."""
+    """Old and reference log-probs and values (no grad), KL-shaped rewards, whitened GAE.
+
+    The old policy's log-probs and values come from the hidden states the rollout sampled from
+    (`roll.hidden`) when it kept them, else from a forward pass; the reference always runs one."""
     import torch
 
     from camelid.train import rl
     from camelid.train.ppo_model import pack, reference_logprobs
 
     sb = pack(roll.prompt_ids, roll.response_ids, policy.lm.config.pad_token_id or 0, acc.device)
+    hidden = None
+    if roll.hidden is not None:
+        hidden = torch.zeros((*sb.mask.shape, roll.hidden[0].shape[-1]), dtype=roll.hidden[0].dtype, device=acc.device)
+        for i, h in enumerate(roll.hidden):
+            hidden[i, : len(h)] = h
     policy.eval()
     parts = defaultdict(list)
     # Rows in order of length, so each forward chunk pads to nearly its own rows' length; the
@@ -204,7 +215,7 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     with torch.no_grad():
         for idx in order.split(cfg.forward_batch_size):
             part = sb.select(idx)
-            logits, values = policy(part.input_ids, part.gather_idx)
+            logits, values = policy.heads(hidden[idx]) if hidden is not None else policy(part.input_ids, part.gather_idx)
             # Row by row: the full-vocabulary temporaries (log-softmax, its exp) are one row's.
             lp, ent = zip(*(rl.logprobs_and_entropy(x, y) for x, y in zip(logits.split(1), part.labels.split(1))))
             parts["logprobs"].append(torch.cat(lp))

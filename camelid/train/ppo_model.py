@@ -49,10 +49,12 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) and values (B, T) at the positions in gather_idx (B, T) of right-padded rows."""
-        hidden = _response_hidden(self.lm, input_ids, gather_idx)
-        logits = head_logits(self.lm, hidden)
-        values = self.v_head(hidden.float()).squeeze(-1)
-        return logits, values
+        return self.heads(_response_hidden(self.lm, input_ids, gather_idx))
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits (B, T, V) and values (B, T) of final hidden states (B, T, H): the LM head's
+        input, from a forward pass or from the rollout (`Completion.hidden`)."""
+        return head_logits(self.lm, hidden), self.v_head(hidden.float()).squeeze(-1)
 
     @contextlib.contextmanager
     def as_reference(self):
