@@ -19,9 +19,12 @@ prints the figures recorded for the issue (33.7 s = 12.9 generate + 1.1 reward +
 1.9 GB) and says so. Peak memory is each process's peak RSS; the reward model is made in a child
 process so that neither side's peak counts it.
 
-    python bench/ppo.py [--steps 3] [--threads 2] [--dtype auto|float32|bfloat16]
+    python bench/ppo.py [--steps 3] [--rounds 2] [--threads 2] [--dtype auto|float32|bfloat16]
 
-The first step is warm-up (allocator, lazy kernels) and is left out of the means.
+The first step is warm-up (allocator, lazy kernels) and is left out of the means. Each side runs
+in a fresh process of its own, `--rounds` times, alternating (ours, peer, ours, peer, ...): the
+host's speed drifts by 20-40% within minutes, and alternating spreads the drift over both sides;
+the table shows the means, and each round's ratio is printed beside it.
 
 It also prints the floor of a step on this machine: the matrix arithmetic of the passes any
 implementation of this PPO step must run (prefill, reward forward, old-policy and reference
@@ -151,6 +154,43 @@ def step_gflop(prompt_tokens: list[int], new_tokens: int, epochs: int) -> float:
     return (rollout + score + old_ref + update) / 1e9
 
 
+def ppo_config(root: Path, steps: int, threads: int, dtype: str) -> "PPOConfig":  # noqa: F821
+    from camelid.train.ppo_config import PPOConfig
+
+    return PPOConfig(policy="smollm2-135m", reward_model=str(root / "rm"), data=str(root / "data"), out=str(root / "run"),
+                     steps=steps, batch_size=8, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=4,
+                     min_new_tokens=48, max_new_tokens=48, stop_at_eos=False, top_k=0, top_p=1.0, lora_r=16,
+                     lora_alpha=32, dtype=dtype, num_threads=threads, merge=False, save_steps=10_000,
+                     samples_every=10_000, seed=0)
+
+
+def run_ours_here(root: Path, steps: int, threads: int, dtype: str) -> None:
+    """The child process's job: camelid ppo on the bench inputs; prints one JSON line."""
+    import shutil
+
+    from camelid.train.ppo import train
+    from camelid.train.tracking import read_metrics
+    from camelid.utils import peak_rss_mb
+
+    shutil.rmtree(root / "run", ignore_errors=True)
+    train(ppo_config(root, steps, threads, dtype))
+    rows = read_metrics(root / "run")  # all steps, as the peer prints them; _means drops the first
+    print(json.dumps({"steps": [{k: r[f"time/{k}"] for k in ("rollout", "score", "optimize")} for r in rows],
+                      "peak_gb": peak_rss_mb() / 1024}))
+
+
+def run_ours(root: Path, steps: int, threads: int, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--run-ours", str(root), "--steps", str(steps), "--threads", str(threads), "--dtype", dtype]
+    print("camelid: bench/ppo.py --run-ours ...", flush=True)
+    return _means(json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]))
+
+
+def _means(result: dict) -> dict:
+    rows = result["steps"][1:]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("rollout", "score", "optimize")}
+    return {**mean, "step": sum(mean.values()), "peak_gb": result["peak_gb"]}
+
+
 def run_peer(python: Path, model: Path, rm: Path, root: Path, steps: int, threads: int, dtype: str) -> dict:
     """TRL 0.11.4 on the same inputs in its own venv; mean per-phase seconds of steps 2..N."""
     questions = root / "questions.json"
@@ -159,10 +199,7 @@ def run_peer(python: Path, model: Path, rm: Path, root: Path, steps: int, thread
            "--steps", str(steps), "--threads", str(threads), "--dtype", dtype]
     print(f"peer: {' '.join(cmd[:2])} ...", flush=True)
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    rows = result["steps"][1:]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("rollout", "score", "optimize")}
-    return {**mean, "step": sum(mean.values()), "peak_gb": result["peak_gb"]}
+    return _means(json.loads(out.strip().splitlines()[-1]))
 
 
 def main() -> int:
@@ -172,41 +209,45 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="both sides' dtype (auto: camelid's training dtype on this machine)")
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON, help="python of the TRL 0.11.4 venv (make bench-peer)")
-    ap.add_argument("--make-reward-model", type=Path, help=argparse.SUPPRESS)  # the child process's job
+    ap.add_argument("--rounds", type=int, default=2, help="times each side runs, alternating (the means are shown)")
+    ap.add_argument("--make-reward-model", type=Path, help=argparse.SUPPRESS)  # child processes' jobs
+    ap.add_argument("--run-ours", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_reward_model:
         make_reward_model(args.make_reward_model)
         return 0
+    if args.run_ours:
+        run_ours_here(args.run_ours, args.steps, args.threads, args.dtype)
+        return 0
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
 
     from camelid.models.resolve import resolve_model
     from camelid.train.ppo_model import ppo_dtype
-    from camelid.train.ppo import train
-    from camelid.train.ppo_config import PPOConfig
-    from camelid.train.tracking import read_metrics
-    from camelid.utils import peak_rss_mb
 
     dtype = ppo_dtype(args.dtype)
+    ours_runs, peer_runs = [], []
     with tempfile.TemporaryDirectory(prefix="camelid-bench-ppo-") as tmp:
         root = Path(tmp)
-        data = write_questions(root / "data")
+        write_questions(root / "data")
         subprocess.run([sys.executable, __file__, "--make-reward-model", str(root)], check=True)
         rm = root / "rm"
-        cfg = PPOConfig(policy="smollm2-135m", reward_model=str(rm), data=str(data), out=str(root / "run"),
-                        steps=args.steps, batch_size=8, mini_batch_size=2, gradient_accumulation_steps=1, ppo_epochs=4,
-                        min_new_tokens=48, max_new_tokens=48, stop_at_eos=False, top_k=0, top_p=1.0, lora_r=16,
-                        lora_alpha=32, dtype=dtype, num_threads=args.threads, merge=False, save_steps=10_000,
-                        samples_every=10_000, seed=0)
         t0 = time.perf_counter()
-        train(cfg)
+        for _ in range(args.rounds):
+            ours_runs.append(run_ours(root, args.steps, args.threads, dtype))
+            if args.peer_python.exists():
+                peer_runs.append(run_peer(args.peer_python, resolve_model("smollm2-135m"), rm, root, args.steps, args.threads, dtype))
         wall = time.perf_counter() - t0
-        rows = read_metrics(root / "run")[1:]
-        peak_gb = peak_rss_mb() / 1024
-        if args.peer_python.exists():
-            peer, peer_label = run_peer(args.peer_python, resolve_model("smollm2-135m"), rm, root, args.steps, args.threads, dtype), "measured"
-        else:
-            peer, peer_label = RECORDED_PEER, f"recorded in float32 on an AVX2 machine (no peer venv at {args.peer_python}: `make bench-peer`)"
+    mean = {k: sum(r[k] for r in ours_runs) / len(ours_runs) for k in ours_runs[0]}
+    peak_gb = max(r["peak_gb"] for r in ours_runs)
+    if peer_runs:
+        peer = {k: sum(r[k] for r in peer_runs) / len(peer_runs) for k in peer_runs[0]}
+        peer["peak_gb"] = max(r["peak_gb"] for r in peer_runs)
+        peer_label = "measured"
+    else:
+        peer, peer_label = RECORDED_PEER, f"recorded in float32 on an AVX2 machine (no peer venv at {args.peer_python}: `make bench-peer`)"
     from transformers import AutoTokenizer
 
     from camelid.train.common import qa_text
@@ -216,19 +257,22 @@ def main() -> int:
     gflops = matmul_gflops(args.threads, dtype)
     gbps = read_gbps()
     floor = step_gflop(lengths, 48, 4) / gflops + 48 * weight_gb(dtype) / gbps
-    mean = {k: sum(r[f"time/{k}"] for r in rows) / len(rows) for k in ("rollout", "score", "optimize")}
-    mean["step"] = sum(mean.values())
     print(f"\nPPO step, bundled 135M model, {dtype}, batch 8 / mini-batch 2 / 4 epochs / 48 tokens / LoRA r16, "
-          f"{args.threads} threads, mean of steps 2..{args.steps} (camelid {wall:.0f} s in all); peer {peer_label}\n")
+          f"{args.threads} threads, mean of steps 2..{args.steps} over {args.rounds} alternating round(s) "
+          f"({wall:.0f} s in all); peer {peer_label}; peak = the highest of the rounds\n")
     print(f"{'':12} {'camelid':>10} {'TRL 0.11.4':>11} {'ratio':>7}")
     for k, label in (("rollout", "rollout"), ("score", "score"), ("optimize", "optimise"), ("step", "step")):
         print(f"{label + ' (s)':12} {mean[k]:10.2f} {peer[k]:11.2f} {mean[k] / peer[k]:7.2f}")
     print(f"{'peak (GB)':12} {peak_gb:10.2f} {peer['peak_gb']:11.2f} {peak_gb / peer['peak_gb']:7.2f}")
+    if peer_runs:
+        print("step ratio of each round: " + ", ".join(f"{o['step']:.1f} / {p['step']:.1f} s = {o['step'] / p['step']:.2f}"
+                                                      for o, p in zip(ours_runs, peer_runs)))
     print(f"\nfloor of this step on this machine: {floor:.1f} s (matmul arithmetic at the measured {gflops:.0f} "
           f"GFLOP/s {dtype}, decode weight reads at {gbps:.1f} GB/s); the goal is {GOAL * peer['step']:.1f} s")
     ok = mean["step"] <= GOAL * peer["step"] and peak_gb <= peer["peak_gb"]
-    print(f"\ngoal (<= {GOAL}x the peer's step time at <= its memory): {'met' if ok else 'NOT met'}")
-    print(json.dumps({"dtype": dtype, "camelid": {**{k: round(v, 3) for k, v in mean.items()}, "peak_gb": round(peak_gb, 3)},
+    verdict = ("met" if ok else "NOT met") if peer_runs else "not judged (the peer was not measured here, in this dtype)"
+    print(f"\ngoal (<= {GOAL}x the peer's step time at <= its memory): {verdict}")
+    print(json.dumps({"dtype": dtype, "rounds": args.rounds, "camelid": {**{k: round(v, 3) for k, v in mean.items()}, "peak_gb": round(peak_gb, 3)},
                       "peer": {k: round(v, 3) for k, v in peer.items()}, "peer_source": peer_label.split()[0],
                       "floor_s": round(floor, 2), "matmul_gflops": round(gflops, 1), "read_gbps": round(gbps, 1)}))
     return 0
