@@ -45,6 +45,30 @@ def _append(cache, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
     return layer.keys, layer.values
 
 
+def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`m(x)` for an nn.Linear or a peft LoRA Linear over one, without the modules' call overhead.
+
+    A LoRA layer in eval mode with one plain adapter computes exactly what peft's
+    `lora.Linear.forward` does: the base product, plus lora_B(lora_A(x cast to the adapter's
+    dtype)) x scaling added in the promoted dtype, cast back to the base result's. Anything else
+    (merged or disabled adapters, dropout active, DoRA and other variants, quantised bases) is
+    left to the module itself.
+    """
+    if type(m) is torch.nn.Linear:
+        return F.linear(x, m.weight, m.bias)
+    base = getattr(m, "base_layer", None)
+    if (type(base) is not torch.nn.Linear or m.training or m.disable_adapters or m.merged
+            or len(m.active_adapters) != 1 or m.active_adapters[0] in m.lora_variant
+            or m.active_adapters[0] not in m.lora_A or not getattr(m, "cast_input_dtype_enabled", True)):
+        return m(x)
+    name = m.active_adapters[0]
+    a, b = m.lora_A[name], m.lora_B[name]
+    if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None:
+        return m(x)
+    y = F.linear(x, base.weight, base.bias)
+    return (y + F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight) * m.scaling[name]).to(y.dtype)
+
+
 def supports(model) -> bool:
     """True for a LlamaForCausalLM, bare or inside a peft wrapper (the fast path applies)."""
     model = unwrap(model)
@@ -103,18 +127,18 @@ class FastLlama:
         for i, layer in enumerate(self.inner.layers):
             a = layer.self_attn
             h = self._norm(x, layer.input_layernorm.weight)
-            q = a.q_proj(h).view(bsz, t, self.heads, self.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = _linear(a.q_proj, h).view(bsz, t, self.heads, self.head_dim).transpose(1, 2)
+            k = _linear(a.k_proj, h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = _linear(a.v_proj, h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             if self.attn_dtype is not None:  # the cache holds float32 K/V: no per-step cast of it
                 q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
             k, v = _append(cache, i, k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
+            x = x + _linear(a.o_proj, o.transpose(1, 2).reshape(bsz, t, -1))
             h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp
-            x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+            x = x + _linear(m.down_proj, F.silu(_linear(m.gate_proj, h)) * _linear(m.up_proj, h))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.head(self._norm(x, self.inner.norm.weight))

@@ -1,0 +1,269 @@
+"""A training pass for Llama decoders with LoRA on a CPU: transformers + peft's math, each decoder
+layer one autograd node with a hand-written backward.
+
+A PPO mini-batch of the bundled model (2 rows of ~120 tokens) runs ~9,000 tensor operations in
+transformers + peft + autograd, most of them on ~150k-element tensors that a CPU finishes in
+microseconds, so per-operator costs (dispatch, autograd nodes, dtype round trips, fork/join of
+the OpenMP team) weigh as much as the matrix products. Here a decoder layer's forward runs the
+same products and the same roundings (RMSNorm in float32 cast back before its weight, rotary in
+the model dtype, attention in float32, LoRA in its adapter's dtype added in the promoted dtype, as
+peft does) and saves only what its backward needs; the backward is written out: with frozen
+base weights only input gradients are needed there, plus each adapter's two small products.
+LoRA dropout draws its masks in the same order from the same generator as peft's modules, so in
+training mode too the two paths compute the same function (tests compare them).
+
+`decoder_hidden(lm, input_ids)` returns the final hidden states, or None where this path does not
+apply — anything but a plain Llama with nn.Linear projections (each bare or under one vanilla
+LoRA adapter with `FastLoraDropout` or no dropout), on a CPU, in float32 or in a 16-bit dtype with
+float32 attention, without gradient checkpointing; callers then run the model's own forward.
+Rows are taken as right-padded and unmasked (see `ppo_model._response_hidden`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from camelid.models.cpu_train import FLOAT32_ATTENTION, FastLoraDropout, keep_mask
+from camelid.models.lora import unwrap
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class _Proj(NamedTuple):
+    """One projection: a frozen base weight, optionally with a LoRA adapter on it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None = None
+    """(r, in), the adapter's A (a trainable parameter)."""
+    lora_b: torch.Tensor | None = None
+    """(out, r)."""
+    scaling: float = 1.0
+    drop_threshold: int | None = None
+    """FastLoraDropout's int16 threshold when dropout is active, else None."""
+    drop_scale: float = 1.0
+
+
+def _proj(m: nn.Module, training: bool) -> _Proj | None:
+    """The projection `m` as a _Proj, or None when it is something this path does not handle."""
+    if type(m) is nn.Linear:
+        return None if m.weight.requires_grad else _Proj(m.weight, m.bias)
+    base = getattr(m, "base_layer", None)
+    if type(base) is not nn.Linear or base.weight.requires_grad or getattr(m, "merged", True):
+        return None
+    if m.disable_adapters or not m.active_adapters:
+        return _Proj(base.weight, base.bias)
+    if len(m.active_adapters) != 1:
+        return None
+    name = m.active_adapters[0]
+    if name not in m.lora_A or name in m.lora_variant or not getattr(m, "cast_input_dtype_enabled", True):
+        return None
+    a, b, drop = m.lora_A[name], m.lora_B[name], m.lora_dropout[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+        return None
+    threshold, scale = None, 1.0
+    if isinstance(drop, FastLoraDropout):
+        if training and drop.threshold != -32768:
+            threshold, scale = drop.threshold, drop.scale
+    elif not isinstance(drop, nn.Identity):
+        return None  # nn.Dropout draws its mask differently; leave it to peft
+    return _Proj(base.weight, base.bias, a.weight, b.weight, float(m.scaling[name]), threshold, scale)
+
+
+def _params(p: _Proj) -> list[torch.Tensor]:
+    return [] if p.lora_a is None else [p.lora_a, p.lora_b]
+
+
+class _Plan(NamedTuple):
+    inner: nn.Module
+    layers: list[tuple[list[_Proj], Any]]
+    """Per layer: the seven projections (q, k, v, o, gate, up, down) and the layer's constants."""
+
+
+class _Consts(NamedTuple):
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+
+def _plan(lm: nn.Module) -> _Plan | None:
+    model = unwrap(lm)
+    if type(model).__name__ != "LlamaForCausalLM" or not hasattr(model, "model"):
+        return None
+    inner, cfg = model.model, model.config
+    weight = inner.embed_tokens.weight
+    if weight.device.type != "cpu" or getattr(model, "is_activation_checkpointing", False):
+        return None
+    if weight.dtype != torch.float32 and getattr(cfg, "_attn_implementation", None) != FLOAT32_ATTENTION:
+        return None
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return None
+    training = inner.training
+    layers = []
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        projs = [_proj(getattr(a, n), training) for n in _ATTENTION] + [_proj(getattr(m, n), training) for n in _MLP]
+        if any(p is None for p in projs):
+            return None
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if any(type(n).__name__ != "LlamaRMSNorm" or n.weight.requires_grad for n in norms):
+            return None
+        consts = _Consts(norms[0].weight, norms[1].weight, norms[0].variance_epsilon, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, a.head_dim, a.scaling)
+        layers.append((projs, consts))
+    return _Plan(inner, layers)
+
+
+def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The decoder's final hidden states (B, T, H) for right-padded `input_ids` (B, T), or None
+    when this path does not apply to `lm` (then use the model's own forward)."""
+    plan = _plan(lm)
+    if plan is None:
+        return None
+    inner = plan.inner
+    x = inner.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    cos, sin = inner.rotary_emb(x, positions)  # (1, T, D) in the model dtype, as the model's forward has them
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    grad = torch.is_grad_enabled()
+    for projs, consts in plan.layers:
+        params = [t for p in projs for t in _params(p)]
+        save = grad and (x.requires_grad or any(t.requires_grad for t in params))
+        x = _Layer.apply(x, projs, consts, cos, sin, save, *params)
+    return inner.norm(x)
+
+
+# --- pieces, forward and backward ----------------------------------------------------------------
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """LlamaRMSNorm: weight * (x / rms(x), in float32, cast to x's dtype); and (x̂, 1/rms) for the backward."""
+    normed, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], None, eps)
+    return weight * normed.to(x.dtype), (normed, rstd.reshape(-1, 1))
+
+
+def _rms_backward(grad: torch.Tensor, weight: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """d/dx of the above for a frozen weight: (g − x̂·mean(g·x̂)) / rms(x), g = grad·weight in float32."""
+    normed, rstd = saved
+    g = (grad * weight).float()
+    return ((g - normed * (g * normed).mean(-1, keepdim=True)) * rstd).to(grad.dtype)
+
+
+def _proj_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, tuple | None]:
+    """peft's lora.Linear: base(x) + lora_B(lora_A(dropout(x in A's dtype))) * scaling, in the promoted
+    dtype, cast back to the base result's. Returns (y, what the backward needs)."""
+    y = F.linear(x, p.weight, p.bias)
+    if p.lora_a is None:
+        return y, None
+    xa = x.to(p.lora_a.dtype)
+    keep = None
+    if p.drop_threshold is not None:
+        keep = keep_mask(xa.shape, p.drop_threshold, xa.device)
+        xa = xa * keep.to(xa.dtype).mul_(p.drop_scale)
+    t = F.linear(xa, p.lora_a)
+    y = (y + F.linear(t, p.lora_b) * p.scaling).to(y.dtype)
+    return y, ((xa, t, keep) if save else None)
+
+
+def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input: bool) -> tuple[torch.Tensor | None, list]:
+    """(input gradient or None, [dA, dB] for an adapter, else [])."""
+    dx = grad @ p.weight if need_input else None
+    if p.lora_a is None:
+        return dx, []
+    xa, t, keep = saved
+    g = grad.to(p.lora_a.dtype) * p.scaling
+    db = g.T @ t
+    dt = g @ p.lora_b
+    da = dt.T @ xa
+    if need_input:
+        dxa = dt @ p.lora_a
+        if keep is not None:
+            dxa = dxa * keep.to(dxa.dtype).mul_(p.drop_scale)
+        dx = dx + dxa.to(dx.dtype)
+    return dx, [da, db]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = grad.shape[-1] // 2
+    gs = grad * sin
+    return grad * cos + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)
+
+
+class _Layer(torch.autograd.Function):
+    """One LlamaDecoderLayer: x + attn(norm1(x)), then + mlp(norm2(.)). Inputs after the
+    non-tensor ones are the layer's adapter weights (A, B per adapted projection, in q, k, v, o,
+    gate, up, down order), so autograd returns their gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, projs: list[_Proj], c: _Consts, cos: torch.Tensor, sin: torch.Tensor,
+                save: bool, *params: torch.Tensor) -> torch.Tensor:
+        pq, pk, pv, po, pg, pu, pd = projs
+        b, t, hidden = x.shape
+        x = x.reshape(b * t, hidden)  # rows are tokens from here on
+        h, (n1, rstd1) = _rms_forward(x, c.ln1, c.eps)
+        q, sq = _proj_forward(pq, h, save)
+        k, sk = _proj_forward(pk, h, save)
+        v, sv = _proj_forward(pv, h, save)
+        q = _rope(q.view(b, t, c.heads, c.head_dim), cos, sin)
+        k = _rope(k.view(b, t, c.kv_heads, c.head_dim), cos, sin)
+        q32, k32 = q.float().transpose(1, 2), k.float().transpose(1, 2)
+        v32 = v.view(b, t, c.kv_heads, c.head_dim).float().transpose(1, 2)
+        o32, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=c.scaling)
+        o = o32.transpose(1, 2).reshape(b * t, -1).to(x.dtype)
+        attn, so = _proj_forward(po, o, save)
+        x2 = x + attn
+        h2, (n2, rstd2) = _rms_forward(x2, c.ln2, c.eps)
+        gate, sg = _proj_forward(pg, h2, save)
+        up, su = _proj_forward(pu, h2, save)
+        act = F.silu(gate)
+        down, sd = _proj_forward(pd, act * up, save)
+        out = x2 + down
+        if save:
+            ctx.projs, ctx.c, ctx.shape, ctx.dtype = projs, c, (b, t, hidden), x.dtype
+            ctx.saved = (sq, sk, sv, so, sg, su, sd)
+            ctx.save_for_backward(n1, rstd1, q32, k32, v32, o32, lse, n2, rstd2, gate, up, act, cos, sin)
+        return out.view(b, t, hidden)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        n1, rstd1, q32, k32, v32, o32, lse, n2, rstd2, gate, up, act, cos, sin = ctx.saved_tensors
+        pq, pk, pv, po, pg, pu, pd = ctx.projs
+        sq, sk, sv, so, sg, su, sd = ctx.saved
+        c, (b, t, hidden), dtype = ctx.c, ctx.shape, ctx.dtype
+        grad = grad.reshape(b * t, hidden)
+        # MLP: out = x2 + down(silu(gate) * up)
+        d_mid, g_d = _proj_backward(pd, sd, grad, True)
+        d_gate = torch.ops.aten.silu_backward(d_mid * up, gate)
+        d_up = d_mid * act
+        d_h2, g_g = _proj_backward(pg, sg, d_gate, True)
+        d_h2u, g_u = _proj_backward(pu, su, d_up, True)
+        d_x2 = grad + _rms_backward(d_h2 + d_h2u, c.ln2, (n2, rstd2))
+        # attention: x2 = x + o_proj(attention(rope(q), rope(k), v))
+        d_o, g_o = _proj_backward(po, so, d_x2, True)
+        d_o32 = d_o.view(b, t, c.heads, c.head_dim).float().transpose(1, 2)
+        dq32, dk32, dv32 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            d_o32, q32, k32, v32, o32, lse, 0.0, True, scale=c.scaling)
+        dq = _rope_backward(dq32.transpose(1, 2).to(dtype), cos, sin).reshape(b * t, -1)
+        dk = _rope_backward(dk32.transpose(1, 2).to(dtype), cos, sin).reshape(b * t, -1)
+        dv = dv32.transpose(1, 2).reshape(b * t, -1).to(dtype)
+        need_x = ctx.needs_input_grad[0]
+        d_hq, g_q = _proj_backward(pq, sq, dq, need_x)
+        d_hk, g_k = _proj_backward(pk, sk, dk, need_x)
+        d_hv, g_v = _proj_backward(pv, sv, dv, need_x)
+        d_x = (d_x2 + _rms_backward(d_hq + d_hk + d_hv, c.ln1, (n1, rstd1))).view(b, t, hidden) if need_x else None
+        grads = [*g_q, *g_k, *g_v, *g_o, *g_g, *g_u, *g_d]
+        return (d_x, None, None, None, None, None, *grads)

@@ -1,0 +1,96 @@
+"""The CPU training pass (camelid.models.llama_train) against transformers + peft's own forward
+and autograd backward on the tiny random Llama: the same hidden states, the same dropout masks,
+the same adapter gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from camelid.models import llama_train
+from camelid.models.lora import LoraSettings, unwrap
+from camelid.models.train_load import load_for_training
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_model(tiny_model_dir, dtype: str, targets=("q_proj", "v_proj"), dropout: float = 0.1):
+    model, _, _ = load_for_training(tiny_model_dir, LoraSettings(r=4, alpha=8, dropout=dropout, target_modules=targets), dtype=dtype)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)  # non-zero adapters, so that LoRA is in the outputs
+    return model
+
+
+def hf_hidden(model, ids):
+    return unwrap(model).get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def hidden_and_grads(model, fn, ids, seed):
+    """The final hidden states and each adapter weight's gradient of a fixed function of them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)  # the dropout masks
+    hidden = fn(model, ids)
+    weights = torch.linspace(-1, 1, hidden.shape[-1])
+    (hidden.float() * weights).square().mean().backward()
+    return hidden.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL])
+def test_float32_training_pass_equals_transformers_and_peft(tiny_model_dir, targets):
+    model = lora_model(tiny_model_dir, "float32", targets).train()
+    ids = torch.randint(5, 1000, (2, 17))
+    ours, our_grads = hidden_and_grads(model, llama_train.decoder_hidden, ids, seed=3)
+    theirs, their_grads = hidden_and_grads(model, hf_hidden, ids, seed=3)
+    assert torch.equal(ours, theirs)  # the same operations, the same dropout masks
+    assert len(our_grads) == 2 * 2 * len(targets)  # A and B per adapted projection, 2 layers
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in our_grads)
+    # A different seed draws different masks: the dropout is live, not skipped.
+    other, _ = hidden_and_grads(model, llama_train.decoder_hidden, ids, seed=4)
+    assert not torch.equal(other, ours)
+
+
+def test_bfloat16_pass_with_float32_attention_matches_within_bfloat16_rounding(tiny_model_dir):
+    model = lora_model(tiny_model_dir, "bfloat16", ALL).train()
+    ids = torch.randint(5, 1000, (2, 17))
+    ours, our_grads = hidden_and_grads(model, llama_train.decoder_hidden, ids, seed=3)
+    theirs, their_grads = hidden_and_grads(model, hf_hidden, ids, seed=3)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)  # forward: the same operations in the same dtypes
+    for a, b in zip(our_grads, their_grads):  # backward: bfloat16 sums in another order
+        assert (a.float() - b.float()).abs().max() <= 0.03 * b.float().abs().max() + 1e-6
+
+
+def test_eval_mode_and_the_disabled_adapter_give_the_models_own_outputs(tiny_model_dir):
+    model = lora_model(tiny_model_dir, "float32").eval()
+    ids = torch.randint(5, 1000, (3, 11))
+    with torch.no_grad():
+        assert torch.equal(llama_train.decoder_hidden(model, ids), hf_hidden(model, ids))
+        with model.disable_adapter():  # PPO's reference
+            base = llama_train.decoder_hidden(model, ids)
+            assert torch.equal(base, hf_hidden(model, ids))
+        assert not torch.equal(base, llama_train.decoder_hidden(model, ids))
+
+
+def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
+    model = lora_model(tiny_model_dir, "float32")
+    ids = torch.randint(5, 1000, (1, 5))
+    assert llama_train.decoder_hidden(model, ids) is not None
+    # peft's own nn.Dropout draws its mask differently: not ours to reproduce.
+    for m in model.modules():
+        if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict):
+            m.lora_dropout["default"] = nn.Dropout(0.1)
+    assert llama_train.decoder_hidden(model, ids) is None
+    # Gradient checkpointing, and a 16-bit model attending in 16 bits.
+    model = lora_model(tiny_model_dir, "float32")
+    unwrap(model).activation_checkpointing_enable()
+    assert llama_train.decoder_hidden(model, ids) is None
+    model = lora_model(tiny_model_dir, "bfloat16")
+    unwrap(model).set_attn_implementation("sdpa")
+    assert llama_train.decoder_hidden(model, ids) is None
