@@ -83,25 +83,40 @@ def test_float32_attention_gives_the_sdpa_outputs(tiny_model_dir):
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits.float(), ours)
 
 
-def test_ppo_head_is_float32_forward_and_16bit_backward(tiny_model_dir):
-    from camelid.train.ppo_model import head_logits
+def test_ppo_head_is_float32_where_it_counts_and_16bit_backward(tiny_model_dir):
+    from camelid.train import rl
+    from camelid.train.ppo_model import EXACT_TOP, head_logits
 
     model = lora_model(tiny_model_dir, "bfloat16")
     head = unwrap(model).get_output_embeddings()
-    hidden = torch.randn(2, 5, head.in_features, dtype=torch.bfloat16, requires_grad=True)
-    logits = head_logits(model, hidden)
-    # Exact float32 products of the bfloat16 numbers (both convert to float32 without loss).
+    torch.manual_seed(0)
+    hidden = (3 * torch.randn(2, 5, head.in_features)).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, head.out_features, (2, 5))
+    logits = head_logits(model, hidden, labels)
+    # Float32 products of the bfloat16 numbers (both convert to float32 without loss).
+    exact = hidden.detach().float() @ head.weight.float().T
     assert logits.dtype == torch.float32
-    assert torch.equal(logits, hidden.detach().float() @ head.weight.float().T)
+    # The label's logit and each row's EXACT_TOP largest are float32; the rest bfloat16-rounded.
+    torch.testing.assert_close(logits.gather(-1, labels[..., None]), exact.gather(-1, labels[..., None]), rtol=1e-6, atol=1e-6)
+    top = exact.topk(EXACT_TOP // 2, dim=-1).indices  # (the selection is by the rounded values: ties at its edge)
+    torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-6)
+    err = (logits - exact).abs()
+    float32 = err <= 1e-5 * exact.abs() + 1e-6
+    assert (float32 | (err <= 2**-8 * exact.abs())).all()  # the rest within bfloat16's rounding
+    assert float32.sum(-1).min() >= EXACT_TOP and not float32.all()
+    # The labels' log-probabilities: as the all-float32 head's, to well under bfloat16's rounding.
+    ours, theirs = rl.logprobs_from_logits(logits, labels), rl.logprobs_from_logits(exact, labels)
+    plain = rl.logprobs_from_logits(exact.bfloat16().float(), labels)  # a plain bfloat16 head
+    assert (ours - theirs).abs().max() < 0.1 * (plain - theirs).abs().max()
     grad = torch.randn_like(logits)
     logits.backward(grad)
     assert hidden.grad.dtype == torch.bfloat16
-    exact = grad @ head.weight.float()
-    assert (hidden.grad.float() - exact).abs().max() <= 0.02 * exact.abs().max()
+    exact_grad = grad @ head.weight.float()
+    assert (hidden.grad.float() - exact_grad).abs().max() <= 0.02 * exact_grad.abs().max()
     # A float32 model: the head as is.
     model32 = lora_model(tiny_model_dir, "float32")
     h32 = torch.randn(2, 5, head.in_features)
-    assert torch.equal(head_logits(model32, h32), unwrap(model32).get_output_embeddings()(h32))
+    assert torch.equal(head_logits(model32, h32, labels), unwrap(model32).get_output_embeddings()(h32))
 
 
 def test_right_padded_rows_need_no_padding_mask(tiny_model_dir):

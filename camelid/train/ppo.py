@@ -215,7 +215,8 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     with torch.no_grad():
         for idx in order.split(cfg.forward_batch_size):
             part = sb.select(idx)
-            logits, values = policy.heads(hidden[idx]) if hidden is not None else policy(part.input_ids, part.gather_idx)
+            logits, values = (policy.heads(hidden[idx], part.labels) if hidden is not None
+                              else policy(part.input_ids, part.gather_idx, part.labels))
             # Row by row: the full-vocabulary temporaries (log-softmax, its exp) are one row's.
             lp, ent = zip(*(rl.logprobs_and_entropy(x, y) for x, y in zip(logits.split(1), part.labels.split(1))))
             parts["logprobs"].append(torch.cat(lp))
@@ -269,7 +270,7 @@ def _minibatch(model: Any, exp: Experience, idx: Any, cfg: PPOConfig) -> dict[st
     from camelid.train import rl
 
     sb = exp.batch.select(idx)
-    logits, vpred = model(sb.input_ids, sb.gather_idx)
+    logits, vpred = model(sb.input_ids, sb.gather_idx, sb.labels)
     logprobs = rl.logprobs_from_logits(logits, sb.labels)
     pg = rl.policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], sb.mask, cfg.cliprange)
     vf = rl.value_loss(vpred, exp.values[idx], exp.returns[idx], sb.mask, cfg.cliprange_value)
