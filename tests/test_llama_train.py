@@ -94,3 +94,25 @@ def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
     model = lora_model(tiny_model_dir, "bfloat16")
     unwrap(model).set_attn_implementation("sdpa")
     assert llama_train.decoder_hidden(model, ids) is None
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "seq_cls"])
+def test_weights_read_a_tensor_at_a_time_load_what_from_pretrained_loads(tiny_model_dir, task):
+    """load_base reads safetensors with pread, casting each tensor (train_load.read_weights), not
+    through from_pretrained's memory map: the same model, the same recorded path."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from camelid.models.train_load import load_base
+
+    ours, _, path = load_base(tiny_model_dir, task=task, dtype="bfloat16")
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    theirs = cls.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, **({"num_labels": 1} if task == "seq_cls" else {}))
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if not k.startswith("score."):  # a new classifier head is initialised at random
+            assert torch.equal(a[k], b[k]), k
+    assert ours.dtype == torch.bfloat16 and ours.name_or_path == str(path)
+    if task == "causal_lm":  # tied embeddings stay tied
+        assert ours.get_output_embeddings().weight.data_ptr() == ours.get_input_embeddings().weight.data_ptr()

@@ -146,21 +146,24 @@ def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | Non
 
 
 def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """LlamaRMSNorm: weight * (x / rms(x), in float32, cast to x's dtype); and (x̂, 1/rms) for the backward."""
+    """LlamaRMSNorm: weight * (x / rms(x), in float32, cast to x's dtype); and (x, 1/rms) for the backward."""
     normed, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], None, eps)
-    return weight * normed.to(x.dtype), (normed, rstd.reshape(-1, 1))
+    return weight * normed.to(x.dtype), (x, rstd.reshape(-1, 1))
 
 
 def _rms_backward(grad: torch.Tensor, weight: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """d/dx of the above for a frozen weight: (g − x̂·mean(g·x̂)) / rms(x), g = grad·weight in float32."""
-    normed, rstd = saved
+    """d/dx of the above for a frozen weight: (g − x̂·mean(g·x̂)) / rms(x), g = grad·weight and
+    x̂ = x / rms(x) in float32."""
+    x, rstd = saved
+    normed = x.float() * rstd
     g = (grad * weight).float()
     return ((g - normed * (g * normed).mean(-1, keepdim=True)) * rstd).to(grad.dtype)
 
 
 def _proj_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, tuple | None]:
     """peft's lora.Linear: base(x) + lora_B(lora_A(dropout(x in A's dtype))) * scaling, in the promoted
-    dtype, cast back to the base result's. Returns (y, what the backward needs)."""
+    dtype, cast back to the base result's. Returns (y, what the backward needs: the input, not its
+    float32 dropped-out copy, which the backward redoes from the saved mask)."""
     y = F.linear(x, p.weight, p.bias)
     if p.lora_a is None:
         return y, None
@@ -171,7 +174,7 @@ def _proj_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, 
         xa = xa * keep.to(xa.dtype).mul_(p.drop_scale)
     t = F.linear(xa, p.lora_a)
     y = (y + F.linear(t, p.lora_b) * p.scaling).to(y.dtype)
-    return y, ((xa, t, keep) if save else None)
+    return y, ((x, t, keep) if save else None)
 
 
 def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input: bool) -> tuple[torch.Tensor | None, list]:
@@ -179,7 +182,10 @@ def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input
     dx = grad @ p.weight if need_input else None
     if p.lora_a is None:
         return dx, []
-    xa, t, keep = saved
+    x, t, keep = saved
+    xa = x.to(p.lora_a.dtype)
+    if keep is not None:
+        xa = xa * keep.to(xa.dtype).mul_(p.drop_scale)
     g = grad.to(p.lora_a.dtype) * p.scaling
     db = g.T @ t
     dt = g @ p.lora_b
@@ -214,7 +220,7 @@ class _Layer(torch.autograd.Function):
         pq, pk, pv, po, pg, pu, pd = projs
         b, t, hidden = x.shape
         x = x.reshape(b * t, hidden)  # rows are tokens from here on
-        h, (n1, rstd1) = _rms_forward(x, c.ln1, c.eps)
+        h, norm1 = _rms_forward(x, c.ln1, c.eps)
         q, sq = _proj_forward(pq, h, save)
         k, sk = _proj_forward(pk, h, save)
         v, sv = _proj_forward(pv, h, save)
@@ -226,7 +232,7 @@ class _Layer(torch.autograd.Function):
         o = o32.transpose(1, 2).reshape(b * t, -1).to(x.dtype)
         attn, so = _proj_forward(po, o, save)
         x2 = x + attn
-        h2, (n2, rstd2) = _rms_forward(x2, c.ln2, c.eps)
+        h2, norm2 = _rms_forward(x2, c.ln2, c.eps)
         gate, sg = _proj_forward(pg, h2, save)
         up, su = _proj_forward(pu, h2, save)
         act = F.silu(gate)
@@ -234,13 +240,15 @@ class _Layer(torch.autograd.Function):
         out = x2 + down
         if save:
             ctx.projs, ctx.c, ctx.shape, ctx.dtype = projs, c, (b, t, hidden), x.dtype
+            # What the backward needs, in the model dtype where it has it (q, k, v: float32 copies
+            # of them are exact, and redone there).
             ctx.saved = (sq, sk, sv, so, sg, su, sd)
-            ctx.save_for_backward(n1, rstd1, q32, k32, v32, o32, lse, n2, rstd2, gate, up, act, cos, sin)
+            ctx.save_for_backward(*norm1, q, k, v, o32, lse, *norm2, gate, up, act, cos, sin)
         return out.view(b, t, hidden)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        n1, rstd1, q32, k32, v32, o32, lse, n2, rstd2, gate, up, act, cos, sin = ctx.saved_tensors
+        x, rstd1, q, k, v, o32, lse, x2, rstd2, gate, up, act, cos, sin = ctx.saved_tensors
         pq, pk, pv, po, pg, pu, pd = ctx.projs
         sq, sk, sv, so, sg, su, sd = ctx.saved
         c, (b, t, hidden), dtype = ctx.c, ctx.shape, ctx.dtype
@@ -251,10 +259,12 @@ class _Layer(torch.autograd.Function):
         d_up = d_mid * act
         d_h2, g_g = _proj_backward(pg, sg, d_gate, True)
         d_h2u, g_u = _proj_backward(pu, su, d_up, True)
-        d_x2 = grad + _rms_backward(d_h2 + d_h2u, c.ln2, (n2, rstd2))
+        d_x2 = grad + _rms_backward(d_h2 + d_h2u, c.ln2, (x2, rstd2))
         # attention: x2 = x + o_proj(attention(rope(q), rope(k), v))
         d_o, g_o = _proj_backward(po, so, d_x2, True)
         d_o32 = d_o.view(b, t, c.heads, c.head_dim).float().transpose(1, 2)
+        q32, k32 = q.float().transpose(1, 2), k.float().transpose(1, 2)
+        v32 = v.view(b, t, c.kv_heads, c.head_dim).float().transpose(1, 2)
         dq32, dk32, dv32 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             d_o32, q32, k32, v32, o32, lse, 0.0, True, scale=c.scaling)
         dq = _rope_backward(dq32.transpose(1, 2).to(dtype), cos, sin).reshape(b * t, -1)
@@ -264,6 +274,6 @@ class _Layer(torch.autograd.Function):
         d_hq, g_q = _proj_backward(pq, sq, dq, need_x)
         d_hk, g_k = _proj_backward(pk, sk, dk, need_x)
         d_hv, g_v = _proj_backward(pv, sv, dv, need_x)
-        d_x = (d_x2 + _rms_backward(d_hq + d_hk + d_hv, c.ln1, (n1, rstd1))).view(b, t, hidden) if need_x else None
+        d_x = (d_x2 + _rms_backward(d_hq + d_hk + d_hv, c.ln1, (x, rstd1))).view(b, t, hidden) if need_x else None
         grads = [*g_q, *g_k, *g_v, *g_o, *g_g, *g_u, *g_d]
         return (d_x, None, None, None, None, None, *grads)

@@ -215,14 +215,12 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     with torch.no_grad():
         for idx in order.split(cfg.forward_batch_size):
             part = sb.select(idx)
-            logits, values = (policy.heads(hidden[idx], part.labels) if hidden is not None
-                              else policy(part.input_ids, part.gather_idx, part.labels))
-            # Row by row: the full-vocabulary temporaries (log-softmax, its exp) are one row's.
-            lp, ent = zip(*(rl.logprobs_and_entropy(x, y) for x, y in zip(logits.split(1), part.labels.split(1))))
-            parts["logprobs"].append(torch.cat(lp))
-            parts["entropy"].append(torch.cat(ent))
+            h = hidden[idx] if hidden is not None else policy.response_hidden(part.input_ids, part.gather_idx)
+            lp, ent, values = policy.experience(h, part.labels)
+            parts["logprobs"].append(lp)
+            parts["entropy"].append(ent)
             parts["values"].append(values)
-            del logits
+            del h
             with policy.as_reference() if ref is None else contextlib.nullcontext(ref) as reference:
                 parts["ref"].append(reference_logprobs(reference, part))
     back = order.argsort()

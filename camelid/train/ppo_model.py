@@ -57,6 +57,17 @@ class PolicyWithValue(nn.Module):
         input, from a forward pass or from the rollout (`Completion.hidden`)."""
         return head_logits(self.lm, hidden, labels), self.v_head(hidden.float()).squeeze(-1)
 
+    def response_hidden(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, H) at gather_idx (see `_response_hidden`)."""
+        return _response_hidden(self.lm, input_ids, gather_idx)
+
+    def experience(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs of `labels`, entropy, values), each (B, T), of final hidden states (B, T, H);
+        no gradient, and the full-vocabulary logits only a chunk of rows at a time (`head_logprobs`)."""
+        with torch.no_grad():
+            logprobs, entropy = head_logprobs(self.lm, hidden, labels, entropy=True)
+            return logprobs, entropy, self.v_head(hidden.float()).squeeze(-1)
+
     @contextlib.contextmanager
     def as_reference(self):
         """The base model: the LoRA adapter switched off for the block."""
@@ -145,10 +156,26 @@ def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, gather_idx: torch.T
 def reference_logprobs(ref: nn.Module, batch: "SeqBatch") -> torch.Tensor:
     """log π_ref of the response tokens (B, T) under a plain causal LM (no grad)."""
     with torch.no_grad():
-        hidden = _response_hidden(ref, batch.input_ids, batch.gather_idx)
-        logits = head_logits(ref, hidden, batch.labels)
-        # Row by row: the log-softmax temporaries are one row's, as in make_experience.
-        return torch.cat([rl.logprobs_from_logits(x, y) for x, y in zip(logits.split(1), batch.labels.split(1))])
+        return head_logprobs(ref, _response_hidden(ref, batch.input_ids, batch.gather_idx), batch.labels)[0]
+
+
+def head_logprobs(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, entropy: bool = False,
+                  rows: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(head(hidden))[labels] (B, T), and the entropy (B, T) if asked, without a
+    gradient; the (rows x vocabulary) float32 logits and their log-softmax exist a chunk of
+    `rows` positions at a time (a PPO batch's whole [B*T, V] would be the step's largest buffer)."""
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    lps, ents = [], []
+    for i in range(0, h.shape[0], rows):
+        logits = head_logits(lm, h[i : i + rows], y[i : i + rows])
+        if entropy:
+            lp, ent = rl.logprobs_and_entropy(logits, y[i : i + rows])
+            ents.append(ent)
+        else:
+            lp = rl.logprobs_from_logits(logits, y[i : i + rows])
+        lps.append(lp)
+    shape = labels.shape
+    return torch.cat(lps).view(shape), (torch.cat(ents).view(shape) if entropy else None)
 
 
 @dataclass
