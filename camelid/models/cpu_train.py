@@ -6,10 +6,12 @@
   `train_load.training_dtype("auto", cpu_bf16=True)` asks this (PPO does).
 - `FastLoraDropout`: LoRA's input dropout with a cheaper mask. `nn.Dropout` on a CPU draws one
   random number per element (~2 ms for a 256 x 576 activation, sixty times per forward pass
-  of a 30-layer model with LoRA on q/v: a tenth of a PPO mini-batch). Here each 64-bit draw
-  gives three 16-bit lanes, each compared with p x 65536, so a third of the draws; the drop
-  probability is p rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept values
-  are scaled by 1 / (1 - that), as inverted dropout does.
+  of a 30-layer model with LoRA on q/v: a tenth of a PPO mini-batch), and even torch's 64-bit
+  draws cost ~6 ns each. Here one draw from torch's generator seeds SplitMix64 (Steele, Lea &
+  Flood 2014) over a counter, computed with whole-tensor integer operations, and each 64-bit
+  output gives four 16-bit lanes, each compared with p x 65536 (0.33 vs 0.79 ms for that
+  activation); the drop probability is p rounded to a multiple of 1/65536 (0.05 -> 0.0500031)
+  and the kept values are scaled by 1 / (1 - that), as inverted dropout does.
 - `float32_attention(model)`: attention in float32 inside a bfloat16 model. The CPU's fused
   attention kernel is slower in bfloat16 than in float32 for its backward pass (7.6 vs 4.1 ms
   per layer at 2 x 128 tokens); its arithmetic is small next to the projections, so q, k, v
@@ -38,7 +40,7 @@ def native_bf16() -> bool:
 
 
 class FastLoraDropout(nn.Module):
-    """Inverted dropout with a mask built from three 16-bit lanes per 64-bit random draw."""
+    """Inverted dropout with a mask built from four 16-bit lanes per 64-bit SplitMix64 output."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -56,16 +58,33 @@ class FastLoraDropout(nn.Module):
         return f"p={self.p}"
 
 
+def _int64(u: int) -> int:
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+_GOLDEN, _MIX1, _MIX2 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> on int64 is arithmetic)."""
+    return (z >> k).bitwise_and_((1 << (64 - k)) - 1)
+
+
 def keep_mask(shape: torch.Size, threshold: int, device: torch.device) -> torch.Tensor:
     """Bool mask of `shape`: each element True with probability (32768 - threshold) / 65536.
 
-    `random_()` on int64 fills 63 uniform bits (the sign bit stays 0), so of each draw's four
-    int16 lanes the lower three are uniform over the whole int16 range; the fourth is unused.
+    SplitMix64: z_i = seed + i * golden, then two xor-shift-multiply rounds and a final
+    xor-shift (int64 multiplication wraps as uint64's does); its four int16 lanes are uniform
+    over the int16 range. The seed is one draw from torch's global generator, so a seeded (or
+    resumed) run repeats its masks.
     """
     n = shape.numel()
-    draws = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()
-    lanes = draws.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]
-    return (lanes >= threshold).view(shape)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    z = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_GOLDEN).add_(seed)
+    z = z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
+    z = z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
+    z = z.bitwise_xor_(_shr(z, 31))
+    return (z.view(torch.int16)[:n] >= threshold).view(shape).to(device)
 
 
 def _float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):
