@@ -102,8 +102,11 @@ def test_weights_read_a_tensor_at_a_time_load_what_from_pretrained_loads(tiny_mo
     through from_pretrained's memory map: the same model, the same recorded path."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from camelid.models.train_load import load_base
+    from camelid.models.train_load import load_base, read_weights
 
+    # Only where tensors need a cast: a float32 load of a float32 checkpoint keeps the memory map.
+    assert read_weights(tiny_model_dir, torch.float32) is None
+    assert read_weights(tiny_model_dir, torch.bfloat16)["model.norm.weight"].dtype == torch.bfloat16
     ours, _, path = load_base(tiny_model_dir, task=task, dtype="bfloat16")
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     torch.manual_seed(0)

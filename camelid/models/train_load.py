@@ -128,12 +128,14 @@ def _bnb_config(task: str) -> Any:
 
 def read_weights(path: Path, dtype: Any) -> dict[str, Any] | None:
     """The folder's safetensors weights, each tensor read (pread, not mmap) and cast to `dtype` one
-    at a time; None when the folder has none (then from_pretrained reads whatever it has).
+    at a time, when some need a cast; None when none do or the folder has no safetensors (then
+    from_pretrained reads the files itself).
 
     from_pretrained memory-maps the files, and every page it touches counts in the process's
     resident memory until it is done: loading a float32 checkpoint of the bundled model in
     bfloat16 peaked at ~2x the file's size above the result (1.12 GB for a 0.6 GB model).
-    Here the peak is the result plus one float32 tensor."""
+    Here the peak is the result plus one float32 tensor. Where no tensor needs a cast, the
+    memory map is the cheaper way (the weights are used where they are mapped)."""
     import json
 
     import torch
@@ -145,6 +147,13 @@ def read_weights(path: Path, dtype: Any) -> dict[str, Any] | None:
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
+        return None
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+    stored = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            stored |= {f.get_slice(key).get_dtype() for key in f.keys()}
+    if not stored & {"F64", "F32", "F16", "BF16"} - {names.get(dtype)}:
         return None
     state = {}
     for file in files:
