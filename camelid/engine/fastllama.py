@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from camelid.models.llama_train import as_projection, projection_forward
 from camelid.models.lora import unwrap
 
 
@@ -46,27 +47,14 @@ def _append(cache, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
 
 
 def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`m(x)` for an nn.Linear or a peft LoRA Linear over one, without the modules' call overhead.
-
-    A LoRA layer in eval mode with one plain adapter computes exactly what peft's
-    `lora.Linear.forward` does: the base product, plus lora_B(lora_A(x cast to the adapter's
-    dtype)) x scaling added in the promoted dtype, cast back to the base result's. Anything else
-    (merged or disabled adapters, dropout active, DoRA and other variants, quantised bases) is
-    left to the module itself.
-    """
+    """`m(x)` for an nn.Linear or a peft LoRA Linear over one, without the modules' call overhead:
+    in eval mode, the operations of peft's `lora.Linear.forward` (`llama_train.projection_forward`);
+    anything that path does not recognise (merged adapters, DoRA and other variants, quantised
+    bases) is left to the module itself."""
     if type(m) is torch.nn.Linear:
         return F.linear(x, m.weight, m.bias)
-    base = getattr(m, "base_layer", None)
-    if (type(base) is not torch.nn.Linear or m.training or m.disable_adapters or m.merged
-            or len(m.active_adapters) != 1 or m.active_adapters[0] in m.lora_variant
-            or m.active_adapters[0] not in m.lora_A or not getattr(m, "cast_input_dtype_enabled", True)):
-        return m(x)
-    name = m.active_adapters[0]
-    a, b = m.lora_A[name], m.lora_B[name]
-    if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None:
-        return m(x)
-    y = F.linear(x, base.weight, base.bias)
-    return (y + F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight) * m.scaling[name]).to(y.dtype)
+    p = None if m.training else as_projection(m, training=False, frozen=False)
+    return m(x) if p is None else projection_forward(p, x, save=False)[0]
 
 
 def supports(model) -> bool:

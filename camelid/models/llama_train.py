@@ -49,12 +49,13 @@ class _Proj(NamedTuple):
     drop_scale: float = 1.0
 
 
-def _proj(m: nn.Module, training: bool) -> _Proj | None:
-    """The projection `m` as a _Proj, or None when it is something this path does not handle."""
+def as_projection(m: nn.Module, training: bool, frozen: bool = True) -> _Proj | None:
+    """The projection `m` as a _Proj, or None when it is something this path does not handle
+    (with `frozen`, also when its base weight is trainable: the backward has no gradient for it)."""
     if type(m) is nn.Linear:
-        return None if m.weight.requires_grad else _Proj(m.weight, m.bias)
+        return None if frozen and m.weight.requires_grad else _Proj(m.weight, m.bias)
     base = getattr(m, "base_layer", None)
-    if type(base) is not nn.Linear or base.weight.requires_grad or getattr(m, "merged", True):
+    if type(base) is not nn.Linear or (frozen and base.weight.requires_grad) or getattr(m, "merged", True):
         return None
     if m.disable_adapters or not m.active_adapters:
         return _Proj(base.weight, base.bias)
@@ -111,7 +112,7 @@ def _plan(lm: nn.Module) -> _Plan | None:
     layers = []
     for layer in inner.layers:
         a, m = layer.self_attn, layer.mlp
-        projs = [_proj(getattr(a, n), training) for n in _ATTENTION] + [_proj(getattr(m, n), training) for n in _MLP]
+        projs = [as_projection(getattr(a, n), training) for n in _ATTENTION] + [as_projection(getattr(m, n), training) for n in _MLP]
         if any(p is None for p in projs):
             return None
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -160,7 +161,7 @@ def _rms_backward(grad: torch.Tensor, weight: torch.Tensor, saved: tuple[torch.T
     return ((g - normed * (g * normed).mean(-1, keepdim=True)) * rstd).to(grad.dtype)
 
 
-def _proj_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, tuple | None]:
+def projection_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, tuple | None]:
     """peft's lora.Linear: base(x) + lora_B(lora_A(dropout(x in A's dtype))) * scaling, in the promoted
     dtype, cast back to the base result's. Returns (y, what the backward needs: the input, not its
     float32 dropped-out copy, which the backward redoes from the saved mask)."""
@@ -221,22 +222,22 @@ class _Layer(torch.autograd.Function):
         b, t, hidden = x.shape
         x = x.reshape(b * t, hidden)  # rows are tokens from here on
         h, norm1 = _rms_forward(x, c.ln1, c.eps)
-        q, sq = _proj_forward(pq, h, save)
-        k, sk = _proj_forward(pk, h, save)
-        v, sv = _proj_forward(pv, h, save)
+        q, sq = projection_forward(pq, h, save)
+        k, sk = projection_forward(pk, h, save)
+        v, sv = projection_forward(pv, h, save)
         q = _rope(q.view(b, t, c.heads, c.head_dim), cos, sin)
         k = _rope(k.view(b, t, c.kv_heads, c.head_dim), cos, sin)
         q32, k32 = q.float().transpose(1, 2), k.float().transpose(1, 2)
         v32 = v.view(b, t, c.kv_heads, c.head_dim).float().transpose(1, 2)
         o32, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=c.scaling)
         o = o32.transpose(1, 2).reshape(b * t, -1).to(x.dtype)
-        attn, so = _proj_forward(po, o, save)
+        attn, so = projection_forward(po, o, save)
         x2 = x + attn
         h2, norm2 = _rms_forward(x2, c.ln2, c.eps)
-        gate, sg = _proj_forward(pg, h2, save)
-        up, su = _proj_forward(pu, h2, save)
+        gate, sg = projection_forward(pg, h2, save)
+        up, su = projection_forward(pu, h2, save)
         act = F.silu(gate)
-        down, sd = _proj_forward(pd, act * up, save)
+        down, sd = projection_forward(pd, act * up, save)
         out = x2 + down
         if save:
             ctx.projs, ctx.c, ctx.shape, ctx.dtype = projs, c, (b, t, hidden), x.dtype

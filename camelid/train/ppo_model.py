@@ -139,8 +139,8 @@ class _Float32Head(torch.autograd.Function):
 def _response_hidden(lm: nn.Module, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, H) at gather_idx, the position before each response token.
 
-    Runs the decoder stack only (`models.llama_train` on a CPU, else `get_decoder()`), then gathers, so the LM head runs on T rows
-    per sequence. The rows are right-padded, so no padding mask is passed: under the causal mask
+    Runs the decoder stack only (`models.llama_train` on a CPU, else `get_decoder()`), then
+    gathers, so the LM head runs on T rows per sequence. The rows are right-padded, so no padding mask is passed: under the causal mask
     a real token never sees the padding after it, and its output is the same with or without
     one; without, attention runs its causal kernel (which skips the masked half) and no
     (B, 1, L, L) mask is built. Positions 0..L-1 are right without position_ids.
