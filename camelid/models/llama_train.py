@@ -82,7 +82,7 @@ def _params(p: _Proj) -> list[torch.Tensor]:
 
 class _Plan(NamedTuple):
     inner: nn.Module
-    layers: list[tuple[list[_Proj], Any]]
+    layers: list[tuple[list[_Proj], "_Consts"]]
     """Per layer: the seven projections (q, k, v, o, gate, up, down) and the layer's constants."""
 
 
@@ -97,6 +97,8 @@ class _Consts(NamedTuple):
 
 
 def _plan(lm: nn.Module) -> _Plan | None:
+    """What one forward runs, read from the modules at each call: adapters switch on and off
+    (PPO's reference) and dropout with train/eval, so nothing is cached between calls."""
     model = unwrap(lm)
     if type(model).__name__ != "LlamaForCausalLM" or not hasattr(model, "model"):
         return None
@@ -168,14 +170,16 @@ def projection_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Ten
     y = F.linear(x, p.weight, p.bias)
     if p.lora_a is None:
         return y, None
-    xa = x.to(p.lora_a.dtype)
-    keep = None
-    if p.drop_threshold is not None:
-        keep = keep_mask(xa.shape, p.drop_threshold, xa.device)
-        xa = xa * keep.to(xa.dtype).mul_(p.drop_scale)
+    keep = None if p.drop_threshold is None else keep_mask(x.shape, p.drop_threshold, x.device)
+    xa = _dropped(p, x.to(p.lora_a.dtype), keep)
     t = F.linear(xa, p.lora_a)
     y = (y + F.linear(t, p.lora_b) * p.scaling).to(y.dtype)
     return y, ((x, t, keep) if save else None)
+
+
+def _dropped(p: _Proj, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x with the adapter's dropout mask applied (kept values scaled by 1 / (1 - p)); x without one."""
+    return x if keep is None else x * keep.to(x.dtype).mul_(p.drop_scale)
 
 
 def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input: bool) -> tuple[torch.Tensor | None, list]:
@@ -184,18 +188,13 @@ def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input
     if p.lora_a is None:
         return dx, []
     x, t, keep = saved
-    xa = x.to(p.lora_a.dtype)
-    if keep is not None:
-        xa = xa * keep.to(xa.dtype).mul_(p.drop_scale)
+    xa = _dropped(p, x.to(p.lora_a.dtype), keep)
     g = grad.to(p.lora_a.dtype) * p.scaling
     db = g.T @ t
     dt = g @ p.lora_b
     da = dt.T @ xa
     if need_input:
-        dxa = dt @ p.lora_a
-        if keep is not None:
-            dxa = dxa * keep.to(dxa.dtype).mul_(p.drop_scale)
-        dx = dx + dxa.to(dx.dtype)
+        dx = dx + _dropped(p, dt @ p.lora_a, keep).to(dx.dtype)
     return dx, [da, db]
 
 

@@ -199,7 +199,7 @@ def load_base(
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(str(path), **({"num_labels": 1} if task == "seq_cls" else {}))
+            config = AutoConfig.from_pretrained(str(path), **{k: v for k, v in kwargs.items() if k == "num_labels"})
             m = cls._model_mapping[type(config)].from_pretrained(None, config=config, state_dict=state, dtype=dt)
             m.name_or_path = m.config._name_or_path = str(path)  # as from_pretrained(path) records it (peft's adapters name it)
             del state
