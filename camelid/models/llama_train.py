@@ -104,7 +104,9 @@ def _plan(lm: nn.Module) -> _Plan | None:
         return None
     inner, cfg = model.model, model.config
     weight = inner.embed_tokens.weight
-    if weight.device.type != "cpu" or getattr(model, "is_activation_checkpointing", False):
+    # Gradient checkpointing (transformers sets the flag on the model and on each decoder layer;
+    # its `is_activation_checkpointing` walks every module, a third of this function's time).
+    if weight.device.type != "cpu" or _checkpointing(model) or _checkpointing(inner):
         return None
     if weight.dtype != torch.float32 and getattr(cfg, "_attn_implementation", None) != FLOAT32_ATTENTION:
         return None
@@ -113,6 +115,8 @@ def _plan(lm: nn.Module) -> _Plan | None:
     training = inner.training
     layers = []
     for layer in inner.layers:
+        if _checkpointing(layer):
+            return None
         a, m = layer.self_attn, layer.mlp
         projs = [as_projection(getattr(a, n), training) for n in _ATTENTION] + [as_projection(getattr(m, n), training) for n in _MLP]
         if any(p is None for p in projs):
@@ -124,6 +128,10 @@ def _plan(lm: nn.Module) -> _Plan | None:
                          cfg.num_key_value_heads, a.head_dim, a.scaling)
         layers.append((projs, consts))
     return _Plan(inner, layers)
+
+
+def _checkpointing(m: nn.Module) -> bool:
+    return bool(getattr(m, "gradient_checkpointing", False))
 
 
 def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:

@@ -292,6 +292,16 @@ def _early_stop(policykls: list[float], cfg: PPOConfig, acc: Any) -> bool:
     return kl > 1.5 * cfg.target_kl
 
 
+def adam(params: list[Any], lr: float) -> Any:
+    """Adam as TRL's PPOTrainer uses it; the fused kernel where the parameters' device has one
+    (CPU, CUDA): the same update in one pass per tensor instead of a dozen tensor operations
+    (16 optimizer steps per PPO step of ~120 LoRA tensors: 2 vs 9 ms a step on a CPU)."""
+    import torch
+
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
 
@@ -358,7 +368,7 @@ def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwr
     policy, tok, _ = build_policy(cfg)
     ref = load_reference(cfg)
     prompts = PromptSet(questions, tok, cfg)
-    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    opt = adam([p for p in policy.parameters() if p.requires_grad], cfg.learning_rate)
     model, opt = acc.prepare(policy, opt)
     state = ppo_state.PPOState.fresh(cfg)
     if run.resume_from is not None:
