@@ -46,14 +46,16 @@ def test_float32_training_pass_equals_transformers_and_peft(tiny_model_dir, targ
     ids = torch.randint(5, 1000, (2, 17))
     ours, our_grads = hidden_and_grads(model, llama_train.decoder_hidden, ids, seed=3)
     theirs, their_grads = hidden_and_grads(model, hf_hidden, ids, seed=3)
-    assert torch.equal(ours, theirs)  # the same operations, the same dropout masks
+    # The same operations and dropout masks; LoRA's 1/(1-p) is applied to the (rows x r) product
+    # instead of to x (projection_forward), so the two agree to float32 rounding, not bit for bit.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert len(our_grads) == 2 * 2 * len(targets)  # A and B per adapted projection, 2 layers
     for a, b in zip(our_grads, their_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert any(g.abs().max() > 0 for g in our_grads)
     # A different seed draws different masks: the dropout is live, not skipped.
     other, _ = hidden_and_grads(model, llama_train.decoder_hidden, ids, seed=4)
-    assert not torch.equal(other, ours)
+    assert (other - ours).abs().max() > 1000 * (ours - theirs).abs().max()
 
 
 def test_bfloat16_pass_with_float32_attention_matches_within_bfloat16_rounding(tiny_model_dir):

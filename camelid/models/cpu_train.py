@@ -71,7 +71,7 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def keep_mask(shape: torch.Size, threshold: int, device: torch.device) -> torch.Tensor:
-    """Bool mask of `shape`: each element True with probability (32768 - threshold) / 65536.
+    """0/1 mask of `shape` (uint8): each element 1 with probability (32768 - threshold) / 65536.
 
     SplitMix64: z_i = seed + i * golden, then two xor-shift-multiply rounds and a final
     xor-shift (int64 multiplication wraps as uint64's does); its four int16 lanes are uniform
@@ -84,7 +84,9 @@ def keep_mask(shape: torch.Size, threshold: int, device: torch.device) -> torch.
     z = z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
     z = z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
     z = z.bitwise_xor_(_shr(z, 31))
-    return (z.view(torch.int16)[:n] >= threshold).view(shape).to(device)
+    # uint8 rather than bool: torch converts bool to float element by element, uint8 vectorised
+    # (16 vs 123 us for a 238 x 576 mask, and each mask is converted once forward, twice backward).
+    return (z.view(torch.int16)[:n] >= threshold).view(torch.uint8).view(shape).to(device)
 
 
 def _float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):

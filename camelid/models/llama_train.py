@@ -173,36 +173,49 @@ def _rms_backward(grad: torch.Tensor, weight: torch.Tensor, saved: tuple[torch.T
 
 def projection_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, tuple | None]:
     """peft's lora.Linear: base(x) + lora_B(lora_A(dropout(x in A's dtype))) * scaling, in the promoted
-    dtype, cast back to the base result's. Returns (y, what the backward needs: the input, not its
-    float32 dropped-out copy, which the backward redoes from the saved mask)."""
+    dtype, cast back to the base result's. Returns (y, what the backward needs).
+
+    The same products in fewer passes over (rows x features) tensors: the mask is applied to x
+    unscaled (exact), and the dropout's 1/(1-p) and the adapter's scaling are applied to the
+    (rows x r) product instead, c * ((x*m) A^T) for peft's ((x*m) / (1-p)) A^T, then B, then
+    scaling: for alpha = 2r (scaling 2.0, a power of two) the same numbers, else within float32
+    rounding. The sum is rounded once into the base result's dtype, as peft's `.to()` does."""
     y = F.linear(x, p.weight, p.bias)
     if p.lora_a is None:
         return y, None
     keep = None if p.drop_threshold is None else keep_mask(x.shape, p.drop_threshold, x.device)
-    xa = _dropped(p, x.to(p.lora_a.dtype), keep)
+    xa = x.to(p.lora_a.dtype, copy=keep is not None)
+    if keep is not None:
+        xa.mul_(keep)
     t = F.linear(xa, p.lora_a)
-    y = (y + F.linear(t, p.lora_b) * p.scaling).to(y.dtype)
-    return y, ((x, t, keep) if save else None)
+    u = F.linear(t * _lora_scale(p, keep), p.lora_b)
+    out = y + u if u.dtype == y.dtype else torch.add(y, u, out=torch.empty_like(y))
+    return out, ((xa, t, keep) if save else None)
 
 
-def _dropped(p: _Proj, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x with the adapter's dropout mask applied (kept values scaled by 1 / (1 - p)); x without one."""
-    return x if keep is None else x * keep.to(x.dtype).mul_(p.drop_scale)
+def _lora_scale(p: _Proj, keep: torch.Tensor | None) -> float:
+    """The factor on (x*m) A^T: the adapter's scaling, times 1/(1-p) when a dropout mask m applies."""
+    return p.scaling * (p.drop_scale if keep is not None else 1.0)
 
 
 def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input: bool) -> tuple[torch.Tensor | None, list]:
-    """(input gradient or None, [dA, dB] for an adapter, else [])."""
+    """(input gradient or None, [dA, dB] for an adapter, else []). With t = (x*m) A^T and c as in
+    projection_forward: dB = c g^T t, dt = c g B, dA = dt^T (x*m), dx_adapter = (dt A) * m."""
     dx = grad @ p.weight if need_input else None
     if p.lora_a is None:
         return dx, []
-    x, t, keep = saved
-    xa = _dropped(p, x.to(p.lora_a.dtype), keep)
-    g = grad.to(p.lora_a.dtype) * p.scaling
-    db = g.T @ t
-    dt = g @ p.lora_b
+    xa, t, keep = saved
+    c = _lora_scale(p, keep)
+    g = grad.to(p.lora_a.dtype)
+    db = (g.T @ t).mul_(c)
+    dt = (g @ p.lora_b).mul_(c)
     da = dt.T @ xa
     if need_input:
-        dx = dx + _dropped(p, dt @ p.lora_a, keep).to(dx.dtype)
+        dxa = dt @ p.lora_a
+        if keep is not None:
+            dxa.mul_(keep)
+        # autograd's order: the adapter's input gradient is cast to x's dtype, then the two summed
+        dx = dx.add_(dxa.to(dx.dtype))
     return dx, [da, db]
 
 
