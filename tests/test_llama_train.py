@@ -72,12 +72,36 @@ def test_bfloat16_pass_with_float32_attention_matches_within_bfloat16_rounding(t
 def test_eval_mode_and_the_disabled_adapter_give_the_models_own_outputs(tiny_model_dir):
     model = lora_model(tiny_model_dir, "float32").eval()
     ids = torch.randint(5, 1000, (3, 11))
-    with torch.no_grad():
-        assert torch.equal(llama_train.decoder_hidden(model, ids), hf_hidden(model, ids))
+    with torch.no_grad():  # equal to float32 rounding (attention as products, not SDPA's kernel)
+        torch.testing.assert_close(llama_train.decoder_hidden(model, ids), hf_hidden(model, ids), rtol=1e-5, atol=1e-6)
         with model.disable_adapter():  # PPO's reference
             base = llama_train.decoder_hidden(model, ids)
-            assert torch.equal(base, hf_hidden(model, ids))
-        assert not torch.equal(base, llama_train.decoder_hidden(model, ids))
+            torch.testing.assert_close(base, hf_hidden(model, ids), rtol=1e-5, atol=1e-6)
+        assert (base - llama_train.decoder_hidden(model, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("matrix_bytes", [llama_train.MATRIX_ATTENTION_BYTES, 0])  # products; flash kernel
+def test_grouped_query_attention_and_its_backward_equal_autograd_on_the_plain_formula(matrix_bytes, monkeypatch):
+    """softmax(q k^T / sqrt(d) + causal) v with each kv head shared by h / kv query heads, in float32
+    from bfloat16 inputs: the pass's attention and hand-written backward against autograd on the
+    formula written out (kv heads repeated as transformers' repeat_kv does)."""
+    monkeypatch.setattr(llama_train, "MATRIX_ATTENTION_BYTES", matrix_bytes)
+    b, t, h, kv, d = 2, 13, 6, 2, 8
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, t, n, d).to(torch.bfloat16) for n in (h, kv, kv))
+    d_o = torch.randn(b, t, h, d).to(torch.bfloat16)
+    out, saved = llama_train._attention(q, k, v, d**-0.5, save=True)
+    dq, dk, dv = llama_train._attention_backward(d_o, q, k, v, saved, d**-0.5)
+
+    q32, k32, v32 = (x.float().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    keys, values = (x.repeat_interleave(h // kv, dim=1) for x in (k32, v32))
+    scores = q32 @ keys.transpose(-1, -2) * d**-0.5 + torch.full((t, t), float("-inf")).triu(1)
+    want = (scores.softmax(-1) @ values).transpose(1, 2)
+    want.backward(d_o.float())
+    assert out.dtype == torch.bfloat16 and out.shape == (b, t, h, d)
+    torch.testing.assert_close(out.float(), want, rtol=0.01, atol=0.01)  # bfloat16 output rounding
+    for got, ref in ((dq, q32.grad), (dk, k32.grad), (dv, v32.grad)):
+        torch.testing.assert_close(got.float(), ref.transpose(1, 2), rtol=0.01, atol=0.01)
 
 
 def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
