@@ -78,15 +78,25 @@ def keep_mask(shape: torch.Size, threshold: int, device: torch.device) -> torch.
     over the int16 range. The seed is one draw from torch's global generator, so a seeded (or
     resumed) run repeats its masks.
     """
+    return keep_masks([draw_seed()], shape, threshold, device)[0]
+
+
+def draw_seed() -> int:
+    """One mask's seed: a draw from torch's global generator."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+
+
+def keep_masks(seeds: list[int], shape: torch.Size, threshold: int, device: torch.device) -> torch.Tensor:
+    """`keep_mask` for each seed, (len(seeds), *shape): the same masks, computed together (a
+    training pass's few dozen masks in a dozen tensor operations instead of a dozen each)."""
     n = shape.numel()
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
-    z = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_GOLDEN).add_(seed)
+    z = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_GOLDEN) + torch.tensor(seeds, dtype=torch.int64)[:, None]
     z = z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
     z = z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
     z = z.bitwise_xor_(_shr(z, 31))
     # uint8 rather than bool: torch converts bool to float element by element, uint8 vectorised
     # (16 vs 123 us for a 238 x 576 mask, and each mask is converted once forward, twice backward).
-    return (z.view(torch.int16)[:n] >= threshold).view(torch.uint8).view(shape).to(device)
+    return (z.view(torch.int16)[:, :n] >= threshold).view(torch.uint8).view(len(seeds), *shape).to(device)
 
 
 def _float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):

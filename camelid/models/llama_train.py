@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from camelid.models.cpu_train import FLOAT32_ATTENTION, FastLoraDropout, keep_mask
+from camelid.models.cpu_train import FLOAT32_ATTENTION, FastLoraDropout, draw_seed, keep_mask, keep_masks
 from camelid.models.lora import unwrap
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -146,13 +146,36 @@ def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | Non
     x = inner.embed_tokens(input_ids)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     cos, sin = inner.rotary_emb(x, positions)  # (1, T, D) in the model dtype, as the model's forward has them
+    # rotate_half(x) * sin = roll(x, D/2) * (sin with its first half negated): the sign folded
+    # into the table once, so each rotary is roll, two multiplies and an add (exact: a sign flip).
+    half = sin.shape[-1] // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     cos, sin = cos[:, :, None], sin[:, :, None]
     grad = torch.is_grad_enabled()
-    for projs, consts in plan.layers:
+    keeps = _dropout_masks(plan, input_ids.numel(), x.device)
+    for (projs, consts), layer_keeps in zip(plan.layers, keeps):
         params = [t for p in projs for t in _params(p)]
         save = grad and (x.requires_grad or any(t.requires_grad for t in params))
-        x = _Layer.apply(x, projs, consts, cos, sin, save, *params)
+        x = _Layer.apply(x, projs, consts, cos, sin, save, layer_keeps, *params)
     return inner.norm(x)
+
+
+def _dropout_masks(plan: _Plan, rows: int, device: torch.device) -> list[list[torch.Tensor | None]]:
+    """Per layer, per projection: its adapter's dropout mask (rows, in_features) for this pass, or
+    None. The seeds are drawn in the order peft's modules draw them (layer by layer, q before v),
+    then the masks of one shape and threshold are computed together (`cpu_train.keep_masks`)."""
+    out: list[list[torch.Tensor | None]] = [[None] * len(projs) for projs, _ in plan.layers]
+    wanted = [(i, j, p) for i, (projs, _) in enumerate(plan.layers) for j, p in enumerate(projs) if p.drop_threshold is not None]
+    seeds = [draw_seed() for _ in wanted]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, (_, _, p) in enumerate(wanted):
+        groups.setdefault((p.weight.shape[1], p.drop_threshold), []).append(n)
+    for (features, threshold), members in groups.items():
+        masks = keep_masks([seeds[n] for n in members], torch.Size((rows, features)), threshold, device)
+        for n, mask in zip(members, masks):
+            i, j, _ = wanted[n]
+            out[i][j] = mask
+    return out
 
 
 # --- pieces, forward and backward ----------------------------------------------------------------
@@ -165,15 +188,16 @@ def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
 
 
 def _rms_backward(grad: torch.Tensor, weight: torch.Tensor, saved: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """d/dx of the above for a frozen weight: (g − x̂·mean(g·x̂)) / rms(x), g = grad·weight and
-    x̂ = x / rms(x) in float32."""
+    """d/dx of the above for a frozen weight: (g − x̂·mean(g·x̂)) / rms(x), g = grad·weight (in the
+    model dtype, as autograd has it) and x̂ = x / rms(x) in float32."""
     x, rstd = saved
-    normed = x.float() * rstd
+    normed = x * rstd  # float32 (rstd is)
     g = (grad * weight).float()
-    return ((g - normed * (g * normed).mean(-1, keepdim=True)) * rstd).to(grad.dtype)
+    mean = (g * normed).mean(-1, keepdim=True)
+    return torch.addcmul(g, normed, mean, value=-1).mul_(rstd).to(grad.dtype)
 
 
-def projection_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Tensor, tuple | None]:
+def projection_forward(p: _Proj, x: torch.Tensor, save: bool, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple | None]:
     """peft's lora.Linear: base(x) + lora_B(lora_A(dropout(x in A's dtype))) * scaling, in the promoted
     dtype, cast back to the base result's. Returns (y, what the backward needs).
 
@@ -185,7 +209,10 @@ def projection_forward(p: _Proj, x: torch.Tensor, save: bool) -> tuple[torch.Ten
     y = F.linear(x, p.weight, p.bias)
     if p.lora_a is None:
         return y, None
-    keep = None if p.drop_threshold is None else keep_mask(x.shape, p.drop_threshold, x.device)
+    if p.drop_threshold is None:
+        keep = None
+    elif keep is None:
+        keep = keep_mask(x.shape, p.drop_threshold, x.device)
     xa = x.to(p.lora_a.dtype, copy=keep is not None)
     if keep is not None:
         xa.mul_(keep)
@@ -221,15 +248,16 @@ def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input
     return dx, [da, db]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) written as
+    roll(x, D/2) * signed_sin, signed_sin = (-sin1, sin2): the same products, the same roundings."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
 
 
-def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = grad.shape[-1] // 2
-    gs = grad * sin
-    return grad * cos + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)
+def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Transpose of the above: grad * cos + rotate_half^T(grad * sin), rotate_half^T(z) = (z2, -z1)
+    = roll(z with its first half negated, D/2) = roll(grad * signed_sin, D/2)."""
+    return grad * cos + torch.roll(grad * signed_sin, grad.shape[-1] // 2, -1)
 
 
 MATRIX_ATTENTION_BYTES = 2 << 20
@@ -321,25 +349,25 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, projs: list[_Proj], c: _Consts, cos: torch.Tensor, sin: torch.Tensor,
-                save: bool, *params: torch.Tensor) -> torch.Tensor:
+                save: bool, keeps: list[torch.Tensor | None], *params: torch.Tensor) -> torch.Tensor:
         pq, pk, pv, po, pg, pu, pd = projs
         b, t, hidden = x.shape
         x = x.reshape(b * t, hidden)  # rows are tokens from here on
         h, norm1 = _rms_forward(x, c.ln1, c.eps)
-        q, sq = projection_forward(pq, h, save)
-        k, sk = projection_forward(pk, h, save)
-        v, sv = projection_forward(pv, h, save)
+        q, sq = projection_forward(pq, h, save, keeps[0])
+        k, sk = projection_forward(pk, h, save, keeps[1])
+        v, sv = projection_forward(pv, h, save, keeps[2])
         q = _rope(q.view(b, t, c.heads, c.head_dim), cos, sin)
         k = _rope(k.view(b, t, c.kv_heads, c.head_dim), cos, sin)
         v = v.view(b, t, c.kv_heads, c.head_dim)
         o, att = _attention(q, k, v, c.scaling, save)
-        attn, so = projection_forward(po, o.reshape(b * t, -1), save)
+        attn, so = projection_forward(po, o.reshape(b * t, -1), save, keeps[3])
         x2 = x + attn
         h2, norm2 = _rms_forward(x2, c.ln2, c.eps)
-        gate, sg = projection_forward(pg, h2, save)
-        up, su = projection_forward(pu, h2, save)
+        gate, sg = projection_forward(pg, h2, save, keeps[4])
+        up, su = projection_forward(pu, h2, save, keeps[5])
         act = F.silu(gate)
-        down, sd = projection_forward(pd, act * up, save)
+        down, sd = projection_forward(pd, act * up, save, keeps[6])
         out = x2 + down
         if save:
             ctx.projs, ctx.c, ctx.shape, ctx.dtype = projs, c, (b, t, hidden), x.dtype
@@ -377,4 +405,4 @@ class _Layer(torch.autograd.Function):
         d_hv, g_v = _proj_backward(pv, sv, dv, need_x)
         d_x = (d_x2 + _rms_backward(d_hq + d_hk + d_hv, c.ln1, (x, rstd1))).view(b, t, hidden) if need_x else None
         grads = [*g_q, *g_k, *g_v, *g_o, *g_g, *g_u, *g_d]
-        return (d_x, None, None, None, None, None, *grads)
+        return (d_x, None, None, None, None, None, None, *grads)
