@@ -87,16 +87,26 @@ def draw_seed() -> int:
 
 
 def keep_masks(seeds: list[int], shape: torch.Size, threshold: int, device: torch.device) -> torch.Tensor:
-    """`keep_mask` for each seed, (len(seeds), *shape): the same masks, computed together (a
-    training pass's few dozen masks in a dozen tensor operations instead of a dozen each)."""
+    """`keep_mask` for each seed, (len(seeds), *shape): the same masks, computed MASKS_AT_ONCE at a
+    time (a training pass's few dozen masks in a few dozen tensor operations instead of a dozen
+    each, on int64 blocks that still fit in a core's cache: 9.5 ms for 60 masks of 238 x 576 in
+    blocks of 8, 12.4 all at once, 13.2 one by one)."""
     n = shape.numel()
-    z = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_GOLDEN) + torch.tensor(seeds, dtype=torch.int64)[:, None]
-    z = z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
-    z = z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
-    z = z.bitwise_xor_(_shr(z, 31))
-    # uint8 rather than bool: torch converts bool to float element by element, uint8 vectorised
-    # (16 vs 123 us for a 238 x 576 mask, and each mask is converted once forward, twice backward).
-    return (z.view(torch.int16)[:, :n] >= threshold).view(torch.uint8).view(len(seeds), *shape).to(device)
+    out = torch.empty((len(seeds), n), dtype=torch.uint8)
+    counter = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_GOLDEN)
+    for i in range(0, len(seeds), MASKS_AT_ONCE):
+        block = torch.tensor(seeds[i : i + MASKS_AT_ONCE], dtype=torch.int64)[:, None]
+        z = counter + block
+        z = z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
+        z = z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
+        z = z.bitwise_xor_(_shr(z, 31))
+        # uint8 rather than bool: torch converts bool to float element by element, uint8 vectorised
+        # (16 vs 123 us for a 238 x 576 mask, and each mask is converted once forward, twice backward).
+        torch.ge(z.view(torch.int16)[:, :n], threshold, out=out[i : i + len(block)].view(torch.bool))
+    return out.view(len(seeds), *shape).to(device)
+
+
+MASKS_AT_ONCE = 8
 
 
 def _float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):

@@ -262,7 +262,9 @@ def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tens
 
 MATRIX_ATTENTION_BYTES = 2 << 20
 """Largest (rows x query heads x T x T) float32 probability tensor for which attention runs as
-plain batched products (`_attention`); longer inputs take the fused flash kernel."""
+plain batched products (`_attention`) when the probabilities are kept for the backward (one
+per layer until then); without a backward (no-grad passes: PPO's reference), 8x that, as the
+tensor lives for one layer. Longer inputs take the fused flash kernel."""
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, save: bool) -> tuple[torch.Tensor, tuple]:
@@ -277,7 +279,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     softmax(q k^T * scale + causal) v in float32 (they agree to ~1e-6)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
-    if b * h * t * t * 4 > MATRIX_ATTENTION_BYTES:
+    if b * h * t * t * 4 > MATRIX_ATTENTION_BYTES * (1 if save else 8):
         q32, k32, v32 = (y.float().transpose(1, 2) for y in (q, k, v))
         o32, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=scale)
         return o32.transpose(1, 2).to(q.dtype), ((o32, lse) if save else ())
