@@ -57,6 +57,21 @@ def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return m(x) if p is None else projection_forward(p, x, save=False)[0]
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for one new position per row: q (b, h, 1, d), k and v
+    (b, kv, S, d), mask (b, 1, 1, S) bool or None. The g = h / kv query heads of each kv head are
+    one (g x d) block against its (S x d) keys (no repeat of K or V), three small batched products
+    and a softmax: at one query row the CPU flash kernel's fixed costs were most of its time
+    (160 us a call on the bundled model at batch 8)."""
+    b, h, _, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b * kv, h // kv, d)
+    scores = torch.bmm(qg, k.reshape(b * kv, s, d).transpose(1, 2)).mul_(d**-0.5)
+    if mask is not None:
+        scores = scores.view(b, kv, h // kv, s).masked_fill_(~mask.view(b, 1, 1, s), float("-inf")).view(b * kv, h // kv, s)
+    return torch.bmm(scores.softmax(-1), v.reshape(b * kv, s, d)).view(b, h, 1, d)
+
+
 def supports(model) -> bool:
     """True for a LlamaForCausalLM, bare or inside a peft wrapper (the fast path applies)."""
     model = unwrap(model)
@@ -122,7 +137,10 @@ class FastLlama:
             if self.attn_dtype is not None:  # the cache holds float32 K/V: no per-step cast of it
                 q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
             k, v = _append(cache, i, k, v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
+            if t == 1:
+                o = _decode_attention(q, k, v, mask).to(x.dtype)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
             x = x + _linear(a.o_proj, o.transpose(1, 2).reshape(bsz, t, -1))
             h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp
