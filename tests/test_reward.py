@@ -194,6 +194,27 @@ def test_merged_reward_model_scores_equal_adapter_scores_and_cli(trained, tmp_pa
     assert [x["score"] for x in rows] == pytest.approx(s_m, abs=1e-3) and rows[1]["id"] == 2
 
 
+def test_scores_through_the_cpu_pass_equal_the_models_own_forward(trained):
+    """score_ids runs the CPU training pass's decoder and the score head at the token transformers
+    pools (the rightmost non-padding one): against the model's forward with its padding mask, on
+    rows of different lengths, one of them ending in the padding id (EOS is padding here)."""
+    from camelid.models.llama_train import decoder_hidden
+    from camelid.train.reward import _scores
+
+    cfg, _ = trained
+    model, tok = load_reward_model(cfg.out)
+    pad = model.config.pad_token_id
+    rows = [[5, 9, 14, 3], [7, 7, 21, 30, 11, 4, pad], [12]]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        assert decoder_hidden(model, ids) is not None  # the pass applies to this model
+        ours = _scores(model, ids, mask)
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
     cfg, _ = trained
     cfg1 = replace(cfg, out=str(tmp_path / "one"), max_steps=3, batch_size=4, merge=False)

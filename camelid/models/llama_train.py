@@ -100,7 +100,7 @@ def _plan(lm: nn.Module) -> _Plan | None:
     """What one forward runs, read from the modules at each call: adapters switch on and off
     (PPO's reference) and dropout with train/eval, so nothing is cached between calls."""
     model = unwrap(lm)
-    if type(model).__name__ != "LlamaForCausalLM" or not hasattr(model, "model"):
+    if type(model).__name__ not in ("LlamaForCausalLM", "LlamaForSequenceClassification") or not hasattr(model, "model"):
         return None
     inner, cfg = model.model, model.config
     weight = inner.embed_tokens.weight
