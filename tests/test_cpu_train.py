@@ -139,3 +139,18 @@ def test_right_padded_rows_need_no_padding_mask(tiny_model_dir):
             n = len(responses[i])
             torch.testing.assert_close(logits[i, :n], l1[0, :n], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(values[i, :n], v1[0, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_two_stage_top_indices_equal_topk():
+    """The head's selection of each row's largest logits (block maxima first) against torch.topk,
+    on random rows, on rows whose largest values crowd into one block, and on a vocabulary that
+    is not a multiple of the block (plain topk then)."""
+    from camelid.train.ppo_model import _top_indices
+
+    torch.manual_seed(0)
+    z = torch.randn(37, 49152)
+    z[0, 256:384] += 10  # the 32 largest of row 0 all in one block
+    for x in (z, torch.randn(5, 1000)):
+        got = _top_indices(x, 32).sort(-1).values
+        want = x.topk(32, dim=-1).indices.sort(-1).values
+        assert torch.equal(got, want)
