@@ -5,10 +5,12 @@ A PPO mini-batch of the bundled model (2 rows of ~120 tokens) runs ~9,000 tensor
 transformers + peft + autograd, most of them on ~150k-element tensors that a CPU finishes in
 microseconds, so per-operator costs (dispatch, autograd nodes, dtype round trips, fork/join of
 the OpenMP team) weigh as much as the matrix products. Here a decoder layer's forward runs the
-same products and the same roundings (RMSNorm in float32 cast back before its weight, rotary in
-the model dtype, attention in float32, LoRA in its adapter's dtype added in the promoted dtype, as
-peft does) and saves only what its backward needs; the backward is written out: with frozen
-base weights only input gradients are needed there, plus each adapter's two small products.
+same products in the same dtypes (RMSNorm in float32 cast back before its weight, rotary in the
+model dtype, attention in float32, LoRA in its adapter's dtype added in the promoted dtype, as
+peft does) in fewer operations, and saves only what its backward needs; the backward is written
+out: with frozen base weights only input gradients are needed there, plus each adapter's two
+small products. Where the order of arithmetic differs (LoRA's scale factors, attention as
+batched products: see `projection_forward`, `_attention`) the results agree to float32 rounding.
 LoRA dropout draws its masks in the same order from the same generator as peft's modules, so in
 training mode too the two paths compute the same function (tests compare them).
 
@@ -16,7 +18,8 @@ training mode too the two paths compute the same function (tests compare them).
 apply — anything but a plain Llama with nn.Linear projections (each bare or under one vanilla
 LoRA adapter with `FastLoraDropout` or no dropout), on a CPU, in float32 or in a 16-bit dtype with
 float32 attention, without gradient checkpointing; callers then run the model's own forward.
-Rows are taken as right-padded and unmasked (see `ppo_model._response_hidden`).
+Rows are taken as right-padded and unmasked (see `ppo_model._response_hidden`). Llama causal LMs
+and sequence classifiers (reward models: `reward.score_ids`) both have this decoder.
 """
 
 from __future__ import annotations
