@@ -375,7 +375,7 @@ class _Layer(torch.autograd.Function):
         down, sd = projection_forward(pd, act * up, save, keeps[6])
         out = x2 + down
         if save:
-            ctx.projs, ctx.c, ctx.shape, ctx.dtype = projs, c, (b, t, hidden), x.dtype
+            ctx.projs, ctx.c, ctx.shape = projs, c, (b, t, hidden)
             # What the backward needs, in the model dtype where it has it (q, k, v: float32 copies
             # of them are exact, and redone there).
             ctx.saved = (sq, sk, sv, so, sg, su, sd)
@@ -389,7 +389,7 @@ class _Layer(torch.autograd.Function):
         att, (x2, rstd2, gate, up, act, cos, sin) = rest[: ctx.att], rest[ctx.att :]
         pq, pk, pv, po, pg, pu, pd = ctx.projs
         sq, sk, sv, so, sg, su, sd = ctx.saved
-        c, (b, t, hidden), dtype = ctx.c, ctx.shape, ctx.dtype
+        c, (b, t, hidden) = ctx.c, ctx.shape
         grad = grad.reshape(b * t, hidden)
         # MLP: out = x2 + down(silu(gate) * up)
         d_mid, g_d = _proj_backward(pd, sd, grad, True)
