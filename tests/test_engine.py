@@ -266,3 +266,28 @@ def test_fast_path_attends_in_float32_when_the_model_does(tiny_model_dir):
         hf = model(input_ids=ids).logits.float()
         a, b = plain(ids, mask, pos, DynamicCache()).float(), fast32(ids, mask, pos, DynamicCache()).float()
     assert (b - hf).abs().mean() <= 0.1 * (a - hf).abs().mean()  # measured: equal, against 4e-4
+
+
+def test_fast_path_decodes_bfloat16_like_the_model(tiny_model_dir):
+    """A bfloat16 decode step (one row per sequence: `llama_train.linear`'s weight @ xᵀ products,
+    column-major outputs through the layer) gives the model's own bfloat16 logits, to bfloat16
+    rounding, and the same greedy tokens over several steps."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from camelid.engine.fastllama import FastLlama
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    ids = torch.randint(100, 4000, (3, 20), generator=torch.Generator().manual_seed(0))
+    fast, hf_cache, fast_cache = FastLlama(model), DynamicCache(), DynamicCache()
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1]).expand(3, -1)
+    with torch.inference_mode():
+        hf = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=hf_cache).logits[:, -1:]
+        ours = fast(ids, mask, pos, fast_cache)[:, -1:]
+        for _ in range(4):
+            nxt = hf[:, -1].argmax(-1, keepdim=True)
+            assert torch.equal(ours[:, -1].argmax(-1, keepdim=True), nxt)
+            mask, pos = torch.cat([mask, mask[:, :1]], 1), pos[:, -1:] + 1
+            hf = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=hf_cache).logits
+            ours = fast(nxt, mask, pos, fast_cache)
+            assert ours.shape == hf.shape == (3, 1, model.config.vocab_size)
+            torch.testing.assert_close(ours.float(), hf.float(), atol=0.05, rtol=0.02)

@@ -104,6 +104,27 @@ def test_grouped_query_attention_and_its_backward_equal_autograd_on_the_plain_fo
         torch.testing.assert_close(got.float(), ref.transpose(1, 2), rtol=0.01, atol=0.01)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 16, 17])
+def test_linear_on_few_bfloat16_rows_is_the_product_rounded_once(rows):
+    """`linear` (weight @ xᵀ for up to FEW_ROWS rows of a bfloat16 weight, returned column-major):
+    each output is the float32 sum of exact bfloat16 products rounded once to bfloat16, as
+    F.linear's; against that sum done in float64, every element within one bfloat16 rounding
+    (rel. 2^-8) plus float32 summation noise, for rows both sides of the threshold. The leading
+    shape, the bias and the views a decoder takes of the result work as for F.linear."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1, 96).to(torch.bfloat16)
+    w, bias = torch.randn(160, 96).to(torch.bfloat16), torch.randn(160).to(torch.bfloat16)
+    got = llama_train.linear(x, w)
+    exact = (x.double() @ w.double().T)
+    assert got.shape == (rows, 1, 160) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=2**-8, atol=1e-5)
+    assert (got == torch.nn.functional.linear(x, w)).float().mean() > 0.99  # the same roundings, but for rare ties of the sum order
+    with_bias = llama_train.linear(x, w, bias)
+    torch.testing.assert_close(with_bias.double(), exact + bias.double(), rtol=2**-8, atol=1e-5)
+    heads = llama_train.linear(x, w).view(rows, 1, 10, 16)  # q.view(b, t, heads, head_dim)
+    assert torch.equal(heads.reshape(rows, 1, 160), got)
+
+
 def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
     model = lora_model(tiny_model_dir, "float32")
     ids = torch.randint(5, 1000, (1, 5))

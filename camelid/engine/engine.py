@@ -121,8 +121,10 @@ class Engine:
     def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0, hidden: list | None = None) -> torch.Tensor:
         """Logits for the last `logits_to_keep` positions, through the fast path where it applies.
 
-        With a list as `hidden`, the LM head's input (B, T', H) is appended to it: taken by a hook
-        on the output embeddings, so both paths (and any architecture) give the same thing."""
+        With a list as `hidden`, the LM head's input (B, T', H) is appended to it (on the model's
+        own forward, by a hook on the output embeddings: any architecture)."""
+        if self.fast is not None:
+            return self.fast(input_ids, attention_mask, position_ids, cache, logits_to_keep, hidden)
         if hidden is not None:
             from camelid.models.lora import unwrap
 
@@ -131,8 +133,6 @@ class Engine:
                 return self.forward(input_ids, attention_mask, position_ids, cache, logits_to_keep)
             finally:
                 handle.remove()
-        if self.fast is not None:
-            return self.fast(input_ids, attention_mask, position_ids, cache, logits_to_keep)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kw: cache})
         return out.logits

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from camelid.models.llama_train import as_projection, projection_forward
+from camelid.models.llama_train import as_projection, linear, projection_forward
 from camelid.models.lora import unwrap
 
 
@@ -52,7 +52,7 @@ def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     anything that path does not recognise (merged adapters, DoRA and other variants, quantised
     bases) is left to the module itself."""
     if type(m) is torch.nn.Linear:
-        return F.linear(x, m.weight, m.bias)
+        return linear(x, m.weight, m.bias)
     p = None if m.training else as_projection(m, training=False, frozen=False)
     return m(x) if p is None else projection_forward(p, x, save=False)[0]
 
@@ -112,8 +112,10 @@ class FastLlama:
         return x * cos + rotated * sin
 
     @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits (B, T', V) for the last `logits_to_keep` positions (all when 0)."""
+    def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0,
+                 hidden: list | None = None) -> torch.Tensor:
+        """Logits (B, T', V) for the last `logits_to_keep` positions (all when 0); with a list as
+        `hidden`, the LM head's input (B, T', H) is appended to it."""
         bsz, t = input_ids.shape
         x = self.inner.embed_tokens(input_ids)
         cos = self.cos[position_ids][:, None]  # (B, 1, T, D)
@@ -147,4 +149,7 @@ class FastLlama:
             x = x + _linear(m.down_proj, F.silu(_linear(m.gate_proj, h)) * _linear(m.up_proj, h))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.head(self._norm(x, self.inner.norm.weight))
+        x = self._norm(x, self.inner.norm.weight)
+        if hidden is not None:
+            hidden.append(x)
+        return _linear(self.head, x)

@@ -137,7 +137,7 @@ def sample_next(
     Log-probabilities are taken from the distribution the token was drawn from (after
     penalty/temperature/filtering), as OpenAI's API reports them.
     """
-    logits = logits.float()
+    logits = logits.to(torch.float32, memory_format=torch.contiguous_format)  # one copy, rows contiguous
     device = logits.device
     if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
         pen = torch.tensor([p.repetition_penalty for p in params], device=device)

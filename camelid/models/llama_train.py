@@ -209,7 +209,7 @@ def projection_forward(p: _Proj, x: torch.Tensor, save: bool, keep: torch.Tensor
     (rows x r) product instead, c * ((x*m) A^T) for peft's ((x*m) / (1-p)) A^T, then B, then
     scaling: for alpha = 2r (scaling 2.0, a power of two) the same numbers, else within float32
     rounding. The sum is rounded once into the base result's dtype, as peft's `.to()` does."""
-    y = F.linear(x, p.weight, p.bias)
+    y = linear(x, p.weight, p.bias)
     if p.lora_a is None:
         return y, None
     if p.drop_threshold is None:
@@ -223,6 +223,26 @@ def projection_forward(p: _Proj, x: torch.Tensor, save: bool, keep: torch.Tensor
     u = F.linear(t * _lora_scale(p, keep), p.lora_b)
     out = y + u if u.dtype == y.dtype else torch.add(y, u, out=torch.empty_like(y))
     return out, ((xa, t, keep) if save else None)
+
+
+FEW_ROWS = 16
+"""Up to this many rows, a 16-bit CPU product runs as weight @ xᵀ (`linear`)."""
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); for a few rows (decode: one new token per sequence) of a bfloat16
+    CPU weight, computed as (weight @ xᵀ)ᵀ and returned as that column-major view. The same dot
+    products (float32 accumulation, one rounding), but oneDNN then streams the weight as the
+    product's large left factor instead of re-packing it as the right one, and the consumers
+    (elementwise ops, views, the next such product) take the transposed layout without a copy:
+    a decode step at batch 8 of the bundled model 6-9% faster on this AMX machine (the weight
+    read is the cost; x is a few kB). More rows keep F.linear."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows <= FEW_ROWS and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        xt = x.reshape(rows, -1).t()
+        y = torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)
+        return y.t().reshape(*x.shape[:-1], weight.shape[0])  # (rows, out), column-major: no copy back
+    return F.linear(x, weight, bias)
 
 
 def _lora_scale(p: _Proj, keep: torch.Tensor | None) -> float:
