@@ -150,19 +150,21 @@ def sample_next(
         top_p = torch.tensor([p.top_p for p in params], device=device)
         logits = top_k_top_p_filter(logits, top_k, top_p)
     logp = torch.log_softmax(logits, dim=-1)
-    tokens = logp.argmax(dim=-1)
-    if not bool(greedy.all()):
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    tokens = logp.argmax(dim=-1) if len(sampled) < len(params) else torch.empty(len(params), dtype=torch.long, device=device)
+    if sampled:
         # The exponential race (Gumbel-max in another form, as vLLM samples): argmax of p_i / E_i
         # with E_i ~ Exp(1) draws token i with probability p_i. One draw per token from the
         # row's own generator, E = -log U from uniforms U in [0, 1) (torch's vectorised uniform
         # path is ~6x faster than Tensor.exponential_ on CPU; U = 0 gives E = inf, weight 0, never
         # a NaN); far cheaper than torch.multinomial on a 49k vocabulary, and a tiny change in one
-        # logit moves only that token's chance.
-        probs = logp.exp()
-        for i, p in enumerate(params):
-            if not p.greedy:
-                u = torch.rand(probs.shape[-1], generator=generators[i], device=device)
-                tokens[i] = (probs[i] / u.log_().neg_()).argmax()
+        # logit moves only that token's chance. Each row's uniforms come from its own generator;
+        # the arithmetic then runs on all sampled rows at once.
+        u = torch.empty((len(sampled), logp.shape[-1]), device=device)
+        for j, i in enumerate(sampled):
+            torch.rand(logp.shape[-1], generator=generators[i], device=device, out=u[j])
+        probs = (logp if len(sampled) == len(params) else logp[sampled]).exp()
+        tokens[sampled] = probs.div_(u.log_().neg_()).argmax(dim=-1)
     top = None
     k = max(p.top_logprobs for p in params)
     if k:
