@@ -291,3 +291,46 @@ def test_fast_path_decodes_bfloat16_like_the_model(tiny_model_dir):
             ours = fast(nxt, mask, pos, fast_cache)
             assert ours.shape == hf.shape == (3, 1, model.config.vocab_size)
             torch.testing.assert_close(ours.float(), hf.float(), atol=0.05, rtol=0.02)
+
+
+def test_fast_path_follows_adapter_changes_between_calls(engine):
+    """The fast path keeps each LoRA module's projection between decode steps; switching the
+    adapter off and on again, updating its weights in place (the optimizer) or replacing them
+    (a loaded state) must show in the next call, as in peft's own forward."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    lm = get_peft_model(copy.deepcopy(engine.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lm.eval()
+    policy = Engine(lm, engine.tokenizer)
+    ids = engine.tokenizer(PROMPTS[2], return_tensors="pt")["input_ids"]
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+
+    def check():
+        with torch.inference_mode():
+            fast = policy.fast(ids, mask, pos, DynamicCache())
+            torch.testing.assert_close(fast, lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, atol=1e-4, rtol=1e-4)
+        return fast
+
+    zero = check()  # B = 0: the adapter adds nothing yet
+    b_weights = [m for n, m in lm.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in b_weights:
+            p.normal_(std=0.5)  # in place, as an optimizer step
+    trained = check()
+    assert (trained - zero).abs().max() > 1e-2
+    with lm.disable_adapter():
+        torch.testing.assert_close(check(), zero)
+    torch.testing.assert_close(check(), trained)  # on again
+    layer = unwrap_lora_layer(lm)
+    layer.lora_B["default"].weight = torch.nn.Parameter(torch.zeros_like(layer.lora_B["default"].weight))  # replaced
+    assert (check() - trained).abs().max() > 0
+
+
+def unwrap_lora_layer(lm):
+    from camelid.models.lora import unwrap
+
+    return unwrap(lm).model.layers[0].self_attn.q_proj
