@@ -81,7 +81,7 @@ WATCH_ANSWER = """() => {
 def test_streamed_answer_and_multi_turn(page, tmp_path):
     bodies = chat_bodies(page)
     sync_api.expect(page.locator("#model option")).to_have_text(["tiny"])
-    page.fill("#max-tokens", "40")
+    page.fill("#max-tokens", "200")  # long enough to arrive in several paints (the page paints every 30 ms)
     page.locator("#temperature").fill("1")  # the tiny random model's greedy text is blank lines
     page.evaluate(WATCH_ANSWER)
 
@@ -93,14 +93,14 @@ def test_streamed_answer_and_multi_turn(page, tmp_path):
     assert first.strip()
     lengths = page.evaluate("window.answerLengths")
     assert len(set(lengths)) >= 3 and lengths == sorted(lengths), f"the answer did not grow in pieces: {lengths}"
-    sync_api.expect(page.locator("#status")).to_contain_text("40 tokens")
+    sync_api.expect(page.locator("#status")).to_contain_text("200 tokens")
     page.screenshot(path=str(tmp_path / "chat.png"))
 
     ask(page, "Tell me more.")
     sync_api.expect(page.locator(".msg.assistant")).to_have_count(2, timeout=30_000)
     sync_api.expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=60_000)
     assert page.locator(".msg.user").all_inner_texts() == ["What is a camelid?", "Tell me more."]
-    assert bodies[0]["stream"] is True and bodies[0]["temperature"] == 1 and bodies[0]["max_tokens"] == 40
+    assert bodies[0]["stream"] is True and bodies[0]["temperature"] == 1 and bodies[0]["max_tokens"] == 200
     # the second request carries the whole conversation, the first answer included
     assert [m["role"] for m in bodies[1]["messages"]] == ["user", "assistant", "user"]
     assert bodies[1]["messages"][1]["content"] == first

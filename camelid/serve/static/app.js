@@ -68,6 +68,8 @@ function addNote(div, text) {
   div.append(note);
 }
 
+const PAINT_MS = 30;
+
 function setBusy(busy) {
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
@@ -108,7 +110,17 @@ async function ask(question) {
   setBusy(true);
   setStatus("generating...");
   const started = performance.now();
-  let text = "", finish = null, tokens = 0;
+  let text = "", finish = null, tokens = 0, shown = 0, painted = performance.now();
+  // Show the text as it grows, but not once per token: a fast server sends hundreds of chunks a
+  // second, and replacing the text and scrolling each time (a layout each) kept the page busy
+  // for the whole answer (no repaint, no clicks on Stop). So at most every PAINT_MS, then yield
+  // to the browser (a task, so that painting, input and Stop run) before reading on.
+  const render = () => {
+    if (shown === text.length) return;
+    answer.textContent = text;
+    shown = text.length;
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+  };
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
@@ -121,16 +133,19 @@ async function ask(question) {
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
-      if (choice.delta && choice.delta.content) {
-        text += choice.delta.content;
-        answer.textContent = text;
-        ui.messages.scrollTop = ui.messages.scrollHeight;
-      }
+      if (choice.delta && choice.delta.content) text += choice.delta.content;
       if (choice.finish_reason) finish = choice.finish_reason;
+      if (performance.now() - painted >= PAINT_MS) {
+        render();
+        await new Promise((resolve) => setTimeout(resolve, 0));
+        painted = performance.now();
+      }
     }
+    render();
     const secs = (performance.now() - started) / 1000;
     setStatus(`${tokens} tokens in ${secs.toFixed(1)} s` + (finish === "length" ? " (hit max tokens)" : ""));
   } catch (err) {
+    render();
     if (err.name === "AbortError") {
       addNote(answer, "stopped");
       setStatus("stopped");
