@@ -235,7 +235,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     products (float32 accumulation, one rounding), but oneDNN then streams the weight as the
     product's large left factor instead of re-packing it as the right one, and the consumers
     (elementwise ops, views, the next such product) take the transposed layout without a copy:
-    a decode step at batch 8 of the bundled model 6-9% faster on this AMX machine (the weight
+    a decode step at batch 8 of the bundled model 4-7% faster on this AMX machine (the weight
     read is the cost; x is a few kB). More rows keep F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if 0 < rows <= FEW_ROWS and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
