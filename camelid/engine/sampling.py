@@ -142,7 +142,6 @@ def sample_next(
     if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
         pen = torch.tensor([p.repetition_penalty for p in params], device=device)
         logits = apply_repetition_penalty(logits, seen, pen)
-    greedy = torch.tensor([p.greedy for p in params], device=device)
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     logits = logits / temps[:, None]
     if any((p.top_k > 0 or p.top_p < 1.0) and not p.greedy for p in params):
