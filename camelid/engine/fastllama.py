@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from camelid.models.llama_train import as_projection, linear, projection_forward
+from camelid.models.llama_train import as_projection, linear, projection_forward, rope, signed_sin
 from camelid.models.lora import unwrap
 
 
@@ -126,10 +126,7 @@ class FastLlama:
         rot = self.inner.rotary_emb
         positions = torch.arange(cfg.max_position_embeddings, device=device)[None, :]
         cos, sin = rot(torch.zeros(1, dtype=dtype, device=device), positions)  # (1, P, D), HF's own math
-        # rotate_half(x) * sin = roll(x, D/2) * (sin with its first half negated): the sign folded
-        # into the table once (exact), as in the training pass (`llama_train._rope`).
-        half = sin.shape[-1] // 2
-        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        self.cos, self.sin = cos[0], signed_sin(sin[0])  # rotary as the training pass does it (`llama_train.rope`)
         # A model set to float32 attention (cpu_train.float32_attention: PPO's policy in a 16-bit
         # CPU run) attends in float32 here too, so the rollout's hidden states are the ones its
         # training forward computes, up to the products' rounding.
@@ -140,9 +137,6 @@ class FastLlama:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # LlamaRMSNorm: normalise in float32, cast back, then scale.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0,
@@ -168,7 +162,7 @@ class FastLlama:
             q = _linear(a.q_proj, h).view(bsz, t, self.heads, self.head_dim).transpose(1, 2)
             k = _linear(a.k_proj, h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = _linear(a.v_proj, h).view(bsz, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
             if self.attn_dtype is not None:  # the cache holds float32 K/V: no per-step cast of it
                 q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
             k, v = _append(cache, i, k, v)

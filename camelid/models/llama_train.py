@@ -149,11 +149,7 @@ def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | Non
     x = inner.embed_tokens(input_ids)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     cos, sin = inner.rotary_emb(x, positions)  # (1, T, D) in the model dtype, as the model's forward has them
-    # rotate_half(x) * sin = roll(x, D/2) * (sin with its first half negated): the sign folded
-    # into the table once, so each rotary is roll, two multiplies and an add (exact: a sign flip).
-    half = sin.shape[-1] // 2
-    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    cos, sin = cos[:, :, None], sin[:, :, None]
+    cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
     grad = torch.is_grad_enabled()
     keeps = _dropout_masks(plan, input_ids.numel(), x.device)
     for (projs, consts), layer_keeps in zip(plan.layers, keeps):
@@ -271,7 +267,15 @@ def _proj_backward(p: _Proj, saved: tuple | None, grad: torch.Tensor, need_input
     return dx, [da, db]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """A rotary sin table (..., D) with its first half negated, for `rope`: rotate_half(x) * sin =
+    roll(x, D/2) * signed_sin, the sign folded into the table once (exact: a sign flip), so each
+    rotary is a roll, two multiplies and an add."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """transformers' x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) written as
     roll(x, D/2) * signed_sin, signed_sin = (-sin1, sin2): the same products, the same roundings."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
@@ -382,8 +386,8 @@ class _Layer(torch.autograd.Function):
         q, sq = projection_forward(pq, h, save, keeps[0])
         k, sk = projection_forward(pk, h, save, keeps[1])
         v, sv = projection_forward(pv, h, save, keeps[2])
-        q = _rope(q.view(b, t, c.heads, c.head_dim), cos, sin)
-        k = _rope(k.view(b, t, c.kv_heads, c.head_dim), cos, sin)
+        q = rope(q.view(b, t, c.heads, c.head_dim), cos, sin)
+        k = rope(k.view(b, t, c.kv_heads, c.head_dim), cos, sin)
         v = v.view(b, t, c.kv_heads, c.head_dim)
         o, att = _attention(q, k, v, c.scaling, save)
         attn, so = projection_forward(po, o.reshape(b * t, -1), save, keeps[3])
