@@ -106,8 +106,8 @@ def test_grouped_query_attention_and_its_backward_equal_autograd_on_the_plain_fo
 
 @pytest.mark.parametrize("rows", [1, 8, 16, 17])
 def test_linear_on_few_bfloat16_rows_is_the_product_rounded_once(rows):
-    """`linear` (weight @ xᵀ for up to FEW_ROWS rows of a bfloat16 weight, returned column-major):
-    each output is the float32 sum of exact bfloat16 products rounded once to bfloat16, as
+    """`linear` (up to FEW_ROWS rows of a bfloat16 weight: the AMX kernel where it applies, else
+    weight @ xᵀ returned column-major): each output is the float32 sum of exact bfloat16 products rounded once to bfloat16, as
     F.linear's; against that sum done in float64, every element within one bfloat16 rounding
     (rel. 2^-8) plus float32 summation noise, for rows both sides of the threshold. The leading
     shape, the bias and the views a decoder takes of the result work as for F.linear."""
