@@ -1,5 +1,5 @@
 """The AMX kernel for decode's few-row bfloat16 products (camelid/models/amx.py): its sums are
-torch's to the bit on the bundled model's shapes and every row count, `linear` routes to it only
+torch's AMX product's to the bit on the bundled model's shapes and every row count, `linear` routes to it only
 where it applies, decode through it draws the same tokens, and where it cannot be built or is
 switched off everything falls back to torch's product."""
 
