@@ -71,10 +71,11 @@ def kernel() -> Callable | None:
 
     if not native_bf16():
         return None
-    path = _checked_library()
-    if path is None:
+    try:
+        path = _checked_library()
+        return None if path is None else _load(path)
+    except OSError:  # an unwritable cache folder, a library that does not load: torch's product then
         return None
-    return _load(path)
 
 
 def _load(path: Path) -> Callable | None:
