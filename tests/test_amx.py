@@ -24,22 +24,23 @@ BUNDLED_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)
 @pytest.mark.parametrize("out_features,in_features", BUNDLED_SHAPES)
 def test_sums_equal_torchs_product_bit_for_bit(out_features, in_features):
     """Each output is the float32 sum of exact bfloat16 products in AMX's k order, rounded once to
-    bfloat16 (nearest even) — the same numbers oneDNN's AMX product gives — for 1 to 16 rows,
+    bfloat16 (nearest even) — the same numbers oneDNN's AMX product gives — for 1 to 32 rows,
     including rows that are a strided view (a slice of wider rows)."""
     g = torch.Generator().manual_seed(out_features + in_features)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
-    wide = torch.randn(16, in_features + 64, generator=g).bfloat16()
-    for rows in range(1, 17):
+    wide = torch.randn(amx.MAX_ROWS, in_features + 64, generator=g).bfloat16()
+    for rows in range(1, amx.MAX_ROWS + 1):
         x = wide[:rows, 32 : 32 + in_features]  # stride 0 is in_features + 64
         got = amx.amx_linear(x, w)
         assert got.shape == (rows, out_features) and got.is_contiguous()
         assert torch.equal(got, torch.mm(w, x.t()).t()), f"rows={rows}"
+        assert torch.equal(got, torch.nn.functional.linear(x, w)), f"rows={rows}"
 
 
 @needs_amx
 def test_linear_routes_only_what_the_kernel_takes():
-    """`llama_train.linear` uses the kernel for 1-16 bfloat16 rows without bias and shapes of whole
-    tiles, keeps torch's product otherwise (a bias, 17 rows, an output count not a multiple of 16,
+    """`llama_train.linear` uses the kernel for 1-32 bfloat16 rows without bias and shapes of whole
+    tiles, keeps torch's product otherwise (a bias, 33 rows, an output count not a multiple of 16,
     float32, or an input that needs a gradient) — and the results agree either way."""
     torch.manual_seed(0)
     w, bias = torch.randn(64, 96).bfloat16(), torch.randn(64).bfloat16()
@@ -55,7 +56,7 @@ def test_linear_routes_only_what_the_kernel_takes():
     try:
         assert torch.equal(llama_train.linear(x, w), torch.nn.functional.linear(x, w)) and len(calls) == 1
         llama_train.linear(x, w, bias)
-        llama_train.linear(torch.randn(17, 96).bfloat16(), w)
+        llama_train.linear(torch.randn(amx.MAX_ROWS + 1, 96).bfloat16(), w)
         llama_train.linear(x, torch.randn(40, 96).bfloat16())
         llama_train.linear(x.float(), w.float())
         llama_train.linear(x.clone().requires_grad_(), w)
