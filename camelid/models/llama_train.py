@@ -236,7 +236,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     views, the next such product) take the transposed layout without a copy (a decode step at
     batch 8 of the bundled model 4-7% faster than F.linear). More rows keep F.linear."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if bias is None and rows <= amx.MAX_ROWS and amx.usable(x, weight, rows):
+    if bias is None and amx.usable(x, weight, rows):
         return amx.amx_linear(x, weight)
     if 0 < rows <= FEW_ROWS and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu":
         xt = x.reshape(rows, -1).t()
