@@ -13,7 +13,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CAMELID := $(VENV)/bin/camelid
 
-.PHONY: setup setup-test run chat test test-fast bench bench-peer clean
+.PHONY: setup setup-test run chat test test-noamx test-fast bench bench-peer clean
 
 $(VENV)/.stamp-torch:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,19 @@ run: setup
 chat: setup
 	$(CAMELID) chat
 
+# On a CPU with AMX the numerics- and learning-sensitive tests (marker `numerics`) run a second
+# time as on a CPU without it: CAMELID_AMX=0 (training dtype auto -> float32, the AMX kernel off)
+# and oneDNN held to AVX512-BF16, so a result that holds on one kind of CPU only shows here.
+NO_AMX_ENV := CAMELID_AMX=0 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16
+
 test: setup-test
 	$(PY) -m pytest -q
+	@if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then \
+	  echo "== AMX here: the numerics tests again as on a CPU without AMX ($(NO_AMX_ENV)) =="; \
+	  $(NO_AMX_ENV) $(PY) -m pytest -q -m numerics; fi
+
+test-noamx: setup-test
+	$(NO_AMX_ENV) $(PY) -m pytest -q -m numerics
 
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"

@@ -45,6 +45,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 DONE_FILE = "done.json"
 REPORT_DIR = "report"
+PIPELINE_FILE = "pipeline.yaml"
 
 
 def config_hash(config: dict[str, Any], upstream: tuple[str, ...] = ()) -> str:
@@ -60,12 +61,6 @@ def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-# Settings that change what is printed, logged or kept, never what a stage computes: a change in
-# them alone does not rerun a stage.
-NOT_HASHED = frozenset({"progress", "workers", "memory_limit", "report_to", "logging_steps", "save_total_limit",
-                        "num_threads", "save_steps", "samples_every"})
 
 
 @dataclass(frozen=True)
@@ -97,9 +92,11 @@ class PipelineResult:
 
 def _portable(config: dict[str, Any], run: Path) -> dict[str, Any]:
     """The config as hashed: run-folder paths written relative to the run (a moved run still matches)."""
+    from camelid.train.common import OUTPUT_ONLY
+
     prefix = str(run)
     return {k: (("<run>" + v[len(prefix):]) if isinstance(v, str) and v.startswith(prefix) else v)
-            for k, v in config.items() if k not in NOT_HASHED}
+            for k, v in config.items() if k not in OUTPUT_ONLY}
 
 
 def input_fingerprint(data: str) -> str:
@@ -115,7 +112,8 @@ def input_fingerprint(data: str) -> str:
 def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Each stage's resolved config: dataclass defaults < preset section < --set < the pipeline's wiring.
 
-    The wiring (inputs and outputs inside the run folder) always wins: the pipeline owns the layout.
+    The wiring (inputs and outputs inside the run folder) always wins: the pipeline owns the layout
+    (and has checked, in `check_owned`, that each stage folder is its own before a stage replaces it).
     """
     from camelid.config import build, load_preset
     from camelid.data.stackexchange import StackExchangeConfig
@@ -127,14 +125,14 @@ def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, 
     run, sections = Path(cfg.out), load_preset(preset) if preset else {}
     d = str(run / "data")
     wiring = {
-        "data": (StackExchangeConfig, {"input": cfg.data, "out": d}),
+        "data": (StackExchangeConfig, {"input": cfg.data, "out": d, "overwrite": True}),
         "sft": (SFTConfig, {"model": cfg.model, "data": d, "out": str(run / "sft")}),
         "reward": (RewardConfig, {"model": str(run / "sft"), "data": d, "out": str(run / "reward")}),
         "ppo": (PPOConfig, {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": d,
                             "out": str(run / "ppo")}),
         "eval": (EvalConfig, {"data": d, "base_model": cfg.model, "sft_model": str(run / "sft"),
                               "ppo_model": str(run / "ppo"), "reward_model": str(run / "reward"),
-                              "out": str(run / "eval")}),
+                              "out": str(run / "eval"), "overwrite": True}),
     }
     return {name: build(cls, {**(sections.get(name) or {}), **overrides.get(name, {}), **wired},
                         where=f"pipeline: {name} config")
@@ -234,6 +232,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     started = _read_json(sdir / STARTED_FILE)
     resume = not fresh and name in RESUMABLE and (started or {}).get("config_hash") == h
     if not resume:
+        check_owned(run_dir)  # looked at again right before anything is removed
         shutil.rmtree(sdir, ignore_errors=True)
     sdir.mkdir(parents=True, exist_ok=True)
     write_json(sdir / STARTED_FILE, {"stage": name, "config_hash": h, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -250,11 +249,42 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     print0(f"[{index + 1}/{len(STAGES)}] {name}: done in {t.seconds:.0f} s, peak memory {mem.mb:,.0f} MB")
 
 
+def _stage_marker(folder: Path, name: str) -> bool:
+    return any((_read_json(folder / f) or {}).get("stage") == name for f in (STARTED_FILE, DONE_FILE))
+
+
+def check_owned(run_dir: Path) -> None:
+    """Refuse, before any work, a run folder whose stage or report folders hold something the
+    pipeline did not write (say `--out .` beside a user's own `data/`): the pipeline replaces only
+    folders it marked (started.json / done.json, or camelid's output marker) and empty ones."""
+    from camelid.utils import wrote_by_camelid
+
+    for name in (*STAGES, REPORT_DIR):
+        folder = run_dir / name
+        if folder.exists() and not (folder.is_dir() and (_stage_marker(folder, name) or wrote_by_camelid(folder))):
+            raise CamelidError(f"{folder} exists and was not written by camelid pipeline; move it away or choose "
+                               "another --out (the pipeline replaces only its own stage folders)")
+    plan = run_dir / PIPELINE_FILE
+    if plan.exists() and not isinstance(_read_yaml(plan), dict):
+        raise CamelidError(f"{plan} exists and was not written by camelid pipeline; move it away or choose another --out")
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) and "pipeline" in data else None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, dict[str, Any]] | None = None) -> PipelineResult:
@@ -267,7 +297,8 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
 
     run_dir = ensure_writable_dir(cfg.out)
     configs = stage_configs(cfg, preset, overrides or {})  # every config checked before any work
-    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(
+    check_owned(run_dir)
+    atomic_write_text(run_dir / PIPELINE_FILE, yaml.safe_dump(
         {"pipeline": to_dict(cfg), "preset": preset, "overrides": overrides or {}}, sort_keys=False))
     force_from = STAGES.index(cfg.force) if cfg.force else len(STAGES)
     hashes: list[str] = []

@@ -61,25 +61,87 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+OUTPUT_MARKER = ".camelid-output"
+"""A file camelid leaves in every folder it writes whole: only such a folder (or an empty one) is
+ever replaced without --overwrite, so a mistyped --out never deletes a user's files."""
+_TMP = ".tmp-"
+
+
+def wrote_by_camelid(folder: str | os.PathLike) -> bool:
+    """True for a folder camelid wrote whole (it holds OUTPUT_MARKER), or an empty one."""
+    folder = Path(folder)
+    return (folder / OUTPUT_MARKER).is_file() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def check_replaceable(final: str | os.PathLike, overwrite: bool = False) -> None:
+    """Fail with a one-line error, before any work, when `final` exists and is not camelid's to replace."""
+    final = Path(final)
+    if not final.exists() or (overwrite and final.is_dir()):
+        return
+    if not final.is_dir():
+        raise CamelidError(f"{final} exists and is not a folder; choose another output path")
+    if not wrote_by_camelid(final):
+        raise CamelidError(f"{final} already exists and camelid did not write it; choose another output path, "
+                           "or pass --overwrite to replace it and everything in it")
+
+
+def umask() -> int:
+    """The process's file-creation mask: from /proc on Linux, else by setting it and putting it back."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_tmp(final: Path) -> None:
+    """Remove `<final>.tmp-<pid>-*` / `<final>.old-<pid>` folders left by a process that was killed."""
+    for stale in final.parent.iterdir():
+        if not stale.name.startswith(final.name + "."):
+            continue
+        kind, _, rest = stale.name[len(final.name) + 1:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only when the block succeeds.
 
-    A crash leaves `<final>.tmp-<pid>` behind, never a half-written `final` that looks whole.
+    An existing `final` is replaced only when camelid wrote it (OUTPUT_MARKER), it is empty, or
+    `overwrite` is set (the user's --overwrite; a stage's own folders inside its run folder);
+    otherwise a one-line error is raised before the block runs. A crash leaves
+    `<final>.tmp-<pid>-*` behind, never a half-written `final` that looks whole; the next call
+    for the same `final` removes such leftovers of dead processes. The folder gets the
+    permissions the umask gives (mkdtemp's are 0700).
     """
     final = Path(final)
+    check_replaceable(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    clean_stale_tmp(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}{_TMP}{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by camelid; camelid may replace this folder as a whole\n")
+        tmp.chmod(0o777 & ~umask())
+        check_replaceable(final, overwrite)  # the block may have run long: look again
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CamelidError(f"{final} already exists; remove it or pass another output path")
-        old = final.with_name(final.name + f".old-{os.getpid()}")
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
@@ -95,6 +157,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's file is 0600; a plain open() would honour the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -134,3 +134,22 @@ def test_input_fingerprint_follows_the_dump(tmp_path):
     (dump / "Posts.xml").write_bytes((dump / "Posts.xml").read_bytes() + b"\n")
     assert pipeline.input_fingerprint(str(dump)) != before
     assert pipeline.input_fingerprint("sample") == pipeline.input_fingerprint("sample")
+
+
+def test_one_rule_for_what_may_change_without_a_rerun():
+    """A setting left out of a stage's config hash may also change on --resume, and the reverse."""
+    from dataclasses import replace
+
+    from camelid.config import to_dict
+    from camelid.train.common import config_differences
+    from camelid.train.ppo_config import PPOConfig
+
+    run = Path("/runs/x")
+    a = PPOConfig()
+    for harmless in (dict(save_steps=7), dict(samples_every=9), dict(num_threads=1)):
+        b = replace(a, **harmless)
+        assert config_differences(a, b) == [], harmless
+        assert pipeline._portable(to_dict(a), run) == pipeline._portable(to_dict(b), run), harmless
+    b = replace(a, learning_rate=a.learning_rate * 2)
+    assert config_differences(a, b) == ["learning_rate"]
+    assert pipeline._portable(to_dict(a), run) != pipeline._portable(to_dict(b), run)

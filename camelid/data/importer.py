@@ -55,6 +55,8 @@ class ImportConfig:
     """fractions of prompts for finetune, reward, rl, evaluation"""
     progress: bool = True
     """show progress bars"""
+    overwrite: bool = False
+    """replace --out even when camelid did not write it (a folder camelid wrote is always replaced)"""
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -272,7 +274,7 @@ def run(cfg: ImportConfig) -> DataResult:
 
     start = time.perf_counter()
     files = input_files(Path(cfg.input).expanduser())
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         work = tmp / ".work"
         work.mkdir()
         counts, layout = _ingest(cfg, files, work)

@@ -57,6 +57,8 @@ class StackExchangeConfig:
     """DuckDB memory limit for the on-disk group-by; it spills to disk above this"""
     progress: bool = True
     """show progress bars"""
+    overwrite: bool = False
+    """replace --out even when camelid did not write it (a folder camelid wrote is always replaced)"""
 
     def __post_init__(self) -> None:
         if len(self.splits) != len(SPLITS) or any(f < 0 for f in self.splits) or sum(self.splits) <= 0:
@@ -282,7 +284,7 @@ def run(cfg: StackExchangeConfig) -> DataResult:
     start = time.perf_counter()
     out = Path(cfg.out)
     ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, cfg.overwrite) as tmp:
         work = tmp / ".work"
         work.mkdir()
         files = dump.resolve_dump(_resolve_input(cfg.input), work)

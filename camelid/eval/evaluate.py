@@ -48,6 +48,8 @@ class EvalConfig:
     """Reference for the KL of PPO ('' = the SFT model, PPO's own reference)."""
     out: str = "runs/eval"
     """Output folder: result.json, samples.jsonl, config.yaml."""
+    overwrite: bool = False
+    """Replace --out even when camelid did not write it (a folder camelid wrote is always replaced)."""
     split: str = "evaluation"
     """Split of held-out questions (and pairs for the reward model's accuracy)."""
     max_questions: int = 32
@@ -260,10 +262,11 @@ def run(cfg: EvalConfig) -> EvalResult:
     from camelid.config import save_config, to_dict
     from camelid.train.common import set_threads
     from camelid.train.reward import load_reward_model
-    from camelid.utils import Timer, atomic_dir, ensure_writable_dir, print0, write_json
+    from camelid.utils import Timer, atomic_dir, check_replaceable, ensure_writable_dir, print0, write_json
 
     set_threads(cfg.num_threads)
     ensure_writable_dir(Path(cfg.out).parent)
+    check_replaceable(cfg.out, cfg.overwrite)
     paths = check_inputs(cfg)
     held_out = held_out_questions(cfg)
     # Answer j of question i is prompt i + j * len(held_out): seed `seed + i + j * len(held_out)`.
@@ -281,7 +284,7 @@ def run(cfg: EvalConfig) -> EvalResult:
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               **figures, "kl": kl, "rm_pairs": rm_pairs, "seconds": t.seconds}
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         write_json(tmp / "result.json", result)
         (tmp / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         save_config(cfg, tmp / "config.yaml")

@@ -408,13 +408,16 @@ class ReportResult:
     """Which plots had data (True) and were drawn."""
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> ReportResult:
-    """Render RUN into RUN/report/ (or `out`): report.html, report.md, plots/*.png; atomic."""
-    from camelid.utils import atomic_dir
+def build_report(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> ReportResult:
+    """Render RUN into RUN/report/ (or `out`): report.html, report.md, plots/*.png; atomic. An
+    existing report folder is replaced only when camelid wrote it or `overwrite` is set."""
+    from camelid.utils import atomic_dir, check_replaceable
 
     run = Path(run_dir)
     if not run.is_dir():
         raise CamelidError(f"run folder {run} does not exist; give the --out folder of `camelid pipeline`")
+    final = Path(out) if out else run / REPORT_DIR
+    check_replaceable(final, overwrite)
     stages = {name: load_stage(run, name) for name in STAGES}
     if not any(st.ran for st in stages.values()):
         raise CamelidError(f"{run} holds no stage output ({', '.join(STAGES)}); is it a `camelid pipeline` run folder?")
@@ -432,8 +435,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> ReportRe
     blocks += data_section(stages["data"]) + training_sections(stages, plots)
     blocks += eval_section(stages["eval"], samples, plots) + config_section(stages)
     title = f"camelid run report: {run.name}"
-    final = Path(out) if out else run / REPORT_DIR
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, overwrite) as tmp:
         (tmp / "plots").mkdir()
         for name, png in plots.items():
             if png is not None:
@@ -448,11 +450,13 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                        description="One self-contained HTML file (plots embedded) + a Markdown summary of a pipeline run.")
     p.add_argument("run_dir", metavar="RUN", help="the run folder (`camelid pipeline --out`)")
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when camelid did not write it (a folder camelid wrote is always replaced)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    res = build_report(args.run_dir, args.out)
+    res = build_report(args.run_dir, args.out, args.overwrite)
     missing = [k for k, ok in res.plots.items() if not ok]
     print(f"report: {res.html}\nsummary: {res.markdown}" + (f"\n(no data yet for: {', '.join(missing)})" if missing else ""))
     return 0

@@ -67,11 +67,9 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def kernel() -> Callable | None:
     """The loaded C function, or None where it does not apply (see the module's docstring)."""
-    if os.environ.get("CAMELID_AMX", "1") == "0" or sys.platform != "linux" or platform.machine() != "x86_64":
-        return None
     from camelid.models.cpu_train import native_bf16
 
-    if not native_bf16():
+    if sys.platform != "linux" or platform.machine() != "x86_64" or not native_bf16():
         return None
     try:
         path = _checked_library()

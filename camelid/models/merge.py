@@ -70,13 +70,16 @@ def load_merged(adapter_dir: str | os.PathLike, dtype: str = "auto") -> tuple[An
     return merged, tok
 
 
-def merge_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto") -> Path:
-    """Merge and save to `out` (written to a temporary folder, renamed when complete)."""
-    from camelid.utils import atomic_dir, ensure_writable_dir
+def merge_adapter(adapter_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto",
+                  overwrite: bool = False) -> Path:
+    """Merge and save to `out` (written to a temporary folder, renamed when complete). An existing
+    `out` is replaced only when camelid wrote it or `overwrite` is set."""
+    from camelid.utils import atomic_dir, check_replaceable, ensure_writable_dir
 
     ensure_writable_dir(Path(out).parent)
+    check_replaceable(out, overwrite)
     merged, tok = load_merged(adapter_dir, dtype)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return Path(out)
@@ -88,6 +91,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                                    "the output is a plain Hugging Face model folder with the tokenizer.")
     p.add_argument("adapter", help="adapter folder (with adapter_config.json), e.g. runs/sft/adapter")
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when camelid did not write it (a folder camelid wrote is always replaced)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the saved weights (default: the base model's)")
     p.set_defaults(func=run)
@@ -96,6 +101,6 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from camelid.utils import print0
 
-    out = merge_adapter(args.adapter, args.out, args.dtype)
+    out = merge_adapter(args.adapter, args.out, args.dtype, args.overwrite)
     print0(f"merged model written to {out}")
     return 0

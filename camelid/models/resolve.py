@@ -82,7 +82,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = torch.float32
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:  # a cache folder of camelid's own
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "camelid.json").write_text(json.dumps({"source_gguf": str(gguf), "sha256_16": _file_digest(gguf)}) + "\n")

@@ -30,7 +30,11 @@ from camelid.utils import ensure_writable_dir, print0, rank, world_size
 
 CHECKPOINTS = "checkpoints"
 # Settings that may differ on --resume: they change what is logged or kept, not what is trained.
-RESUME_MAY_CHANGE = frozenset({"report_to", "logging_steps", "save_total_limit", "num_threads", "eval_steps", "merge"})
+OUTPUT_ONLY = frozenset({"progress", "workers", "memory_limit", "report_to", "logging_steps", "save_total_limit",
+                         "num_threads", "save_steps", "samples_every", "eval_steps", "overwrite"})
+"""Settings that change what is printed, logged, kept or where it may go, never what a stage
+computes. One list for both rules: a change in them alone neither reruns a pipeline stage (they
+are left out of its config hash) nor blocks `--resume`."""
 
 
 def qa_text(question: str, answer: str) -> str:
@@ -148,9 +152,9 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def config_differences(saved: Any, cfg: Any) -> list[str]:
-    """Fields (other than RESUME_MAY_CHANGE) whose values differ between two configs."""
+    """Fields (other than OUTPUT_ONLY) whose values differ between two configs."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
-    return [k for k in b if k not in RESUME_MAY_CHANGE and a.get(k) != b[k]]
+    return [k for k in b if k not in OUTPUT_ONLY and a.get(k) != b[k]]
 
 
 def prepare_run(cfg: TrainSettings, *, resume: bool, overwrite: bool) -> RunState:
@@ -358,7 +362,7 @@ def save_final(trainer: Any, tok: Any, run_dir: Path, merge: bool) -> tuple[Path
 
     adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if merge else None)
     if trainer.accelerator.is_main_process:
-        with atomic_dir(adapter_dir) as tmp:
+        with atomic_dir(adapter_dir, overwrite=True) as tmp:  # inside the run folder
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
             tok.save_pretrained(tmp)
         if model_dir is not None:

@@ -55,7 +55,7 @@ def save_checkpoint(run_dir: Path, cfg: Any, policy: Any, opt: Any, state: PPOSt
     final = run_dir / CHECKPOINTS / f"checkpoint-{state.step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final, overwrite=True) as tmp:  # inside the run folder
             policy.lm.save_pretrained(tmp / "adapter")
             save_value_head(policy, tmp)
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
@@ -151,7 +151,7 @@ def save_final(run_dir: Path, cfg: Any, policy: Any, tok: Any, acc: Any, dropped
     adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if cfg.merge else None)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        with atomic_dir(adapter_dir) as tmp:
+        with atomic_dir(adapter_dir, overwrite=True) as tmp:
             policy.lm.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             save_value_head(policy, tmp)
