@@ -14,6 +14,8 @@ import torch
 
 from camelid.models import amx, llama_train
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 needs_amx = pytest.mark.skipif(amx.kernel() is None, reason="no AMX bfloat16 CPU, C compiler or Linux x86-64 here")
 
 BUNDLED_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]

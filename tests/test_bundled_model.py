@@ -6,7 +6,7 @@ import torch
 from camelid.engine import Engine, SamplingParams
 from camelid.models.int8 import weight_bytes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

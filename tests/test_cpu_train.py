@@ -11,6 +11,8 @@ from camelid.models import cpu_train
 from camelid.models.lora import LoraSettings, unwrap
 from camelid.models.train_load import load_for_training, training_dtype
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 
 def test_ppo_auto_dtype_follows_the_cpus_bf16_hardware_sft_and_reward_stay_float32():
     from camelid.train.ppo_model import ppo_dtype

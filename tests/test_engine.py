@@ -7,6 +7,8 @@ import torch
 
 from camelid.engine import Engine, SamplingParams
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 PROMPTS = ["Question: How do I boil an egg?\n\nAnswer: ", "Hi", "Tell me about the garden and the roses in spring"]
 
 
@@ -274,20 +276,22 @@ def test_fast_path_decodes_bfloat16_like_the_model(tiny_model_dir):
     rounding, and the same greedy tokens over several steps."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from camelid.engine.engine import _cache_kwarg
     from camelid.engine.fastllama import FastLlama
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    kw = _cache_kwarg(model)
     ids = torch.randint(100, 4000, (3, 20), generator=torch.Generator().manual_seed(0))
     fast, hf_cache, fast_cache = FastLlama(model), DynamicCache(), DynamicCache()
     mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1]).expand(3, -1)
     with torch.inference_mode():
-        hf = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=hf_cache).logits[:, -1:]
+        hf = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: hf_cache}).logits[:, -1:]
         ours = fast(ids, mask, pos, fast_cache)[:, -1:]
         for _ in range(4):
             nxt = hf[:, -1].argmax(-1, keepdim=True)
             assert torch.equal(ours[:, -1].argmax(-1, keepdim=True), nxt)
             mask, pos = torch.cat([mask, mask[:, :1]], 1), pos[:, -1:] + 1
-            hf = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=hf_cache).logits
+            hf = model(input_ids=nxt, attention_mask=mask, position_ids=pos, **{kw: hf_cache}).logits
             ours = fast(nxt, mask, pos, fast_cache)
             assert ours.shape == hf.shape == (3, 1, model.config.vocab_size)
             torch.testing.assert_close(ours.float(), hf.float(), atol=0.05, rtol=0.02)

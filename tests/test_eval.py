@@ -12,6 +12,8 @@ from camelid.errors import CamelidError
 from camelid.eval.evaluate import EvalConfig, run
 from train_data import write_dataset
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 
 def _perturbed(src, dst, seed: float, scale: float = 0.05):
     import torch

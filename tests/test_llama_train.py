@@ -12,6 +12,8 @@ from camelid.models import llama_train
 from camelid.models.lora import LoraSettings, unwrap
 from camelid.models.train_load import load_for_training
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

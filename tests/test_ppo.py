@@ -20,6 +20,8 @@ from camelid.train.ppo_config import PPOConfig
 from camelid.train.tracking import read_metrics
 from train_data import write_dataset
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 REPO = Path(__file__).resolve().parents[1]
 LOGGED = {
     "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",

@@ -21,6 +21,8 @@ from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss,
 from camelid.train.tracking import read_metrics
 from train_data import MARKER, write_dataset
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

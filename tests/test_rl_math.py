@@ -9,6 +9,8 @@ import torch
 
 from camelid.train import rl
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 M = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1 has 3 response tokens, row 2 has 2
 
 

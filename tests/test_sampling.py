@@ -7,6 +7,8 @@ from camelid.engine.sampling import SamplingParams, apply_repetition_penalty, to
 from camelid.engine.text import StopText, held_suffix
 from camelid.errors import CamelidError
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 
 @pytest.mark.parametrize("kw, msg", [
     ({"temperature": -0.1}, "temperature"),

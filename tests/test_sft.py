@@ -22,6 +22,8 @@ from camelid.train.sft import SFTConfig, run
 from camelid.train.tracking import read_metrics
 from train_data import write_dataset
 
+pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
