@@ -261,7 +261,8 @@ def to_int64(v: object) -> int | None:
 
 @dataclass
 class PostStats:
-    """What the streaming pass saw, by kind; every skipped row is counted under a reason."""
+    """What the streaming pass saw, by kind; every skipped row is counted under a reason
+    (`bad_id` / `bad_score`: missing, not an integer, or beyond int64)."""
 
     rows: int = 0
     post_types: Counter = field(default_factory=Counter)

@@ -8,6 +8,8 @@ StackLLaMA's data step (https://huggingface.co/blog/stackllama), at the scale of
 3. walk questions and their answers in qid order (a merge of two sorted files): HTML ->
    Markdown, score each answer (scoring.py), pair them, write each split's parquet file
 
+A bad row never fails the build: it is skipped and counted by reason in stats.json.
+
 Memory depends on the largest question, not on the dump: nothing holds all posts at once.
 """
 
