@@ -79,7 +79,7 @@ def held_suffix(text: str, stops: tuple[str, ...]) -> int:
     best = 0
     for s in stops:
         m = _StopMatcher(s)
-        for ch in text[len(text) - len(s) + 1:] if len(s) > 1 else "":
+        for ch in text[max(0, len(text) - len(s) + 1):] if len(s) > 1 else "":
             m.push(ch)
         best = max(best, m.state)
     return best

@@ -49,6 +49,8 @@ PROTECTED_PREFIX = "/v1/"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 JSON_TYPE = b"application/json"
 DEFAULT_HTTP_PORT = 80
+MAX_ECHOED_PATH = 100
+"""Longest path quoted back in a 404 or 405."""
 
 
 async def _send_error(send, err: APIError) -> None:
@@ -198,7 +200,8 @@ def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_b
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        path = request.url.path if len(request.url.path) <= MAX_ECHOED_PATH else request.url.path[:MAX_ECHOED_PATH] + "..."
+        message = f"no route {request.method} {path}" if err.status_code in (404, 405) else str(err.detail)
         return _error_response(APIError(err.status_code, message, code=code))
 
     @app.exception_handler(RequestValidationError)
