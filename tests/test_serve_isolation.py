@@ -94,6 +94,69 @@ def test_a_row_that_breaks_the_shared_forward_is_found_by_rebuilding(long_contex
     assert got[1][-1].finish_reason == "length"
 
 
+def run_with_rebuild(batch, ids, prompts, params, rebuild_at: int) -> dict[int, list[int]]:
+    """Token ids per row, with `batch.rebuild()` standing in for the step at `rebuild_at`."""
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    for deltas in batch.add(ids, prompts, params):
+        for d in deltas:
+            tokens[d.index] += d.token_ids
+    n = 0
+    while batch.rows:
+        n += 1
+        for d in batch.rebuild() if n == rebuild_at else batch.step():
+            tokens[d.index] += d.token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("backend", ["torch", "llama.cpp"])
+def test_rebuild_continues_every_row_where_it_was(backend, engine, request):
+    """`rebuild` recomputes each row from its tokens: greedy and seeded rows go on as if nothing
+    happened, and a cancelled row ends."""
+    import torch
+
+    eng = engine if backend == "torch" else request.getfixturevalue("gguf_engine")
+    params = [SamplingParams(temperature=0, max_new_tokens=9), GOOD, SamplingParams(temperature=0, max_new_tokens=4)]
+    prompts = [PROMPT, "Hi", "The quick brown fox"]
+    with torch.inference_mode():
+        want = [[t for step in eng.stream([p], sp) for d in step for t in d.token_ids] for p, sp in zip(prompts, params)]
+        got = run_with_rebuild(eng.new_batch(), [0, 1, 2], prompts, params, rebuild_at=3)
+        assert [got[i] for i in range(3)] == want
+        batch = eng.new_batch()
+        list(batch.add([0, 1], prompts[:2], params[:2]))
+        batch.cancel([1])
+        ends = {d.index: d.finish_reason for d in batch.rebuild()}
+        assert ends[1] == "cancelled" and ends[0] is None and [r.rid for r in batch.rows] == [0]
+        if hasattr(batch, "close"):
+            batch.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_engine(tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from camelid.engine.llamacpp import load_llamacpp_engine
+    from camelid.export.core import ExportConfig, export_gguf
+
+    out = tmp_path_factory.mktemp("lcpp") / "tiny-f16.gguf"
+    path = export_gguf(ExportConfig(model=str(tiny_model_dir), out=str(out), quant="f16", progress=False, modelfile=False)).path
+    eng = load_llamacpp_engine(str(path), threads=2, max_context=512, parallel=4)
+    yield eng
+    eng.close()
+
+
+def test_llamacpp_row_whose_sampling_fails_ends_alone(gguf_engine):
+    eng = gguf_engine
+    want = alone(eng, PROMPT, GOOD)
+    batch = eng.new_batch()
+    try:
+        (first,) = list(batch.add([0, 1], [PROMPT, PROMPT], [GOOD, broken_params()]))
+        assert [d.finish_reason for d in first if d.index == 1] == ["error"]
+        rest = drive(batch)
+        assert [t for d in [*(d for d in first if d.index == 0), *rest[0]] for t in d.token_ids] == want
+        assert len(eng._free_slots) == eng.parallel - len(batch.rows) == eng.parallel, "the failed row's slot is free"
+    finally:
+        batch.close()
+
+
 # ---- the scheduler ------------------------------------------------------------------------------
 async def run_jobs(scheduler, jobs_spec) -> list:
     """Submit (prompt ids, params) jobs together; per job its token ids, or the exception it got."""
