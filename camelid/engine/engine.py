@@ -325,13 +325,9 @@ class Batch:
                 log.warning("row %s failed when recomputed alone: %s", row.rid, e)
                 row.finish, row.error = "error", e
                 deltas.append(Delta(row.rid, "", [], None, "error", error=e))
-                self._drop_row(row)
+                if row in self.rows:  # merged before it failed
+                    self._drop_finished()
         return deltas
-
-    def _drop_row(self, row: _Row) -> None:
-        """Take `row` out of the batch if a failed `_prefill` merged it already."""
-        if row in self.rows:
-            self._drop_finished()
 
     def cancel(self, rids: Iterable[int]) -> None:
         rids = set(rids)

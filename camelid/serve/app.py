@@ -117,8 +117,8 @@ class HostCheckMiddleware:
             server = scope.get("server")
             if not self._valid(_header(scope, b"host"), server[1] if server else None):
                 err = APIError(403, "the Host header does not name this server: it is bound to a loopback address and "
-                                    "answers only localhost, 127.0.0.1 or [::1] with its port (bind --host to serve "
-                                    "other names)", code="invalid_host")
+                                    "answers only localhost, 127.0.0.1, [::1] or that address, with its port (bind --host "
+                                    "to serve other names)", code="invalid_host")
                 return await _send_error(send, err)
         await self.app(scope, receive, send)
 

@@ -50,7 +50,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    failed: bool = False
     _open: int = 0  # choices still generating
     _rids: list[int] = field(default_factory=list)
 
@@ -268,7 +267,7 @@ class Scheduler:
                 self.generated_tokens += len(d.token_ids)
                 if d.error is not None and not job.cancelled:
                     # This choice failed: the request fails; its other choices leave the batch.
-                    job.cancelled = job.failed = True
+                    job.cancelled = True
                     failed.append((job, d.error))
                 elif not job.cancelled:
                     d.index = choice
@@ -280,8 +279,6 @@ class Scheduler:
                         self._running_jobs.discard(job)
                         self.completed += 0 if job.cancelled else 1
                         finished.append(job)
-            if failed:
-                self._cv.notify()
         for job, ds in by_job.items():
             job._post(ds)
         for job, error in failed:
