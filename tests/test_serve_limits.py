@@ -57,6 +57,17 @@ def test_engine_takes_any_top_k(tiny_model_dir):
     assert eng.generate(["Hello"], SamplingParams(top_k=10**30, **kw))[0].token_ids == off
 
 
+def test_a_nucleus_too_small_for_float32_keeps_the_top_token():
+    """A top_p that reads 0 in float32 once removed every token (all -inf, NaN log-probabilities)."""
+    import torch
+
+    from camelid.engine.sampling import top_k_top_p_filter
+
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    out = top_k_top_p_filter(logits, torch.tensor([0]), torch.tensor([1e-50], dtype=torch.float64))
+    assert out[0, 1] == 3.0 and torch.isinf(out[0, [0, 2]]).all()
+
+
 # ---- work before admission ----------------------------------------------------------------------
 def test_a_full_queue_refuses_before_reading_the_prompt(tiny_model_dir):
     """With no room in the queue, a request is 503 before its prompt is looked at (here the prompt

@@ -66,7 +66,7 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
         raise P.APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise P.APIError(422, "the request body must be a JSON object", code="invalid_type")
-    P.check_sizes(data)
+    P.check_sizes(data, model.model_fields)
     try:
         return model.model_validate(data)
     except ValidationError as e:

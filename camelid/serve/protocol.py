@@ -155,11 +155,12 @@ SIZE_LIMITS = {"messages": MAX_MESSAGES, "prompt": max(MAX_PROMPTS, MAX_PROMPT_T
 """Most items of a body's list fields, checked on the parsed JSON before validation builds them."""
 
 
-def check_sizes(data: dict[str, Any]) -> None:
+def check_sizes(data: dict[str, Any], fields: Any = SIZE_LIMITS) -> None:
     """Lengths checked before the fields are validated (400): the lists that could make
-    validation or what follows it (tokenising, one SamplingParams per sequence) expensive."""
+    validation or what follows it (tokenising, one SamplingParams per sequence) expensive.
+    Only `fields` (the request type's own) are looked at; others are ignored anyway."""
     for name, limit in SIZE_LIMITS.items():
-        value = data.get(name)
+        value = data.get(name) if name in fields else None
         if isinstance(value, list) and len(value) > limit:
             raise _bad(f"{name} has {len(value)} items; at most {limit} are accepted", name)
     prompt = data.get("prompt")
