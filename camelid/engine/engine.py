@@ -8,6 +8,11 @@ cancelled.
 
 Layout: left padding with an attention mask and explicit position ids, so a prompt's logits do
 not depend on what it is batched with (batched greedy == single greedy).
+
+Failures stay with the row that caused them: a row whose parameters or text handling raise ends
+alone with finish_reason "error" (its Delta carries the exception) while the others go on. A
+failure of the shared forward pass leaves the shared cache in an unknown state; `Batch.rebuild`
+then recomputes each row alone from its own tokens, so only a row that fails by itself ends.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from camelid.engine.sampling import SamplingParams, per_row_alternatives, sample_next
+from camelid.engine.sampling import SamplingParams, sample_rows
 from camelid.engine.text import IncrementalDecoder, StopText
 from camelid.errors import CamelidError
 
@@ -38,9 +43,20 @@ class Delta:
     token_ids: list[int]
     logprobs: list[float] | None = None
     finish_reason: str | None = None
-    """None while running; then "stop" (EOS, stop token or stop string), "length" or "cancelled"."""
+    """None while running; then "stop" (EOS, stop token or stop string), "length", "cancelled",
+    or "error" (this request alone failed: `error` says why)."""
     top_logprobs: list[list[tuple[int, float]]] | None = None
     """Per token: the `top_logprobs` most likely (token id, log-probability), when asked."""
+    error: Exception | None = None
+    """With finish_reason "error": what went wrong for this request."""
+
+
+def raise_row_errors(deltas: list[Delta]) -> list[Delta]:
+    """For callers that run one job (chat, generate, evaluation, PPO): a row's failure is theirs."""
+    for d in deltas:
+        if d.error is not None:
+            raise d.error
+    return deltas
 
 
 @dataclass
@@ -70,6 +86,9 @@ class _Row:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
     finish: str | None = None
+    prompt: list[int] = field(default_factory=list)
+    """The prompt's ids (`Batch.rebuild` recomputes the row from prompt + out)."""
+    error: Exception | None = None
 
 
 class Engine:
@@ -154,11 +173,12 @@ class Engine:
             raise ValueError("one SamplingParams per prompt, or one for all")
         batch = self.new_batch()
         with torch.inference_mode():
-            yield from batch.add(list(range(len(prompts))), prompts, plist)
+            for deltas in batch.add(list(range(len(prompts))), prompts, plist):
+                yield raise_row_errors(deltas)
             while batch.rows:
                 if cancelled:
                     batch.cancel(cancelled)
-                yield batch.step()
+                yield raise_row_errors(batch.step())
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
         """Whole answers for a batch of prompts (str or token-id lists)."""
@@ -183,9 +203,10 @@ class Engine:
         batch = self.new_batch()
         batch.on_row = lambda row: rows_out.__setitem__(row.rid, row)
         with torch.inference_mode():
-            yield from batch.add(list(range(len(prompts))), prompts, plist)
+            for deltas in batch.add(list(range(len(prompts))), prompts, plist):
+                yield raise_row_errors(deltas)
             while batch.rows:
-                yield batch.step()
+                yield raise_row_errors(batch.step())
 
 
 class Batch:
@@ -203,8 +224,28 @@ class Batch:
 
     # Prefill new requests, then merge them into the running batch.
     def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
+        """Prefill the prompts (one shared forward), merge them into the batch, yield each one's
+        first token. A row whose own setup fails (e.g. its seed) ends with an error delta."""
+        toks = prompt_ids(self.engine, prompts, params)
+        new_rows = [self._new_row(rid, t, sp) for rid, t, sp in zip(ids, toks, params)]
+        yield self._prefill(new_rows, toks)
+
+    def _new_row(self, rid: int, toks: list[int], sp: SamplingParams) -> _Row:
         eng = self.engine
-        toks = prompt_ids(eng, prompts, params)
+        row = _Row(rid, sp, len(toks), IncrementalDecoder(eng.tokenizer), StopText(sp.stop), None, prompt=list(toks))
+        try:
+            if sp.seed is not None:
+                row.generator = torch.Generator(device=eng.device).manual_seed(sp.seed)
+        except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
+            row.error = e
+        if self.on_row:
+            self.on_row(row)
+        return row
+
+    def _prefill(self, new_rows: list[_Row], toks: list[list[int]]) -> list[Delta]:
+        """One forward over `toks` (left padded), merge `new_rows` in, sample their next token."""
+        eng = self.engine
+        params = [r.params for r in new_rows]
         width = max(len(t) for t in toks)
         input_ids = torch.full((len(toks), width), eng.pad_id, dtype=torch.long)
         mask = torch.zeros((len(toks), width), dtype=torch.long)
@@ -218,40 +259,36 @@ class Batch:
         cache = DynamicCache()
         hidden = [] if any(sp.return_hidden for sp in params) else None
         logits = eng.forward(input_ids, mask, pos, cache, logits_to_keep=1, hidden=hidden)
-        new_rows = []
-        for rid, t, sp in zip(ids, toks, params):
-            gen = None
-            if sp.seed is not None:
-                gen = torch.Generator(device=eng.device).manual_seed(sp.seed)
-            row = _Row(rid, sp, len(t), IncrementalDecoder(eng.tokenizer), StopText(sp.stop), gen)
-            new_rows.append(row)
-            if self.on_row:
-                self.on_row(row)
         seen = None
         if any(sp.repetition_penalty != 1.0 for sp in params):
             seen = torch.zeros((len(toks), logits.shape[-1]), dtype=torch.bool, device=eng.device)
             seen.scatter_(1, input_ids, mask.bool())
         self._merge(new_rows, cache, mask, pos[:, -1] + 1, seen)
-        yield self._emit(logits[:, -1], first=len(self.rows) - len(new_rows), hidden=hidden[0][:, -1] if hidden else None)
+        return self._emit(logits[:, -1], first=len(self.rows) - len(new_rows), hidden=hidden[0][:, -1] if hidden else None)
 
     def _merge(self, rows, cache, mask, next_pos, seen) -> None:
+        """Append prefilled rows. Every new tensor is built before any is assigned, so a failure
+        here (out of memory) leaves the batch as it was."""
         if not self.rows:
             self.rows, self.cache, self.mask, self.next_pos = rows, cache, mask, next_pos
             self.seen = seen
             return
-        old_t, new_t = self.mask.shape[1], mask.shape[1]
-        width = max(old_t, new_t)
-        for layer_old, layer_new in zip(self.cache.layers, cache.layers):
-            layer_old.keys = torch.cat([_left_pad(layer_old.keys, width, 2), _left_pad(layer_new.keys, width, 2)])
-            layer_old.values = torch.cat([_left_pad(layer_old.values, width, 2), _left_pad(layer_new.values, width, 2)])
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
-        self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.next_tokens = torch.cat([self.next_tokens, torch.zeros_like(next_pos)]) if self.next_tokens is not None else None
+        width = max(self.mask.shape[1], mask.shape[1])
+        kv = [(torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)]),
+               torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)]))
+              for old, new in zip(self.cache.layers, cache.layers)]
+        merged_mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        merged_pos = torch.cat([self.next_pos, next_pos])
+        merged_next = torch.cat([self.next_tokens, torch.zeros_like(next_pos)]) if self.next_tokens is not None else None
+        merged_seen = self.seen
         if self.seen is not None or seen is not None:
             vocab = (self.seen if self.seen is not None else seen).shape[1]
             old = self.seen if self.seen is not None else torch.zeros((len(self.rows), vocab), dtype=torch.bool, device=mask.device)
             new = seen if seen is not None else torch.zeros((len(rows), vocab), dtype=torch.bool, device=mask.device)
-            self.seen = torch.cat([old, new])
+            merged_seen = torch.cat([old, new])
+        for layer, (k, v) in zip(self.cache.layers, kv):
+            layer.keys, layer.values = k, v
+        self.mask, self.next_pos, self.next_tokens, self.seen = merged_mask, merged_pos, merged_next, merged_seen
         self.rows = self.rows + rows
 
     def step(self) -> list[Delta]:
@@ -263,6 +300,35 @@ class Batch:
         self.next_pos = self.next_pos + 1
         return self._emit(logits[:, -1], hidden=hidden[0][:, -1] if hidden else None)
 
+    def rebuild(self) -> list[Delta]:
+        """One step for every row, each computed alone from its own tokens (prompt + answer so
+        far, one prefill per row) into fresh shared tensors.
+
+        For use after `add` or `step` raised: the shared cache may then hold part of a step, so
+        the batch cannot go on as it is, while a row's state outside the cache (its answer,
+        generator and text) is untouched by a failed forward, so recomputing its cache from its
+        tokens continues it exactly. A row that fails on its own ends with an error delta; the
+        others go on. Rows of a failed `add` that were never merged are not here: the caller
+        still holds them.
+        """
+        rows = [r for r in self.rows if r.finish in (None, "cancelled")]
+        self.rows, self.cache = [], None
+        self.mask = self.next_pos = self.next_tokens = self.seen = None
+        deltas = []
+        for row in rows:
+            if row.finish == "cancelled":
+                deltas.append(Delta(row.rid, "", [], None, "cancelled"))
+                continue
+            try:
+                deltas += self._prefill([row], [row.prompt + row.out])
+            except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
+                log.warning("row %s failed when recomputed alone: %s", row.rid, e)
+                row.finish, row.error = "error", e
+                deltas.append(Delta(row.rid, "", [], None, "error", error=e))
+                if row in self.rows:  # merged before it failed
+                    self._drop_finished()
+        return deltas
+
     def cancel(self, rids: Iterable[int]) -> None:
         rids = set(rids)
         for row in self.rows:
@@ -272,11 +338,9 @@ class Batch:
     def _emit(self, logits: torch.Tensor, first: int = 0, hidden: torch.Tensor | None = None) -> list[Delta]:
         """Sample for rows[first:] (new rows after a prefill) or all rows, update their text.
         `hidden` (len(rows[first:]), H): the head inputs the logits came from."""
-        eng = self.engine
         rows = self.rows[first:]
         seen = self.seen[first:] if self.seen is not None else None
-        tokens, logps, top = sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen)
-        alternatives = per_row_alternatives(top, [r.params for r in rows])
+        tokens, logps, alternatives, errors = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows], seen)
         if first == 0:
             self.next_tokens = tokens
         else:
@@ -284,35 +348,45 @@ class Batch:
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         deltas = []
-        for i, (row, tok, lp, alt) in enumerate(zip(rows, tokens.tolist(), logps.tolist(), alternatives)):
+        for i, (row, tok, lp, alt, err) in enumerate(zip(rows, tokens.tolist(), logps, alternatives, errors)):
             if row.finish == "cancelled":
                 deltas.append(Delta(row.rid, "", [], None, "cancelled"))
                 continue
-            row.out.append(tok)
-            if row.params.return_hidden:
-                row.hidden.append(hidden[i].clone())
-            row.logprobs.append(lp)
-            if alt is not None:
-                row.top.append(alt)
-            text, finish = "", None
-            stop_tok = (tok in eng.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids
-            if stop_tok:
-                finish = "stop"
-                text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
-            else:
-                text, hit = row.stop_text.feed(row.decoder.push(tok))
-                if hit:
-                    finish = "stop"
-                elif len(row.out) >= row.params.max_new_tokens:
-                    finish = "length"
-                    text += row.stop_text.feed(row.decoder.flush())[0]
-                    text += "" if row.stop_text.stopped else row.stop_text.finish()
-                    finish = "stop" if row.stop_text.stopped else "length"
-            row.finish = finish
-            deltas.append(Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish,
-                                [alt] if alt is not None else None))
+            row.error = row.error or err
+            if row.error is None:
+                try:
+                    deltas.append(self._advance(row, tok, lp, alt, hidden[i] if row.params.return_hidden else None))
+                    continue
+                except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
+                    row.error = e
+            row.finish = "error"
+            deltas.append(Delta(row.rid, "", [], None, "error", error=row.error))
         self._drop_finished()
         return deltas
+
+    def _advance(self, row: _Row, tok: int, lp: float, alt, hidden: torch.Tensor | None) -> Delta:
+        """Append a sampled token to a row, turn it into text, decide whether the row finished."""
+        row.out.append(tok)
+        if hidden is not None:
+            row.hidden.append(hidden.clone())
+        row.logprobs.append(lp)
+        if alt is not None:
+            row.top.append(alt)
+        text, finish = "", None
+        stop_tok = (tok in self.engine.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids
+        if stop_tok:
+            finish = "stop"
+            text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
+        else:
+            text, hit = row.stop_text.feed(row.decoder.push(tok))
+            if hit:
+                finish = "stop"
+            elif len(row.out) >= row.params.max_new_tokens:
+                text += row.stop_text.feed(row.decoder.flush())[0]
+                text += "" if row.stop_text.stopped else row.stop_text.finish()
+                finish = "stop" if row.stop_text.stopped else "length"
+        row.finish = finish
+        return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if r.finish is None]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from camelid.engine.engine import Completion, Delta, prompt_ids
+from camelid.engine.engine import Completion, Delta, prompt_ids, raise_row_errors
 from camelid.engine.sampling import SamplingParams
 from camelid.engine.text import IncrementalDecoder, StopText
 from camelid.errors import CamelidError
@@ -61,12 +61,13 @@ class LlamaCppTokenizer:
     def __len__(self) -> int:
         return self._m.n_vocab()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # special=True: control-token text such as <|im_end|> becomes its id, as in HF tokenizers
-        return self._m.tokenize(text.encode("utf-8"), add_special_tokens and self.add_bos, True)
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        # Control-token text such as <|im_end|> becomes its id, as in HF tokenizers, unless
+        # split_special_tokens (text from a user is only text).
+        return self._m.tokenize(text.encode("utf-8"), add_special_tokens and self.add_bos, not split_special_tokens)
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": self.encode(text, add_special_tokens)}
+    def __call__(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens, split_special_tokens)}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
         out = b"".join(self._piece(int(t), not skip_special_tokens) for t in ids)
@@ -102,6 +103,7 @@ class _Row:
     decoder: IncrementalDecoder
     stop_text: StopText
     rng: Any  # torch.Generator or None
+    error: Exception | None = None
     pos: int = 0
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -213,11 +215,12 @@ class LlamaCppEngine:
                 room = self.parallel - len(batch.rows)
                 take, pending = pending[:room], pending[room:]
                 if take:
-                    yield from batch.add(take, [prompts[i] for i in take], [plist[i] for i in take])
+                    for deltas in batch.add(take, [prompts[i] for i in take], [plist[i] for i in take]):
+                        yield raise_row_errors(deltas)
                 if cancelled:
                     batch.cancel(cancelled)
                 if batch.rows:
-                    yield batch.step()
+                    yield raise_row_errors(batch.step())
         finally:
             batch.close()
 
@@ -264,8 +267,11 @@ class LlamaCppBatch:
             raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
         new_rows, logits = [], []
         for rid, t, sp in zip(ids, toks, params):
-            rng = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
-            row = _Row(rid, sp, eng.take_slot(), t, IncrementalDecoder(eng.tokenizer), StopText(sp.stop), rng, pos=len(t))
+            row = _Row(rid, sp, eng.take_slot(), t, IncrementalDecoder(eng.tokenizer), StopText(sp.stop), None, pos=len(t))
+            try:
+                row.rng = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+            except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
+                row.error = e
             self.rows.append(row)
             new_rows.append(row)
             if self.on_row:
@@ -282,6 +288,27 @@ class LlamaCppBatch:
         by_row = dict(zip((id(r) for r in live), logits))
         return self._emit(rows, [by_row.get(id(r)) for r in rows])
 
+    def rebuild(self) -> list[Delta]:
+        """As `engine.Batch.rebuild`: after a failed decode, each row's sequence is cleared and
+        recomputed alone from its tokens (prompt + answer so far), one step's result per row; a
+        row that fails alone ends with an error delta."""
+        rows, logits = [], []
+        for row in list(self.rows):
+            if row.finish is not None:
+                rows.append(row)
+                logits.append(None)
+                continue
+            toks = row.prompt + row.out
+            try:
+                self.engine.ctx.kv_cache_seq_rm(row.slot, -1, -1)
+                logits += self.engine.decode([(tok, i, row.slot, i == len(toks) - 1) for i, tok in enumerate(toks)])
+                row.pos = len(toks)
+            except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
+                row.error = e
+                logits.append(None)
+            rows.append(row)
+        return self._emit(rows, logits)
+
     def cancel(self, rids: Iterable[int]) -> None:
         rids = set(rids)
         for row in self.rows:
@@ -294,15 +321,23 @@ class LlamaCppBatch:
         self.rows = []
 
     def _emit(self, rows: list[_Row], logits: list[Any]) -> list[Delta]:
-        live = [(r, lg) for r, lg in zip(rows, logits) if r.finish is None and lg is not None]
+        live = [(r, lg) for r, lg in zip(rows, logits) if r.finish is None and r.error is None and lg is not None]
         sampled = dict(zip((id(r) for r, _ in live), zip(*_sample([r for r, _ in live], [lg for _, lg in live])))) if live else {}
         deltas = []
         for row in rows:
             if row.finish == "cancelled":
                 deltas.append(Delta(row.rid, "", [], None, "cancelled"))
                 continue
-            tok, lp, alt = sampled[id(row)]
-            deltas.append(self._advance(row, tok, lp, alt))
+            if row.error is None:
+                tok, lp, alt, row.error = sampled[id(row)]
+            if row.error is None:
+                try:
+                    deltas.append(self._advance(row, tok, lp, alt))
+                    continue
+                except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
+                    row.error = e
+            row.finish = "error"
+            deltas.append(Delta(row.rid, "", [], None, "error", error=row.error))
         for row in [r for r in self.rows if r.finish is not None]:
             self.engine.release_slot(row.slot)
         self.rows = [r for r in self.rows if r.finish is None]
@@ -330,27 +365,27 @@ class LlamaCppBatch:
         return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
 
 
-def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list]:
-    """Next token per row with camelid's sampler (identical semantics to the torch engine);
-    plain greedy rows take a numpy argmax, which is what the sampler would return."""
+def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list, list]:
+    """Next token per row with camelid's sampler (identical semantics to the torch engine), and
+    each row's own failure or None (`sampling.sample_rows`); plain greedy rows take a numpy
+    argmax, which is what the sampler would return."""
     import numpy as np
 
     arr = np.stack(logits)
     if all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.params.logprobs and not r.params.top_logprobs
            for r in rows):
-        return arr.argmax(-1).tolist(), [0.0] * len(rows), [None] * len(rows)
+        return arr.argmax(-1).tolist(), [0.0] * len(rows), [None] * len(rows), [None] * len(rows)
     import torch
 
-    from camelid.engine.sampling import per_row_alternatives, sample_next
+    from camelid.engine.sampling import sample_rows
 
     seen = None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         seen = torch.zeros(arr.shape, dtype=torch.bool)
         for i, r in enumerate(rows):
             seen[i, torch.tensor(r.prompt + r.out, dtype=torch.long)] = True
-    params = [r.params for r in rows]
-    tokens, logps, top = sample_next(torch.from_numpy(arr), params, [r.rng for r in rows], seen)
-    return tokens.tolist(), logps.tolist(), per_row_alternatives(top, params)
+    tokens, logps, alternatives, errors = sample_rows(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen)
+    return tokens.tolist(), logps, alternatives, errors
 
 
 def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | None = None, quant: str = "q8_0",

@@ -7,6 +7,7 @@ penalty, temperature, top-k, top-p, then sampling (or argmax where temperature i
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,6 +15,8 @@ from typing import NamedTuple
 import torch
 
 from camelid.errors import CamelidError
+
+log = logging.getLogger("camelid.engine")
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -97,7 +100,8 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     """Set to -inf every logit outside each row's top-k and nucleus (top-p). logits (B, V).
 
     top_k (B,) long, 0 = off; top_p (B,) float in (0, 1]. Nucleus per Holtzman et al. 2019:
-    keep the smallest prefix of the sorted distribution whose mass reaches p (always >= 1 token).
+    keep the smallest prefix of the sorted distribution whose mass reaches p (always >= 1 token:
+    the most likely one stays even where p is so small it reads 0 in float32).
     """
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     vocab = logits.shape[-1]
@@ -107,6 +111,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = torch.softmax(sorted_logits.float(), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     remove |= mass_before >= top_p[:, None].float()
+    remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -145,7 +150,8 @@ def sample_next(
     temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     logits = logits / temps[:, None]
     if any((p.top_k > 0 or p.top_p < 1.0) and not p.greedy for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device)  # k past the vocabulary = all
         top_p = torch.tensor([p.top_p for p in params], device=device)
         logits = top_k_top_p_filter(logits, top_k, top_p)
     logp = torch.log_softmax(logits, dim=-1)
@@ -180,3 +186,41 @@ def per_row_alternatives(top: tuple[torch.Tensor, torch.Tensor] | None, params: 
     ids, lps = top[0].tolist(), top[1].tolist()
     return [list(zip(ids[i][: p.top_logprobs], lps[i][: p.top_logprobs])) if p.top_logprobs else None
             for i, p in enumerate(params)]
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    seen: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[float], list, list[Exception | None]]:
+    """`sample_next` in which each row fails on its own: (tokens (B,), their log-probabilities,
+    each row's alternatives as `per_row_alternatives` gives them, each row's exception or None).
+
+    Rows are independent (their own logits, parameters and generator), so when the batched call
+    raises, every row is sampled again alone, its generator first put back where it was: a
+    seeded row draws exactly what it would have. A row that fails alone gets its exception and
+    token 0 (never fed on: the caller ends that row); the other rows are unaffected.
+    """
+    states = [g.get_state() if g is not None else None for g in generators]
+    try:
+        s = sample_next(logits, params, generators, seen)
+        return s.tokens, s.logprobs.tolist(), per_row_alternatives(s.top, params), [None] * len(params)
+    except Exception:  # noqa: BLE001 - find the row(s) at fault below
+        log.warning("batched sampling failed; sampling each of the %d rows alone", len(params), exc_info=True)
+    tokens, logps, alts, errors = [], [], [], []
+    for i, p in enumerate(params):
+        if states[i] is not None:
+            generators[i].set_state(states[i])
+        try:
+            s = sample_next(logits[i : i + 1], [p], [generators[i]], None if seen is None else seen[i : i + 1])
+            tokens.append(int(s.tokens[0]))
+            logps.append(float(s.logprobs[0]))
+            alts.append(per_row_alternatives(s.top, [p])[0])
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
+            tokens.append(0)
+            logps.append(0.0)
+            alts.append(None)
+            errors.append(e)
+    return torch.tensor(tokens, dtype=torch.long, device=logits.device), logps, alts, errors

@@ -2,8 +2,19 @@
 
 Everything a client can get wrong is answered in OpenAI's error shape with a 4xx status; an
 unexpected failure is logged and answered 500 in the same shape, and the server stays up.
-API keys and the body limit are plain ASGI middlewares, so they run before any route reads
-the body; keys are compared in constant time (hmac.compare_digest) and never logged.
+The Host check, API keys, the content type and the body limit are plain ASGI middlewares (in
+that order), so they run before any route reads the body; keys are compared in constant time
+(hmac.compare_digest) and never logged.
+
+Browsers are kept out of a keyless local server: a page elsewhere may POST to 127.0.0.1 without
+asking first only with a "simple" content type (text/plain, forms), so every POST must be
+`application/json` (415 otherwise), which makes a browser ask first, and no CORS header ever
+says yes. A page on a name the attacker controls that resolves to 127.0.0.1 (DNS rebinding)
+sends its own name as Host: a server bound to a loopback address answers only Host headers that
+name it (localhost, 127.0.0.1, [::1] or the bound address, with its port), API key or not, since
+a loopback server has no other legitimate name. Bound to another address (`--host`), it is
+meant to be reached under names it cannot know, so Host is not checked there: an API key is
+what guards it.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from camelid.serve.openai_api import ClientGone, router
 from camelid.serve.protocol import MAX_BODY_BYTES, APIError
 from camelid.serve.registry import ModelRegistry
+from camelid.serve.server import is_loopback
 
 log = logging.getLogger("camelid.serve")
 STATIC = Path(__file__).parent / "static"
@@ -34,6 +46,11 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 PROTECTED_PREFIX = "/v1/"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+JSON_TYPE = b"application/json"
+DEFAULT_HTTP_PORT = 80
+MAX_ECHOED_PATH = 100
+"""Longest path quoted back in a 404 or 405."""
 
 
 async def _send_error(send, err: APIError) -> None:
@@ -66,6 +83,59 @@ class APIKeyMiddleware:
             if not self._valid(header):
                 err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await _send_error(send, err)
+        await self.app(scope, receive, send)
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class HostCheckMiddleware:
+    """403 unless the Host header names this loopback server: one of `names` with the port the
+    request came in on (scope["server"]). Guards against DNS rebinding."""
+
+    def __init__(self, app, names: Iterable[str]):
+        self.app = app
+        self.names = {n.lower() for n in names}
+
+    def _valid(self, host: bytes | None, port: int | None) -> bool:
+        try:
+            text = (host or b"").decode("ascii").lower()
+        except UnicodeDecodeError:
+            return False
+        name, sep, given = text.rpartition(":") if text.rfind(":") > text.rfind("]") else (text, "", "")
+        if sep and not (given.isdigit() and len(given) <= 5):
+            return False
+        return name in self.names and (int(given) if given else DEFAULT_HTTP_PORT) == port
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            server = scope.get("server")
+            if not self._valid(_header(scope, b"host"), server[1] if server else None):
+                err = APIError(403, "the Host header does not name this server: it is bound to a loopback address and "
+                                    "answers only localhost, 127.0.0.1, [::1] or that address, with its port (bind --host "
+                                    "to serve other names)", code="invalid_host")
+                return await _send_error(send, err)
+        await self.app(scope, receive, send)
+
+
+class JSONContentTypeMiddleware:
+    """415 for a POST whose Content-Type is not application/json (a browser may send text/plain
+    or form bodies cross-site without asking; JSON makes it ask, and the answer is no)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            ctype = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
+            if ctype != JSON_TYPE:
+                err = APIError(415, "the request body must be JSON: send `Content-Type: application/json`",
+                               code="unsupported_media_type")
                 return await _send_error(send, err)
         await self.app(scope, receive, send)
 
@@ -111,7 +181,9 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
+               host: str = "127.0.0.1") -> FastAPI:
+    """The app for `registry`; `host` is the address the server binds (loopback: Host checked)."""
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
     app.include_router(router)
@@ -128,7 +200,8 @@ def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_b
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        message = f"no route {request.method} {request.url.path}" if err.status_code in (404, 405) else str(err.detail)
+        path = request.url.path if len(request.url.path) <= MAX_ECHOED_PATH else request.url.path[:MAX_ECHOED_PATH] + "..."
+        message = f"no route {request.method} {path}" if err.status_code in (404, 405) else str(err.detail)
         return _error_response(APIError(err.status_code, message, code=code))
 
     @app.exception_handler(RequestValidationError)
@@ -155,6 +228,11 @@ def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_b
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # The last added runs first: Host, API key, content type, body limit.
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, keys=list(api_keys))  # added last = runs first
+    app.add_middleware(JSONContentTypeMiddleware)
+    app.add_middleware(APIKeyMiddleware, keys=list(api_keys))
+    if is_loopback(host):
+        bound = f"[{host}]" if ":" in host else host
+        app.add_middleware(HostCheckMiddleware, names=(*LOOPBACK_NAMES, bound))
     return app

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -25,14 +27,46 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Any:
-    """JSON that does not parse -> 400; a body of the wrong shape -> 422 naming the field."""
-    raw = await request.body()
+    """JSON that does not parse -> 400; a body of the wrong shape -> 422 naming the field.
+    Parsing runs in a worker thread: a large body must not stall the streams on the event loop."""
+    return await run_in_threadpool(parse_json, await request.body(), model)
+
+
+def _int(literal: str) -> int:
+    if len(literal.lstrip("-")) > P.MAX_INT_DIGITS:
+        raise P.APIError(400, f"an integer in the body has more than {P.MAX_INT_DIGITS} digits", code="invalid_value")
+    return int(literal)
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise P.APIError(400, f"the number {literal[:40]} is out of range", code="invalid_value")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise P.APIError(400, f"the request body is not valid JSON: {name} is not a JSON value", code="invalid_json")
+
+
+def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
+    """The body as `model`: strict JSON (no NaN or Infinity, integers of at most MAX_INT_DIGITS
+    digits, finite numbers, nesting the parser can take, text that is valid Unicode: no lone
+    surrogate escapes such as "\\ud800", which nothing downstream can encode), its list sizes
+    checked (`protocol.check_sizes`), then validated."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
+    except UnicodeEncodeError:
+        raise P.APIError(400, "the request body holds a lone UTF-16 surrogate escape (such as \\ud800): "
+                              "that is not Unicode text", code="invalid_json") from None
+    except (json.JSONDecodeError, UnicodeError) as e:
         raise P.APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise P.APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise P.APIError(422, "the request body must be a JSON object", code="invalid_type")
+    P.check_sizes(data, model.model_fields)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -81,13 +115,30 @@ def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: in
     )
 
 
+def _overloaded(e: QueueFull) -> P.APIError:
+    return P.APIError(503, f"{e}; retry in {RETRY_AFTER_S}s", type="server_error", code="server_overloaded",
+                      headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def check_room(served: ServedModel, sequences: int) -> None:
+    """Before any prompt is tokenised: the request's sequences must fit one batch (400) and the
+    queue must have room for them now (503), so a request that cannot run costs no work."""
+    limit = min(P.MAX_SEQUENCES, served.scheduler.max_batch_size)
+    if sequences > limit:
+        raise P.APIError(400, f"this request asks for {sequences} sequences (n x prompts); this server runs at most "
+                              f"{limit} for one request", param="n")
+    try:
+        served.scheduler.check_room(sequences)
+    except QueueFull as e:
+        raise _overloaded(e) from None
+
+
 def submit(served: ServedModel, prompts: list[list[int]], params: list) -> Job:
     job = Job(prompts, params, asyncio.get_running_loop())
     try:
         served.scheduler.submit(job)
     except QueueFull as e:
-        raise P.APIError(503, f"{e}; retry in {RETRY_AFTER_S}s", type="server_error", code="server_overloaded",
-                         headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise _overloaded(e) from None
     except ValueError as e:
         raise P.APIError(400, str(e), param="n") from None
     return job
@@ -234,11 +285,12 @@ async def chat_completions(request: Request):
     req = await parse_body(request, P.ChatRequest)
     P.check_request(req)
     served = registry(request).get(req.model)
+    check_room(served, req.n or 1)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
         # tokenising a long prompt takes a while: keep it off the event loop that streams others
         ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
-    except (CamelidError, ValueError) as e:  # the template rejects the conversation (e.g. a tool turn)
+    except (CamelidError, ValueError, TemplateError) as e:  # the template rejects the conversation (e.g. a tool turn)
         raise P.APIError(400, str(e), param="messages") from None
     params = sampling_params(req, served, len(ids), None, template_stop)
     job = submit(served, [ids] * len(params), params)
@@ -299,6 +351,12 @@ class ChatOutput(Output):
 
 
 # ---- /v1/completions ----------------------------------------------------------------------
+def prompt_count(req: P.CompletionRequest) -> int:
+    """How many prompts the prompt field holds (a string or one token-id list is one)."""
+    p = req.prompt
+    return len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+
+
 def completion_prompts(req: P.CompletionRequest, served: ServedModel) -> list[list[int]]:
     """The prompt field (a string, strings, token ids or lists of token ids) as token-id lists."""
     p = req.prompt
@@ -325,6 +383,7 @@ async def completions(request: Request):
     req = await parse_body(request, P.CompletionRequest)
     P.check_request(req)
     served = registry(request).get(req.model)
+    check_room(served, (req.n or 1) * prompt_count(req))
     prompts = await run_in_threadpool(completion_prompts, req, served)
     want_lp = P.logprob_options(req)[0]
     if want_lp and req.echo:

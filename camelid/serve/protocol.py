@@ -6,9 +6,14 @@ errors as `{"error": {"message", "type", "param", "code"}}`). Extensions beside 
 use vLLM's names (`top_k`, `repetition_penalty`, `ignore_eos`), so existing clients keep working.
 
 Status codes: 400 for JSON that does not parse and for values out of range (a request that was
-understood but cannot be served), 401 bad/missing API key, 404 unknown model or route, 413 body
-too large, 422 for a body of the wrong shape (a missing field, a string where a number goes),
-503 with Retry-After when the queue is full.
+understood but cannot be served), 401 bad/missing API key, 403 a Host header that does not name
+a loopback server, 404 unknown model or route, 413 body too large, 415 a POST body that is not
+`application/json`, 422 for a body of the wrong shape (a missing field, a string where a number
+goes: types are strict, as OpenAI's are), 503 with Retry-After when the queue is full.
+
+Every size is bounded before work starts: the body's bytes, then (on the parsed JSON, before the
+fields are validated) the lengths of `messages`, `prompt` and `stop`, then the number of
+sequences (`n` x prompts) against the batch and the queue, before any prompt is tokenised.
 """
 
 from __future__ import annotations
@@ -35,6 +40,30 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives per token for chat's `top_logprobs`, as OpenAI allows."""
 MAX_STOP = 8
 """Most stop strings per request (OpenAI allows 4; the engine takes 16, the template adds its own)."""
+MAX_STOP_CHARS = 256
+"""Longest stop string: the answer's last characters are held back while they may begin one."""
+MAX_PROMPTS = 32
+"""Most prompts in one /v1/completions request (a list of strings or of token-id lists)."""
+MAX_SEQUENCES = 64
+"""Most sequences (`n` x prompts) one request may ask for; the batch size may allow fewer."""
+MAX_MESSAGES = 1024
+"""Most messages in one chat request."""
+MAX_INT_DIGITS = 20
+"""Longest integer literal accepted in a body (an int64 has 19 digits): larger ones are 400 before
+Python builds them (a many-thousand-digit integer takes quadratic time to convert)."""
+MAX_TOP_K = 2**31 - 1
+"""Largest `top_k` (any k at or past the vocabulary's size keeps every token)."""
+MIN_TEMPERATURE = 1e-3
+"""Smallest temperature other than 0 (greedy): dividing logits by much less overflows float32 to
+inf and the log-probabilities to NaN."""
+MIN_TOP_P = 1e-6
+"""Smallest `top_p`: a smaller nucleus is the most likely token alone (use temperature 0), and
+values under ~1e-45 read 0 in float32."""
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+"""Range of `repetition_penalty` (1 = off): a seen token's logit is divided or multiplied by it,
+and far outside this range that overflows float32."""
+MAX_MODEL_NAME_CHARS = 256
+"""Longest `model` accepted (a name is echoed in the 404 for an unknown one)."""
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions; chat defaults to the rest of the context."""
 
@@ -62,7 +91,8 @@ class APIError(Exception):
 
 class _Body(BaseModel):
     # Unknown fields are ignored (as vLLM does) so clients that send e.g. `user` keep working.
-    model_config = ConfigDict(extra="ignore")
+    # Types are strict: "5" is not an integer, true is not a number, 1 is not a boolean.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Body):
@@ -73,6 +103,7 @@ class TextPart(_Body):
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    """Required except for an assistant turn (OpenAI's rule; its tool calls are not supported)."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -120,13 +151,38 @@ def _bad(message: str, param: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+SIZE_LIMITS = {"messages": MAX_MESSAGES, "prompt": max(MAX_PROMPTS, MAX_PROMPT_TOKENS), "stop": MAX_STOP}
+"""Most items of a body's list fields, checked on the parsed JSON before validation builds them."""
+
+
+def check_sizes(data: dict[str, Any], fields: Any = SIZE_LIMITS) -> None:
+    """Lengths checked before the fields are validated (400): the lists that could make
+    validation or what follows it (tokenising, one SamplingParams per sequence) expensive.
+    Only `fields` (the request type's own) are looked at; others are ignored anyway."""
+    for name, limit in SIZE_LIMITS.items():
+        value = data.get(name) if name in fields else None
+        if isinstance(value, list) and len(value) > limit:
+            raise _bad(f"{name} has {len(value)} items; at most {limit} are accepted", name)
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) > MAX_PROMPTS:
+            raise _bad(f"prompt has {len(prompt)} prompts; at most {MAX_PROMPTS} are accepted", "prompt")
+        if any(isinstance(p, list) and len(p) > MAX_PROMPT_TOKENS for p in prompt):
+            raise _bad(f"a prompt has more than {MAX_PROMPT_TOKENS} token ids", "prompt")
+    model = data.get("model")
+    if isinstance(model, str) and len(model) > MAX_MODEL_NAME_CHARS:
+        raise _bad(f"model must be at most {MAX_MODEL_NAME_CHARS} characters", "model")
+
+
 def check_request(req: _Request) -> None:
     """Reject values no sampler can use, with the parameter named (400)."""
     t = req.temperature
     if t is not None and not (math.isfinite(t) and 0 <= t <= 2):
         raise _bad(f"temperature must be between 0 and 2, got {t}", "temperature")
-    if req.top_p is not None and not (0 < req.top_p <= 1):
-        raise _bad(f"top_p must be in (0, 1], got {req.top_p}", "top_p")
+    if t is not None and 0 < t < MIN_TEMPERATURE:
+        raise _bad(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {t}", "temperature")
+    if req.top_p is not None and not (MIN_TOP_P <= req.top_p <= 1):
+        raise _bad(f"top_p must be between {MIN_TOP_P} and 1, got {req.top_p}", "top_p")
     mt = req.max_completion_tokens if isinstance(req, ChatRequest) and req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if isinstance(req, ChatRequest) and req.max_completion_tokens is not None else "max_tokens"
     if mt is not None and mt <= 0:
@@ -136,18 +192,25 @@ def check_request(req: _Request) -> None:
     if req.n is not None and not (1 <= req.n <= MAX_N):
         raise _bad(f"n must be between 1 and {MAX_N}, got {req.n}", "n")
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise _bad(f"stop takes at most {MAX_STOP} non-empty strings", "stop")
+    if len(stops) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad(f"stop takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters", "stop")
     if req.seed is not None and not (0 <= req.seed < 2**63 - MAX_N):
         raise _bad(f"seed must be between 0 and 2**63 - {MAX_N + 1}, got {req.seed}", "seed")
-    if req.top_k is not None and req.top_k < 0:
-        raise _bad(f"top_k must be >= 0 (0 = off), got {req.top_k}", "top_k")
+    if req.top_k is not None and not (0 <= req.top_k <= MAX_TOP_K):
+        raise _bad(f"top_k must be between 0 (off) and {MAX_TOP_K}, got {req.top_k}", "top_k")
     rp = req.repetition_penalty
-    if rp is not None and not (math.isfinite(rp) and rp > 0):
-        raise _bad(f"repetition_penalty must be > 0 (1 = off), got {rp}", "repetition_penalty")
+    if rp is not None and not (MIN_REPETITION_PENALTY <= rp <= MAX_REPETITION_PENALTY):
+        raise _bad(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY} "
+                   f"(1 = off), got {rp}", "repetition_penalty")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise _bad(f"{name} is not supported; use repetition_penalty", name)
+    if isinstance(req, ChatRequest):
+        for i, m in enumerate(req.messages):
+            if m.content is None and m.role != "assistant":
+                raise _bad(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
+            if isinstance(m.content, list) and not m.content:
+                raise _bad(f"messages[{i}].content is an empty list of parts", f"messages.{i}.content")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise _bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {req.top_logprobs}", "top_logprobs")

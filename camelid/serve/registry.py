@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from camelid.errors import CamelidError
+from camelid.serve.prompting import chat_ids
 from camelid.serve.protocol import APIError
 from camelid.serve.scheduler import Scheduler
 
@@ -37,8 +40,9 @@ class ServedModel:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
         """Token ids of the conversation rendered by the model's template (ending with the
-        assistant's turn opened), and the template's stop strings."""
-        return self.encode(self.template.render(messages)), tuple(self.template.stop)
+        assistant's turn opened; control tokens only where the template put them, see
+        prompting.py), and the template's stop strings."""
+        return chat_ids(self.engine, self.template, messages), tuple(self.template.stop)
 
     def card(self) -> dict[str, Any]:
         """The `/v1/models` entry: OpenAI's Model object plus vLLM's max_model_len (no `root`:
@@ -50,17 +54,22 @@ class ServedModel:
 class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
+        self._aliases: dict[str, str] = {}
 
-    def add(self, model: ServedModel) -> None:
+    def add(self, model: ServedModel, aliases: tuple[str, ...] = ()) -> None:
+        """Serve `model` as model.name; `aliases` are further names clients may pass as `model`
+        (never listed: e.g. the path it was loaded from)."""
         if model.name in self._models:
             raise ValueError(f"a model is already served as {model.name!r}")
         self._models[model.name] = model
+        self._aliases.update({a: model.name for a in aliases if a != model.name})
 
     def get(self, name: str) -> ServedModel:
         try:
-            return self._models[name]
+            return self._models[self._aliases.get(name, name)]
         except KeyError:
-            raise APIError(404, f"The model `{name}` does not exist. Served: {', '.join(self._models)}",
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise APIError(404, f"The model `{shown}` does not exist. Served: {', '.join(self._models)}",
                            param="model", code="model_not_found") from None
 
     def __iter__(self):
@@ -104,6 +113,32 @@ def load_model(
         from camelid.engine import Engine
 
         engine = Engine.load(model, device=device, dtype=dtype, load_8bit=load_8bit, max_context=max_context)
-    name = served_name or engine.name
+    check_context(engine, max_context)
+    name = served_name or public_name(engine.name)
     tmpl = pick_template(template, engine.tokenizer, engine.path)
     return ServedModel(name, engine, Scheduler(engine, max_batch_size, max_queue), tmpl, root=str(model or engine.path))
+
+
+def public_name(model: str) -> str:
+    """The name a model is served as by default: a bundled name as it is, a path by its last
+    part (the full path would show clients where the server keeps its files)."""
+    path = Path(model)
+    return path.name if len(path.parts) > 1 or path.exists() else model
+
+
+def model_positions(engine: Any) -> int | None:
+    """How many positions the model was built for (its rotary table's length), if it says."""
+    model = getattr(engine, "model", None)
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if n is None and hasattr(model, "n_ctx_train"):  # a llama.cpp model
+        n = model.n_ctx_train()
+    return int(n) if n else None
+
+
+def check_context(engine: Any, max_context: int | None) -> None:
+    """--max-context past the model's positions would fail once a sequence got there: refuse it
+    at startup."""
+    positions = model_positions(engine)
+    if max_context and positions and max_context > positions:
+        raise CamelidError(f"--max-context {max_context} is more than this model's {positions} positions; "
+                           f"pass at most {positions} (or 0 for the model's own)")

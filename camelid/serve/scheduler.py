@@ -10,6 +10,13 @@ sequence at a time, which is how FastChat's model worker runs without vLLM (the 
 
 A job whose client went away is cancelled: dropped from the queue, or its rows leave the batch
 at the next step, so a disconnect frees its slot.
+
+One request cannot fail the others. A row that fails on its own (its parameters, its sampling,
+its text) comes back from the engine as an error delta: its job fails, its other choices leave
+the batch, every other job goes on. When a shared forward raises (the failure belongs to no
+row), the batch is recomputed row by row (`Batch.rebuild`) and only rows that fail alone fail;
+jobs whose shared prefill failed before they joined are retried one by one. Only when even
+that is impossible does every running job fail, and the scheduler starts a new batch.
 """
 
 from __future__ import annotations
@@ -80,14 +87,23 @@ class Scheduler:
         self._thread.start()
 
     # ---- called from HTTP handlers -------------------------------------------------------
+    def check_room(self, rows: int) -> None:
+        """QueueFull unless `rows` more sequences fit the queue now (a request checks before it
+        tokenises; `submit` checks again)."""
+        with self._cv:
+            self._check_room(rows)
+
+    def _check_room(self, rows: int) -> None:
+        if self._closed or not self._thread.is_alive():
+            raise QueueFull("the server is shutting down")
+        if self._pending_rows + rows > self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} sequences waiting)")
+
     def submit(self, job: Job) -> None:
         if job.n > self.max_batch_size:
             raise ValueError(f"n={job.n} is more than this server's batch size ({self.max_batch_size})")
         with self._cv:
-            if self._closed or not self._thread.is_alive():
-                raise QueueFull("the server is shutting down")
-            if self._pending_rows + job.n > self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} sequences waiting)")
+            self._check_room(job.n)
             job._open = job.n
             self._pending.append(job)
             self._pending_rows += job.n
@@ -142,15 +158,15 @@ class Scheduler:
                 admitted, cancelled = self._admit(idle=not batch.rows)
                 if admitted is None:
                     break
-                if cancelled:
-                    batch.cancel(cancelled)
                 try:
+                    if cancelled:
+                        batch.cancel(cancelled)
                     if admitted:
-                        self._prefill(batch, admitted)
+                        batch = self._prefill(batch, admitted)
                     if batch.rows:
-                        self._dispatch(batch.step())
-                except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
-                    log.exception("generation failed; failing the %d running request(s)", len(self._running_jobs))
+                        batch = self._step(batch)
+                except Exception as e:  # noqa: BLE001 - last resort: the scheduler thread must live on
+                    log.exception("scheduler error; failing the %d running request(s)", len(self._running_jobs))
                     with self._cv:
                         self._fail(list(self._running_jobs), e)
                     batch = self.engine.new_batch()
@@ -182,22 +198,65 @@ class Scheduler:
             cancelled = [rid for rid, (job, _) in self._running.items() if job.cancelled]
             return admitted, cancelled
 
-    def _prefill(self, batch, jobs: list[Job]) -> None:
+    def _prefill(self, batch, jobs: list[Job]):
+        """Add `jobs` to the batch with one shared prefill; returns the batch to go on with.
+
+        If the prefill raises before the new rows joined, the batch is as it was (the engine
+        merges all or nothing): several jobs are retried one by one, so only a job that fails
+        alone fails. If they had joined, the batch is rebuilt row by row (`_recover`)."""
         rids = [rid for job in jobs for rid in job._rids]
-        prompts = [ids for job in jobs for ids in job.prompts]
-        params = [p for job in jobs for p in job.params]
         try:
-            for deltas in batch.add(rids, prompts, params):
+            for deltas in batch.add(rids, [ids for job in jobs for ids in job.prompts], [p for job in jobs for p in job.params]):
                 self._dispatch(deltas)
-        except Exception as e:  # noqa: BLE001 - only the new jobs failed; the batch is intact
-            log.exception("prefill failed for %d request(s)", len(jobs))
+            return batch
+        except Exception as e:  # noqa: BLE001 - a failed prefill must not kill the server
+            new = set(rids)
+            if any(row.rid in new for row in batch.rows):
+                log.exception("prefill failed after its rows joined; recomputing the batch row by row")
+                return self._recover(batch, e)
+            if len(jobs) == 1:
+                log.warning("prefill failed for one request: %s", e)
+                with self._cv:
+                    self._fail(jobs, e)
+                return batch
+            log.warning("prefill of %d requests failed (%s); admitting them one by one", len(jobs), e)
+            for job in jobs:
+                batch = self._prefill(batch, [job])
+            return batch
+
+    def _step(self, batch):
+        """One decode step; a shared forward that raises is recovered from by `_recover`."""
+        try:
+            self._dispatch(batch.step())
+            return batch
+        except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+            log.exception("decode step failed; recomputing the %d running rows one by one", len(batch.rows))
+            return self._recover(batch, e)
+
+    def _recover(self, batch, error: Exception):
+        """Recompute every row of a batch whose shared state is suspect, each alone
+        (`batch.rebuild()`): rows that fail alone fail their jobs, the rest go on. A job left
+        with a row that is neither in the batch nor finished fails (never left waiting). If the
+        rebuild itself raises, every running job fails and a new batch starts."""
+        try:
+            self._dispatch(batch.rebuild())
+        except Exception:  # noqa: BLE001
+            log.exception("recomputing the batch failed; failing the %d running request(s)", len(self._running_jobs))
             with self._cv:
-                self._fail(jobs, e)
+                self._fail(list(self._running_jobs), error)
+            return self.engine.new_batch()
+        live = {row.rid for row in batch.rows}
+        with self._cv:
+            lost = {job for rid, (job, _) in self._running.items() if rid not in live}
+            self._fail(list(lost), error)
+        batch.cancel(rid for job in lost for rid in job._rids)  # their rows still running, if any
+        return batch
 
     def _dispatch(self, deltas: list) -> None:
         """Route each delta to its job (index rewritten to the choice number); end finished jobs."""
         by_job: dict[Job, list] = {}
         finished: list[Job] = []
+        failed: list[tuple[Job, Exception]] = []
         with self._cv:
             for d in deltas:
                 rid = d.index
@@ -206,7 +265,11 @@ class Scheduler:
                     continue
                 job, choice = entry
                 self.generated_tokens += len(d.token_ids)
-                if not job.cancelled:
+                if d.error is not None and not job.cancelled:
+                    # This choice failed: the request fails; its other choices leave the batch.
+                    job.cancelled = True
+                    failed.append((job, d.error))
+                elif not job.cancelled:
                     d.index = choice
                     by_job.setdefault(job, []).append(d)
                 if d.finish_reason is not None:
@@ -218,6 +281,9 @@ class Scheduler:
                         finished.append(job)
         for job, ds in by_job.items():
             job._post(ds)
+        for job, error in failed:
+            log.warning("a request failed on its own and left the batch: %s", error)
+            job._post(error)
         for job in finished:
             job._post(None)
 

@@ -23,9 +23,12 @@ class ServeConfig:
     model: str = "smollm2-135m"
     """Model to serve: a bundled name, a local Hugging Face folder, a .gguf file or an adapter folder."""
     served_model_name: str = ""
-    """Name clients pass as `model` (default: the --model value)."""
+    """Name clients pass as `model` (default: the --model value; a path by its last part, so
+    clients never see where the server keeps its files; the full path is accepted too)."""
     host: str = "127.0.0.1"
-    """Address to bind; loopback by default. Binding elsewhere without an API key prints a warning."""
+    """Address to bind; loopback by default, and then only requests whose Host header names
+    this server (localhost, 127.0.0.1, [::1] or the address, with the port) are answered.
+    Binding elsewhere without an API key prints a warning."""
     port: int = 8000
     """Port to bind (0 = any free port; the URL printed is the real one)."""
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -47,7 +50,7 @@ class ServeConfig:
     max_queue: int = 256
     """Most sequences waiting for a batch slot; more get 503 with Retry-After."""
     max_context: int = 0
-    """Context length to enforce (0 = the model's)."""
+    """Context length to enforce (0 = the model's; more than the model's positions is refused)."""
     log_level: str = "info"
     """uvicorn log level: critical, error, warning, info, debug."""
 
@@ -71,10 +74,10 @@ def build_registry(cfg: ServeConfig):
 
     registry = ModelRegistry()
     registry.add(load_model(
-        cfg.model, cfg.served_model_name or cfg.model, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
+        cfg.model, cfg.served_model_name or None, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
         template=cfg.template or None, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
         max_context=cfg.max_context or None, backend=cfg.backend, threads=cfg.threads or None,
-    ))
+    ), aliases=(cfg.model,))
     return registry
 
 
@@ -122,8 +125,12 @@ def serve(cfg: ServeConfig) -> int:
             "listening on %s without an API key: anyone who can reach this address can use the model "
             "(pass --api-key or --api-key-file)", cfg.host)
     sock = bind(cfg.host, cfg.port)
-    registry = build_registry(cfg)
-    app = create_app(registry, cfg.api_keys)
+    try:
+        registry = build_registry(cfg)
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(registry, cfg.api_keys, host=cfg.host)
     url = url_of(sock)
     names = ", ".join(m.name for m in registry)
     print(f"camelid serve: {names} on {url}  (web chat: {url}/ , API: {url}/v1"
