@@ -31,6 +31,12 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def status(*args: Any) -> None:
+    """A status line (what camelid is doing, not what the command answers): stderr, rank 0 only,
+    so a command's stdout holds only its answer (`camelid generate "..." > answer.txt`)."""
+    print0(*args, file=sys.stderr)
+
+
 def camelid_home() -> Path:
     """Where converted models and other caches live: $CAMELID_HOME or ~/.cache/camelid."""
     home = os.environ.get("CAMELID_HOME") or os.path.join(

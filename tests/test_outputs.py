@@ -138,3 +138,17 @@ def test_pipeline_never_removes_a_folder_it_did_not_mark(tmp_path, tiny_model_di
     users_folder(tmp_path / "there" / "report")
     with pytest.raises(CamelidError, match=r"report exists and was not written"):
         pipeline.run(pipeline.PipelineConfig(data="sample", model=str(tiny_model_dir), out=str(tmp_path / "there")))
+
+
+@pytest.mark.slow
+def test_generate_prints_only_the_answer_on_stdout(tmp_path):
+    """A first run converts the bundled model: that status line goes to stderr, so stdout holds
+    only the answer (`camelid generate "..." > answer.txt`)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CAMELID_HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "camelid", "generate", "What is the capital of France?",
+                          "--temperature", "0", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "converting" in out.stderr
+    assert "Paris" in out.stdout and len(out.stdout.strip().splitlines()) == 1, out.stdout

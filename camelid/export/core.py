@@ -10,7 +10,7 @@ from pathlib import Path
 
 from camelid.errors import CamelidError
 from camelid.export.writer import QUANTS
-from camelid.utils import camelid_home, print0
+from camelid.utils import camelid_home, status
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def cached_gguf(model: str, quant: str = "q8_0", progress: bool = True) -> Path:
     model_dir = resolve_model(model)
     out = camelid_home() / "gguf" / f"{model_dir.name}-{_model_fingerprint(model_dir)}-{quant}.gguf"
     if not out.is_file():
-        print0(f"exporting {model} to {out} (once; later runs reuse it)")
+        status(f"exporting {model} to {out} (once; later runs reuse it)")
         export_gguf(ExportConfig(model=str(model_dir), out=str(out), quant=quant, modelfile=False, progress=progress))
     return out
 

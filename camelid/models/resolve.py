@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camelid.errors import CamelidError
-from camelid.utils import atomic_dir, camelid_home, print0
+from camelid.utils import atomic_dir, camelid_home, status
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     from camelid.models.gguf_check import check_gguf
 
     check_gguf(gguf)
-    print0(f"converting {gguf.name} to safetensors in {out} (once; later loads take seconds)")
+    status(f"converting {gguf.name} to safetensors in {out} (once; later loads take seconds)")
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
