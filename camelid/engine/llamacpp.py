@@ -54,6 +54,10 @@ class LlamaCppTokenizer:
         self.bos_token = self._text(self.bos_token_id)
         self.eos_token = self._text(self.eos_token_id)
         self.add_bos = bool(model.add_bos_token())
+        # SentencePiece vocabularies: a word's piece carries its leading space ("▁Hello"); the
+        # first one decoded drops it, as the Hugging Face tokenizer's decoder and llama.cpp's
+        # own detokenizer do.
+        self._lstrip = 1 if llama_cpp.llama_vocab_type(self._vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM else 0
 
     def _text(self, tid: int | None) -> str | None:
         return None if tid is None else self._m.token_get_text(tid)
@@ -69,12 +73,16 @@ class LlamaCppTokenizer:
         return {"input_ids": self.encode(text, add_special_tokens)}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
-        out = b"".join(self._piece(int(t), not skip_special_tokens) for t in ids)
-        return out.decode("utf-8", errors="replace")
+        pieces: list[bytes] = []
+        for t in ids:
+            piece = self._piece(int(t), not skip_special_tokens, 0 if pieces else self._lstrip)
+            if piece:
+                pieces.append(piece)
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
-    def _piece(self, tid: int, special: bool) -> bytes:
+    def _piece(self, tid: int, special: bool, lstrip: int = 0) -> bytes:
         buf = ctypes.create_string_buffer(256)
-        n = self._lc.llama_token_to_piece(self._vocab, tid, buf, 256, 0, special)
+        n = self._lc.llama_token_to_piece(self._vocab, tid, buf, 256, lstrip, special)
         return buf.raw[: max(n, 0)]
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
