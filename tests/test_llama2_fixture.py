@@ -362,3 +362,48 @@ def test_unsupported_tokenizer_kinds_are_named(llama2_model_dir, tmp_path):
     with pytest.raises(CamelidError, match="has a Unigram tokenizer; camelid exports byte-level BPE"):
         _export(d, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+# ---- llama.cpp's KV cache size; PPO's reward model in 8 bits ---------------------------------
+
+def test_llamacpp_kv_cache_fits_a_share_of_memory(llama2_gguf):
+    pytest.importorskip("llama_cpp")
+    from camelid.engine.llamacpp import (KV_MEMORY_SHARE, MIN_SEQUENCE_CONTEXT, load_llamacpp_engine,
+                                         sequence_context)
+
+    gib, per_token_7b = 2**30, 2 * 2 * 32 * 4096  # f16 K and V, 32 layers of 4096
+    # The 7B served 32 at once: 4096 tokens each would be 64 GiB; 128 GiB of memory gives 2048 each.
+    assert sequence_context(None, 4096, 32, per_token_7b, 128 * gib) == 2048
+    assert 32 * 2048 * per_token_7b <= KV_MEMORY_SHARE * 128 * gib
+    assert sequence_context(None, 4096, 32, per_token_7b, 8 * gib) == MIN_SEQUENCE_CONTEXT
+    assert sequence_context(None, 4096, 1, per_token_7b, 128 * gib) == 4096  # room for the whole context
+    assert sequence_context(3000, 4096, 32, per_token_7b, 8 * gib) == 3000  # asked for: given
+    assert sequence_context(None, 4096, 4, 0, 0) == 4096  # unknown memory: the full context
+    eng = load_llamacpp_engine(str(llama2_gguf), threads=1, parallel=3)
+    try:
+        import llama_cpp
+
+        assert eng.max_context == 4096  # 2 x 2 x 2 x 64 bytes a token: 3 x 4096 tokens fit anywhere
+        assert llama_cpp.llama_n_ctx(eng.ctx.ctx) == 3 * eng.max_context
+    finally:
+        eng.close()
+
+
+def test_ppo_reward_model_in_8_bits(pipeline_run, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear8bitLt
+
+    from camelid.train.ppo import train
+    from camelid.train.ppo_config import PPOConfig
+    from camelid.train.ppo_model import RewardModelScorer
+
+    scorer = RewardModelScorer(str(pipeline_run / "reward"), "float32", 4, load_8bit=True)
+    assert any(isinstance(m, Linear8bitLt) for m in scorer.model.modules())
+    assert all(math.isfinite(x) for x in scorer(["Question: a?\n\nAnswer: "] * 2, ["yes", "no"], [[1], [2]]).tolist())
+    with pytest.raises(CamelidError, match="LoRA adapter; an 8-bit reward model loads from a merged one"):
+        RewardModelScorer(str(pipeline_run / "reward" / "adapter"), "float32", 4, load_8bit=True)
+    cfg = PPOConfig(policy=str(pipeline_run / "sft"), reward_model=str(pipeline_run / "reward"), reward_load_8bit=True,
+                    data=str(pipeline_run / "data"), out=str(tmp_path / "ppo"), steps=1, batch_size=2, mini_batch_size=1,
+                    ppo_epochs=1, min_new_tokens=2, max_new_tokens=4, num_threads=1, merge=False)
+    result = train(cfg)
+    assert result.steps == 1 and (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").is_file()

@@ -26,6 +26,12 @@ from camelid.errors import CamelidError
 INSTALL_HINT = "pip install 'camelid[llamacpp]' (compiles llama.cpp, ~10 minutes; pip caches the wheel)"
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PARALLEL = 4  # sequences decoded together (the server's concurrent requests)
+KV_MEMORY_SHARE = 0.25
+"""Share of the machine's memory the KV cache (allocated whole when the engine starts) may take
+when no context length is asked for; the sequences' context is shortened to fit it."""
+MIN_SEQUENCE_CONTEXT = 512
+"""Context per sequence that the memory share never shortens below."""
+CONTEXT_STEP = 256
 
 
 def import_llama_cpp() -> Any:
@@ -97,6 +103,37 @@ class LlamaCppTokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
+def kv_bytes_per_token(lc: Any, model: Any) -> int:
+    """Bytes one token takes in llama.cpp's KV cache (f16 keys and values in every layer)."""
+    n_head = max(1, lc.llama_model_n_head(model))
+    head_dim = lc.llama_model_n_embd(model) // n_head
+    return 2 * 2 * lc.llama_model_n_layer(model) * head_dim * lc.llama_model_n_head_kv(model)
+
+
+def physical_memory() -> int:
+    """The machine's memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def sequence_context(asked: int | None, n_ctx_train: int, parallel: int, bytes_per_token: int, memory: int) -> int:
+    """Tokens of KV cache each of the `parallel` sequences gets (llama.cpp allocates them all at
+    start). A context asked for is given (up to the model's training context). Otherwise the
+    training context, at most DEFAULT_MAX_CONTEXT, shortened in CONTEXT_STEP steps until the
+    whole cache fits KV_MEMORY_SHARE of `memory`, never below MIN_SEQUENCE_CONTEXT: a 7B LLaMA
+    (0.5 MiB a token) served 32 requests at once gets 2048 tokens each on 128 GiB (32 GiB of
+    cache), where 4096 each would have taken 64 GiB."""
+    if asked:
+        return int(min(asked, n_ctx_train))
+    full = min(DEFAULT_MAX_CONTEXT, n_ctx_train)
+    if not memory or not bytes_per_token:
+        return full
+    fits = int(KV_MEMORY_SHARE * memory) // (bytes_per_token * parallel) // CONTEXT_STEP * CONTEXT_STEP
+    return max(min(full, fits), min(full, MIN_SEQUENCE_CONTEXT))
+
+
 def _or_none(tid: int) -> int | None:
     return None if tid is None or tid < 0 else int(tid)
 
@@ -134,7 +171,8 @@ class LlamaCppEngine:
             self.model = _internals.LlamaModel(path_model=str(gguf), params=mparams, verbose=False)
         except ValueError as e:
             raise CamelidError(f"llama.cpp cannot load {gguf} ({e}); is it a complete GGUF of an architecture llama.cpp supports?") from None
-        self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, self.model.n_ctx_train()))
+        self.max_context = sequence_context(max_context, self.model.n_ctx_train(), parallel,
+                                            kv_bytes_per_token(lc, self.model.model), physical_memory())
         self.parallel = parallel
         self.threads = threads or os.cpu_count() or 1
         cparams = lc.llama_context_default_params()
