@@ -142,10 +142,24 @@ def _tokenizer_or_none(model_dir: Path) -> Any:
         return None
 
 
-def build_spm_vocab(model_dir: Path, vocab_size: int) -> Any:
-    """The GgufVocab of the SentencePiece tokenizer in `model_dir` (see the module docstring)."""
+def _special_vocab(model_dir: Path, vocab_size: int) -> Any:
+    """gguf.SpecialVocab (special ids, add-bos/eos flags, chat template from the config files),
+    without its warning about LLaMA's pair template (`<s> A <s> B`), which nothing here uses."""
+    import logging
+
     import gguf
 
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=vocab_size)
+    finally:
+        log.setLevel(level)
+
+
+def build_spm_vocab(model_dir: Path, vocab_size: int) -> Any:
+    """The GgufVocab of the SentencePiece tokenizer in `model_dir` (see the module docstring)."""
     from camelid.export.vocab import LLAMA, GgufVocab, added_flags, special_ids
 
     model_file = model_dir / "tokenizer.model"
@@ -155,7 +169,7 @@ def build_spm_vocab(model_dir: Path, vocab_size: int) -> Any:
         p = pieces_from_json(model_dir / "tokenizer.json", vocab_size)
     apply_added(p, added_tokens(model_dir), model_dir)
     tokenizer = _tokenizer_or_none(model_dir)
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=vocab_size)
+    special = _special_vocab(model_dir, vocab_size)
     ids = special_ids(special, tokenizer)
     if tokenizer is not None:
         add_bos, add_eos = added_flags(tokenizer)
