@@ -50,3 +50,21 @@ def evaldata() -> Path:
     if not EVALDATA.is_dir():
         pytest.skip(f"{EVALDATA} not present")
     return EVALDATA
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir(tmp_path_factory) -> Path:
+    """A LLaMA-2-style SentencePiece tokenizer (BPE, byte fallback, 1000 pieces, no pad token)
+    trained on the bundled sample dump (tests/llama2_fixture.py)."""
+    from llama2_fixture import write_tokenizer
+
+    return write_tokenizer(tmp_path_factory.mktemp("llama2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def llama2_model_dir(tmp_path_factory, llama2_tokenizer_dir) -> Path:
+    """A 2-layer random LlamaForCausalLM in LLaMA-2's config shape (untied head, rope theta 10000,
+    no pad token; hidden 64) with the SentencePiece tokenizer (seeded, ~0.2M params)."""
+    from llama2_fixture import write_model
+
+    return write_model(tmp_path_factory.mktemp("llama2") / "llama2-tiny", llama2_tokenizer_dir)

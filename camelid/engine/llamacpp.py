@@ -26,6 +26,12 @@ from camelid.errors import CamelidError
 INSTALL_HINT = "pip install 'camelid[llamacpp]' (compiles llama.cpp, ~10 minutes; pip caches the wheel)"
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PARALLEL = 4  # sequences decoded together (the server's concurrent requests)
+KV_MEMORY_SHARE = 0.25
+"""Share of the machine's memory the KV cache (allocated whole when the engine starts) may take
+when no context length is asked for; the sequences' context is shortened to fit it."""
+MIN_SEQUENCE_CONTEXT = 512
+"""Context per sequence that the memory share never shortens below."""
+CONTEXT_STEP = 256
 
 
 def import_llama_cpp() -> Any:
@@ -54,6 +60,10 @@ class LlamaCppTokenizer:
         self.bos_token = self._text(self.bos_token_id)
         self.eos_token = self._text(self.eos_token_id)
         self.add_bos = bool(model.add_bos_token())
+        # SentencePiece vocabularies: a word's piece carries its leading space ("▁Hello"); the
+        # first one decoded drops it, as the Hugging Face tokenizer's decoder and llama.cpp's
+        # own detokenizer do.
+        self._lstrip = 1 if llama_cpp.llama_vocab_type(self._vocab) == llama_cpp.LLAMA_VOCAB_TYPE_SPM else 0
 
     def _text(self, tid: int | None) -> str | None:
         return None if tid is None else self._m.token_get_text(tid)
@@ -70,12 +80,16 @@ class LlamaCppTokenizer:
         return {"input_ids": self.encode(text, add_special_tokens, split_special_tokens)}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
-        out = b"".join(self._piece(int(t), not skip_special_tokens) for t in ids)
-        return out.decode("utf-8", errors="replace")
+        pieces: list[bytes] = []
+        for t in ids:
+            piece = self._piece(int(t), not skip_special_tokens, 0 if pieces else self._lstrip)
+            if piece:
+                pieces.append(piece)
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
-    def _piece(self, tid: int, special: bool) -> bytes:
+    def _piece(self, tid: int, special: bool, lstrip: int = 0) -> bytes:
         buf = ctypes.create_string_buffer(256)
-        n = self._lc.llama_token_to_piece(self._vocab, tid, buf, 256, 0, special)
+        n = self._lc.llama_token_to_piece(self._vocab, tid, buf, 256, lstrip, special)
         return buf.raw[: max(n, 0)]
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
@@ -88,6 +102,37 @@ class LlamaCppTokenizer:
             raise CamelidError("this GGUF has no chat template; pass --conv-template chatml, vicuna_v1.1 or stackllama")
         text = render(self.chat_template, messages, bos=self.bos_token or "", eos=self.eos_token or "", add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def kv_bytes_per_token(lc: Any, model: Any) -> int:
+    """Bytes one token takes in llama.cpp's KV cache (f16 keys and values in every layer)."""
+    n_head = max(1, lc.llama_model_n_head(model))
+    head_dim = lc.llama_model_n_embd(model) // n_head
+    return 2 * 2 * lc.llama_model_n_layer(model) * head_dim * lc.llama_model_n_head_kv(model)
+
+
+def physical_memory() -> int:
+    """The machine's memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def sequence_context(asked: int | None, n_ctx_train: int, parallel: int, bytes_per_token: int, memory: int) -> int:
+    """Tokens of KV cache each of the `parallel` sequences gets (llama.cpp allocates them all at
+    start). A context asked for is given (up to the model's training context). Otherwise the
+    training context, at most DEFAULT_MAX_CONTEXT, shortened in CONTEXT_STEP steps until the
+    whole cache fits KV_MEMORY_SHARE of `memory`, never below MIN_SEQUENCE_CONTEXT: a 7B LLaMA
+    (0.5 MiB a token) served 32 requests at once gets 2048 tokens each on 128 GiB (32 GiB of
+    cache), where 4096 each would have taken 64 GiB."""
+    if asked:
+        return int(min(asked, n_ctx_train))
+    full = min(DEFAULT_MAX_CONTEXT, n_ctx_train)
+    if not memory or not bytes_per_token:
+        return full
+    fits = int(KV_MEMORY_SHARE * memory) // (bytes_per_token * parallel) // CONTEXT_STEP * CONTEXT_STEP
+    return max(min(full, fits), min(full, MIN_SEQUENCE_CONTEXT))
 
 
 def _or_none(tid: int) -> int | None:
@@ -128,7 +173,8 @@ class LlamaCppEngine:
             self.model = _internals.LlamaModel(path_model=str(gguf), params=mparams, verbose=False)
         except ValueError as e:
             raise CamelidError(f"llama.cpp cannot load {gguf} ({e}); is it a complete GGUF of an architecture llama.cpp supports?") from None
-        self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, self.model.n_ctx_train()))
+        self.max_context = sequence_context(max_context, self.model.n_ctx_train(), parallel,
+                                            kv_bytes_per_token(lc, self.model.model), physical_memory())
         self.parallel = parallel
         self.threads = threads or os.cpu_count() or 1
         cparams = lc.llama_context_default_params()

@@ -99,7 +99,7 @@ def _model_fingerprint(model_dir: Path) -> str:
     """Changes when the model's weights, config or tokenizer change (size + mtime, no hashing of GBs)."""
     h = hashlib.sha256(str(model_dir.resolve()).encode())
     for p in sorted(model_dir.iterdir()):
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".jinja"):
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".jinja", ".model"):
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]

@@ -26,11 +26,17 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+INT8PACK_K_MULTIPLE = 8
+"""`torch._weight_int8pack_mm` reads K in blocks of 8 on CPU and crashes the process (no
+exception) on other widths; such layers take the dequantising product."""
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ dequant(q)(N, K)^T -> (..., N) in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.device.type in ("cpu", "mps") or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8):
+    packed_ok = shape[-1] % INT8PACK_K_MULTIPLE == 0
+    if packed_ok and (x.device.type in ("cpu", "mps") or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8)):
         try:
             y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
             return y.reshape(*shape[:-1], q.shape[0])

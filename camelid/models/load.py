@@ -60,9 +60,32 @@ def load_tokenizer(path: str | os.PathLike):
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         raise CamelidError(f"cannot load the tokenizer from {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the folder needs tokenizer.json or tokenizer.model") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    set_pad_token(tok)
     return tok
+
+
+def set_pad_token(tok) -> None:
+    """Give a tokenizer without a pad token one, as LLaMA's fine-tuners did: its unknown token
+    where the tokenizer never produces it (byte-fallback BPE, LLaMA's SentencePiece kind, spells
+    an unknown character in bytes; FastChat pads LLaMA with it), else EOS (StackLLaMA's choice).
+
+    A reserved id matters wherever padding is found by id: a sequence classifier (the reward
+    model) reads its score at the last token that is not the pad id, so with pad = EOS it would
+    skip the EOS that ends every reward text. Batches are padded with attention masks and
+    labels built from lengths, so either choice keeps pad positions out of every loss."""
+    if tok.pad_token_id is not None:
+        return
+    unk = tok.unk_token_id
+    if unk is not None and unk not in (tok.eos_token_id, tok.bos_token_id) and _byte_fallback(tok):
+        tok.pad_token = tok.unk_token
+    else:
+        tok.pad_token = tok.eos_token
+
+
+def _byte_fallback(tok) -> bool:
+    """Whether the tokenizer is BPE with byte fallback (it then never emits its unknown token)."""
+    model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
+    return bool(getattr(model, "byte_fallback", False))
 
 
 def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dtype: str = "auto", load_8bit: bool = False):

@@ -65,8 +65,9 @@ def load_merged(adapter_dir: str | os.PathLike, dtype: str = "auto") -> tuple[An
         hf_logging.set_verbosity(verbosity)
     has_tok = any((adapter_dir / f).is_file() for f in TOKENIZER_FILES)
     tok = load_tokenizer(adapter_dir if has_tok else base_path)
-    if seq_cls:
-        merged.config.pad_token_id = tok.pad_token_id
+    # Recorded with the weights (a tokenizer without one got it from load_tokenizer); sequence
+    # classifiers also find each row's last token through it.
+    merged.config.pad_token_id = tok.pad_token_id
     return merged, tok
 
 

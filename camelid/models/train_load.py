@@ -103,7 +103,7 @@ def check_model_for_task(path: Path, task: str, seq_length: int | None = None) -
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer, with a pad token (EOS when the model has none: LLaMA-1/2 style)."""
+    """The tokenizer, with a pad token where the model has none (`camelid.models.load.set_pad_token`)."""
     from camelid.models.load import load_tokenizer as _load
 
     tok = _load(path)

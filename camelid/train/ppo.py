@@ -364,7 +364,7 @@ def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwr
     acc = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)  # the same fresh adapter and value head on every process
     questions = read_questions(cfg)  # bad data and a bad reward model fail before the policy loads
-    scorer = FunctionScorer(reward_fn) if reward_fn is not None else RewardModelScorer(cfg.reward_model, cfg.dtype, cfg.reward_batch_size)
+    scorer = FunctionScorer(reward_fn) if reward_fn is not None else RewardModelScorer(cfg.reward_model, cfg.dtype, cfg.reward_batch_size, cfg.reward_load_8bit)
     policy, tok, _ = build_policy(cfg)
     ref = load_reference(cfg)
     prompts = PromptSet(questions, tok, cfg)

@@ -28,6 +28,8 @@ class PPOConfig:
     """A separate frozen reference model; by default the policy with its adapter switched off."""
     load_8bit: bool = False
     """Load the frozen base (and a separate reference) in 8 bits with bitsandbytes."""
+    reward_load_8bit: bool = False
+    """Load the reward model in 8 bits with bitsandbytes (a merged reward model; its score head stays 16/32-bit)."""
     dtype: str = "auto"
     """Training dtype: auto (bfloat16 on GPUs that support it and on CPUs with bfloat16 matrix hardware (AMX), else float32), float32, bfloat16."""
     lora_r: int = 16

@@ -303,10 +303,10 @@ class RewardModelScorer:
     the reward stage's own evaluation do (`score_texts`: EOS appended, as in reward training), so
     PPO optimises the very number the evaluation reports."""
 
-    def __init__(self, name: str, dtype: str, batch_size: int) -> None:
+    def __init__(self, name: str, dtype: str, batch_size: int, load_8bit: bool = False) -> None:
         from camelid.train.reward import load_reward_model
 
-        self.model, self.tok = load_reward_model(name, ppo_dtype(dtype))
+        self.model, self.tok = load_reward_model(name, ppo_dtype(dtype), load_8bit=load_8bit)
         self.batch_size = batch_size
 
     def __call__(self, queries: list[str], responses: list[str], response_ids: list[list[int]]) -> torch.Tensor:

@@ -166,10 +166,11 @@ def evaluate_pairs(model: Any, tok: Any, ids_j: list[list[int]], ids_k: list[lis
     )
 
 
-def load_reward_model(name: str, dtype: str = "auto") -> tuple[Any, Any]:
+def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of a trained reward model, in eval mode, on the training device.
 
-    `name`: a reward run folder (its merged model/), a merged model folder, or an adapter/ folder."""
+    `name`: a reward run folder (its merged model/), a merged model folder, or an adapter/ folder
+    (merged on load, so not in 8 bits)."""
     import torch
 
     from camelid.models.merge import load_merged
@@ -178,9 +179,11 @@ def load_reward_model(name: str, dtype: str = "auto") -> tuple[Any, Any]:
 
     path = resolve_trained(name)
     if is_adapter_dir(path) and not is_hf_dir(path):
+        if load_8bit:
+            raise CamelidError(f"{path} is a LoRA adapter; an 8-bit reward model loads from a merged one: `camelid merge {path} --out DIR`")
         model, tok = load_merged(path, dtype)
     else:
-        model, tok, _ = load_base(path, task="seq_cls", dtype=dtype)
+        model, tok, _ = load_base(path, task="seq_cls", dtype=dtype, load_8bit=load_8bit)
         archs = getattr(model.config, "architectures", None) or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise CamelidError(f"{path} is not a reward model (it has no trained score head); give the output of `camelid reward train`")
