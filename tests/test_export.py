@@ -172,7 +172,7 @@ def test_unknown_quant_and_unwritable_output_via_cli(tiny_model_dir, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot write" in err
     assert main(["export", "gguf", str(tmp_path / "nope")]) == 2
-    assert "unknown model" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_q4_k_m_without_llama_cpp_says_how_to_install(tiny_model_dir, tmp_path, monkeypatch):
