@@ -18,6 +18,7 @@ from camelid.cli_common import add_model_args, add_sampling_args, check_sampling
 from camelid.errors import CamelidError
 
 STYLES = ("rich", "simple", "programmatic")
+ROLES = ("system", "user", "assistant")
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
@@ -210,25 +211,45 @@ class Chat:
                 return
             self.answer()
         elif cmd == "!!save" and arg:
-            from camelid.utils import atomic_write_text
-
-            atomic_write_text(arg, json.dumps({"template": self.template.name, "system": self.system, "messages": self.messages}, indent=2) + "\n")
-            self.io.info(f"(saved to {arg})")
+            self.save(os.path.expanduser(arg))
         elif cmd == "!!load" and arg:
-            self.load(arg)
+            self.load(os.path.expanduser(arg))
         else:
             self.io.info("commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE")
 
-    def load(self, path: str) -> None:
+    def save(self, path: str) -> None:
+        """Write the conversation as JSON; a path that cannot be written is a one-line note, and the chat goes on."""
+        from camelid.utils import atomic_write_text
+
+        text = json.dumps({"template": self.template.name, "system": self.system, "messages": self.messages}, indent=2)
         try:
-            data = json.loads(Path(path).read_text())
-            messages = data["messages"]
-            self.template.render(messages)  # validates roles and contents
-        except (OSError, ValueError, KeyError, TypeError, CamelidError) as e:
-            self.io.info(f"(cannot load {path}: {e}; expected a file written by !!save)")
+            atomic_write_text(path, text + "\n")
+        except OSError as e:
+            self.io.info(f"(cannot save to {path}: {e.strerror or e}; the conversation is kept, try another path)")
             return
-        self.messages = messages
-        self.system = data.get("system", self.system)
+        self.io.info(f"(saved to {path})")
+
+    def load(self, path: str) -> None:
+        """Replace the conversation with one written by !!save, after checking all of it, so a
+        bad file is a one-line note and never breaks the next answer."""
+        from jinja2 import TemplateError  # what a model's own chat template raises for input it rejects
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            messages, system = _checked_conversation(data, self.system)
+            self.template.render(messages, system)  # the template's own checks (roles, contents)
+        except OSError as e:
+            self.io.info(f"(cannot load {path}: {e.strerror or e})")
+            return
+        except (ValueError, CamelidError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.io.info(f"(cannot load {path}: {reason}; expected a file written by !!save)")
+            return
+        except TemplateError as e:
+            self.io.info(f"(cannot load {path}: the {self.template.name} template rejects it: "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0]})")
+            return
+        self.messages, self.system = messages, system
         self.io.info(f"(loaded {len(messages)} messages from {path})")
 
     def answer(self) -> None:
@@ -248,6 +269,20 @@ class Chat:
         if self.debug and counter.result:
             n, secs = counter.result
             self.io.info(f"[{n} tokens in {secs:.2f} s, {n / max(secs, 1e-9):.1f} tokens/s]")
+
+
+def _checked_conversation(data: object, system: str | None) -> tuple[list[dict], str | None]:
+    """(messages, system prompt) of a saved conversation, or ValueError saying what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ValueError("no list of messages")
+    messages = data["messages"]
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i + 1} needs a role ({', '.join(ROLES)}) and a string content")
+    system = data.get("system", system)
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"the system prompt must be a string, not {type(system).__name__}")
+    return messages, system
 
 
 class _Counted:

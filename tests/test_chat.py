@@ -35,6 +35,35 @@ def test_programmatic_chat_reset_save_load_exit(tiny_model_dir, tmp_path):
     assert conv["messages"][0]["content"] == "Hello there"
 
 
+def test_bad_save_and_load_are_one_line_notes_and_the_chat_goes_on(tiny_model_dir, tmp_path):
+    from camelid.utils import camelid_home
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "a-file").write_text("not a folder")
+    (home / "bad-system.json").write_text(json.dumps({"system": 5, "messages": []}))
+    (home / "bad-messages.json").write_text(json.dumps({"messages": [{"role": "user", "content": 3}]}))
+    script = "\n".join([
+        "Hello there", f"!!save {home}/a-file/conv.json", "Second", "!!save ~/conv.json", "!!load ~/bad-system.json",
+        "Third", "!!load ~/bad-messages.json", "!!load ~/missing.json", "Fourth", "!!exit",
+    ]) + "\n"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HOME=str(home), CAMELID_HOME=str(camelid_home()))
+    r = subprocess.run(CAMELID + ["chat", "--model", str(tiny_model_dir), "--style", "programmatic", "--temperature", "0",
+                                  "--max-new-tokens", "3", "--dtype", "float32"],
+                       input=script, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("ASSISTANT: ") for line in lines) == 4
+    notes = [line for line in lines if line.startswith("(cannot ")]
+    assert len(notes) == 4, lines
+    assert notes[0].startswith(f"(cannot save to {home / 'a-file' / 'conv.json'}: ")
+    assert f"(saved to {home / 'conv.json'})" in lines  # ~ expanded
+    assert "the system prompt must be a string" in notes[1] and "message 1 needs a role" in notes[2]
+    assert notes[3] == f"(cannot load {home / 'missing.json'}: No such file or directory)"
+    saved = json.loads((home / "conv.json").read_text())
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["Hello there", "Second"]
+
+
 def test_chat_exits_on_eof(tiny_model_dir):
     r = run(["chat", "--model", str(tiny_model_dir), "--style", "programmatic", "--max-new-tokens", "3"], stdin="hi\n")
     assert r.returncode == 0 and r.stdout.count("ASSISTANT: ") == 1

@@ -7,6 +7,7 @@ stage's streaming parser and DuckDB grouping.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
@@ -166,3 +167,87 @@ def test_cli_builds_sample(tmp_path, capsys):
                  "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "40 questions" in out and (tmp_path / "o" / "stats.json").is_file()
+
+
+def _posts_xml(rows: list[str]) -> str:
+    return '\ufeff<?xml version="1.0" encoding="utf-8"?>\n<posts>\n' + "\n".join(rows) + "\n</posts>\n"
+
+
+def _row(pid, ptype, body, **attrs) -> str:
+    from xml.sax.saxutils import quoteattr
+
+    extra = " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items())
+    return f'  <row Id="{pid}" PostTypeId="{ptype}" Body={quoteattr(body)} {extra} />'
+
+
+def test_deeply_nested_html_skips_its_post_not_the_build(tmp_path):
+    deep = "<div>" * 2000 + "<p>deep</p>" + "</div>" * 2000  # beyond markdownify's recursion
+    rows = [
+        _row(10, 1, "<p>fine question</p>", Title="Q10", Score=1),
+        _row(20, 2, "<p>good</p>", ParentId=10, Score=5), _row(21, 2, "<p>bad</p>", ParentId=10, Score=0),
+        _row(22, 2, deep, ParentId=10, Score=1),
+        _row(11, 1, deep, Title="Q11", Score=1),  # the question itself: skipped with its answers
+        _row(23, 2, "<p>a</p>", ParentId=11, Score=5), _row(24, 2, "<p>b</p>", ParentId=11, Score=0),
+        _row(12, 1, "<p>q12</p>", Title="Q12", Score=1),  # one answer left: below min_answers
+        _row(25, 2, "<p>c</p>", ParentId=12, Score=5), _row(26, 2, deep, ParentId=12, Score=0),
+    ]
+    (tmp_path / "Posts.xml").write_text(_posts_xml(rows), encoding="utf-8")
+    r = run(StackExchangeConfig(input=str(tmp_path / "Posts.xml"), out=str(tmp_path / "o"), progress=False, workers=1))
+    assert r.stats["skipped"]["html_too_deeply_nested"] == 3
+    assert r.stats["skipped"]["question_too_few_convertible_answers"] == 1
+    assert (r.stats["questions_kept"], r.stats["answers_kept"], r.stats["pairs"]) == (1, 2, 1)
+    assert json.loads((r.out / "stats.json").read_text())["skipped"]["html_too_deeply_nested"] == 3
+    (pair,) = [row for s in SPLITS for row in pq.read_table(split_path(r.out, s)).to_pylist()]
+    assert (pair["question"], pair["response_j"], pair["response_k"]) == ("Q10\n\nfine question", "good", "bad")
+
+
+def test_ids_and_scores_beyond_int64_are_skipped_and_counted(tmp_path):
+    huge = "9" * 20
+    rows = [
+        _row(10, 1, "<p>q</p>", Title="Q", Score=1, AcceptedAnswerId=huge),
+        _row(20, 2, "<p>good</p>", ParentId=10, Score=5), _row(21, 2, "<p>bad</p>", ParentId=10, Score=0),
+        _row(huge, 2, "<p>huge id</p>", ParentId=10, Score=1),
+        _row(22, 2, "<p>huge score</p>", ParentId=10, Score=huge),
+        _row(23, 2, "<p>huge parent</p>", ParentId=huge, Score=1),
+    ]
+    (tmp_path / "Posts.xml").write_text(_posts_xml(rows), encoding="utf-8")
+    (tmp_path / "Votes.xml").write_text('<?xml version="1.0"?>\n<votes>\n  <row Id="1" PostId="20" VoteTypeId="2" />\n'
+                                        f'  <row Id="2" PostId="{huge}" VoteTypeId="2" />\n</votes>\n')
+    r = run(StackExchangeConfig(input=str(tmp_path), out=str(tmp_path / "o"), progress=False, workers=1))
+    skipped = r.stats["skipped"]
+    assert (skipped["bad_id"], skipped["bad_score"], skipped["answer_without_parent"]) == (1, 1, 1)
+    assert (r.stats["answers_kept"], r.stats["pairs"]) == (2, 1)
+
+
+def test_single_quotes_in_input_and_output_paths(tmp_path):
+    src = tmp_path / "it's a dump"
+    src.mkdir()
+    for name in ("Posts.xml", "Votes.xml"):
+        (src / name).symlink_to(sample_dump_path() / name)
+    r = run(StackExchangeConfig(input=str(src), out=str(tmp_path / "o'ut" / "data'set"), progress=False, workers=1,
+                                max_questions=30))
+    assert r.out.name == "data'set" and r.stats["questions_kept"] == 30
+    assert sum(pq.read_table(split_path(r.out, s)).num_rows for s in SPLITS) == r.stats["pairs"] > 0
+
+
+def test_7z_over_the_extraction_cap_is_refused_before_extracting(tmp_path):
+    archive = _sample_7z(tmp_path / "site.stackexchange.com.7z")
+    posts_kb = (sample_dump_path() / "Posts.xml").stat().st_size / 1e3
+    for cap_kb, needle in [(posts_kb / 2, r"Posts.xml unpacks to .* GB, alone over"),
+                           (posts_kb * 2.5, r"Votes.xml unpacks to .* with the .* already extracted")]:
+        with pytest.raises(CamelidError, match=needle + r".*raise the cap with --max-extract-gb") as e:
+            run(StackExchangeConfig(input=str(archive), out=str(tmp_path / "o"), progress=False, workers=1,
+                                    max_extract_gb=cap_kb / 1e6))
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.tmp-*"))
+    ok = run(StackExchangeConfig(input=str(archive), out=str(tmp_path / "o"), progress=False, workers=1,
+                                 max_extract_gb=posts_kb * 4 / 1e6))
+    assert ok.stats["upvote_source"] == "votes"
+
+
+def test_cli_extraction_cap_flag(tmp_path, capsys):
+    archive = _sample_7z(tmp_path / "site.stackexchange.com.7z")
+    assert main(["data", "stackexchange", str(archive), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--max-extract-gb", "0.0001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camelid: error:") and "--max-extract-gb" in err and "\n" not in err

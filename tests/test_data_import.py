@@ -112,3 +112,50 @@ def test_import_bad_inputs(tmp_path):
     with pytest.raises(CamelidError, match="does not exist"):
         _run(tmp_path, tmp_path / "missing.jsonl")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_records_are_counted_not_fatal(tmp_path):
+    good = [{"prompt": f"p{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+    bad = [
+        {"prompt": 5, "chosen": "a", "rejected": "b"},  # a number where text belongs
+        {"prompt": "p", "chosen": {"text": "a"}, "rejected": "b"},  # an object
+        {"prompt": "p", "chosen": [{"role": "assistant", "content": 7}], "rejected": "b"},  # non-text content
+        {"prompt": [1, 2], "chosen": "a", "rejected": "b"},  # a list that is not a conversation
+    ]
+    lines = [json.dumps(r) for r in good[:3] + bad] + ['{"prompt": "torn', "[1, 2]"] + [json.dumps(r) for r in good[3:]]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    r = _run(tmp_path, tmp_path / "mixed.jsonl")
+    assert r.stats["pairs"] == 6 and r.stats["records_read"] == 12
+    assert r.stats["skipped"] == {"field_not_text": 4, "bad_json_line": 1, "not_an_object": 1}
+    assert json.loads((r.out / "stats.json").read_text())["skipped"] == r.stats["skipped"]
+
+
+def test_ids_and_scores_beyond_int64_skip_their_record(tmp_path):
+    huge = 10 ** 20
+    rows = [{"qid": q, "question": f"q{q}", "response_j": "good", "response_k": "bad", "score_j": 2, "score_k": 1}
+            for q in range(8)]
+    rows += [{"qid": huge, "question": "big id", "response_j": "a", "response_k": "b"},
+             {"qid": 9, "question": "big score", "response_j": "a", "response_k": "b", "score_j": huge, "score_k": 0},
+             {"qid": 10, "question": "no qid", "response_j": "a", "response_k": "b", "score_j": None}]
+    (tmp_path / "paired.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    r = _run(tmp_path, tmp_path / "paired.jsonl")
+    assert r.stats["skipped"] == {"bad_qid": 1, "bad_score_j": 1}
+    assert r.stats["pairs"] == 9 and r.stats["questions_kept"] == 9
+
+
+def test_csv_columns_of_digits_are_text(tmp_path):
+    (tmp_path / "digits.csv").write_text("qid,question,response_j,response_k,score_j\n"
+                                         + "".join(f"{i},{i * 7},{i * 6},{i},3\n" for i in range(1, 11)))
+    r = _run(tmp_path, tmp_path / "digits.csv")
+    assert r.stats["pairs"] == 10 and r.stats["skipped"] == {}
+    row = next(p for p in _all_pairs(r.out) if p["qid"] == 2)
+    assert (row["question"], row["response_j"], row["response_k"], row["score_j"]) == ("14", "12", "2", 3)
+
+
+def test_single_quotes_in_input_and_output_paths(tmp_path):
+    src = tmp_path / "it's here"
+    src.mkdir()
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(10)]
+    (src / "prefs.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    r = run(ImportConfig(input=str(src), out=str(tmp_path / "o'ut"), progress=False))
+    assert r.stats["pairs"] == 10 and len(_all_pairs(r.out)) == 10

@@ -75,7 +75,8 @@ def test_run_writes_outputs_and_logs_every_step(trained):
     run = Path(cfg.out)
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "result.json", "adapter/adapter_model.safetensors",
                  "adapter/value_head.safetensors", "model/config.json", "checkpoints/checkpoint-2/optimizer.pt",
-                 "checkpoints/checkpoint-2/trainer_state.json", "checkpoints/checkpoint-2/adapter/adapter_model.safetensors"):
+                 "checkpoints/checkpoint-2/trainer_state.json", "checkpoints/checkpoint-2/checkpoint_done",
+                 "checkpoints/checkpoint-2/adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -61,7 +61,8 @@ def test_run_writes_outputs_and_finite_metrics(trained):
     cfg, r = trained
     d = Path(cfg.out)
     for f in ("config.yaml", "metrics.jsonl", "result.json", "adapter/adapter_config.json", "model/config.json",
-              "model/tokenizer.json", "checkpoints/checkpoint-6/trainer_state.json"):
+              "model/tokenizer.json", "checkpoints/checkpoint-6/trainer_state.json",
+              "checkpoints/checkpoint-6/checkpoint_done"):
         assert (d / f).is_file(), f
     assert r.steps == 6 and r.train_blocks > 12 and r.eval_blocks > 0
     assert math.isfinite(r.train_loss) and math.isfinite(r.eval_loss)
@@ -116,7 +117,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(trained, tmp_path):
     cfg2 = replace(cfg, out=str(out))
     proc = subprocess.Popen([sys.executable, "-m", "camelid", *cli_args(cfg2)], env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "checkpoints" / "checkpoint-3" / "trainer_state.json"
+    first = out / "checkpoints" / "checkpoint-3" / "checkpoint_done"
     deadline = time.time() + 240
     while not first.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -27,6 +27,10 @@ from camelid.errors import CamelidError
 
 READ_BYTES = 1 << 20  # expat is fed this much at a time
 FLUSH_BYTES = 32 << 20  # a parquet row group is written when its buffered text reaches this
+MAX_EXTRACT_GB = 400.0
+"""Default cap on what a .7z may unpack to, per member and in total (Posts.xml + Votes.xml).
+StackOverflow's Posts.xml is ~100 GB, so real dumps fit; a forged or hostile archive whose
+headers promise more is refused before anything is written. `--max-extract-gb` raises it."""
 _SITE_NAME = re.compile(r"^([a-z0-9-]+(?:\.[a-z0-9-]+)+?)(?:-posts|-votes)?$", re.I)
 _LINK_HOST = re.compile(r"https?://([a-z0-9.-]+\.[a-z]+)/(?:questions|q|a)/\d+", re.I)
 _TAG_ANGLE = re.compile(r"<([^<>]+)>")
@@ -49,8 +53,9 @@ def site_from_name(name: str) -> str | None:
     return m.group(1).lower() if m and not stem.lower().endswith(".xml") else None
 
 
-def resolve_dump(path: str | Path, workdir: Path) -> DumpFiles:
-    """A folder with Posts.xml, a Posts.xml file, or a `*.7z` archive (extracted into `workdir`)."""
+def resolve_dump(path: str | Path, workdir: Path, max_extract_gb: float = MAX_EXTRACT_GB) -> DumpFiles:
+    """A folder with Posts.xml, a Posts.xml file, or a `*.7z` archive (extracted into `workdir`,
+    at most `max_extract_gb` GB unpacked)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CamelidError(f"{p} does not exist; give a dump folder, a Posts.xml file or a site .7z archive")
@@ -59,11 +64,11 @@ def resolve_dump(path: str | Path, workdir: Path) -> DumpFiles:
         if posts is None:
             archives = sorted(p.glob("*.7z"))
             if len(archives) == 1:
-                return resolve_dump(archives[0], workdir)
+                return resolve_dump(archives[0], workdir, max_extract_gb)
             raise CamelidError(f"{p} has no Posts.xml; give the folder an extracted dump was unpacked into")
         return DumpFiles(posts, _find_ci(p, "Votes.xml"), site_from_name(p.resolve().name), str(p))
     if p.suffix.lower() == ".7z":
-        return _extract_7z(p, workdir)
+        return _extract_7z(p, workdir, ExtractBudget(int(max_extract_gb * 1e9)))
     return DumpFiles(p, _find_ci(p.parent, "Votes.xml") if p.name.lower() == "posts.xml" else None,
                      site_from_name(p.resolve().parent.name), str(p))
 
@@ -75,41 +80,68 @@ def _find_ci(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _extract_7z(archive: Path, workdir: Path) -> DumpFiles:
+@dataclass
+class ExtractBudget:
+    """Bytes that archive members may still unpack to; checked against each member's header size
+    before extraction (py7zr writes exactly the size the header gives), so a zip bomb fails
+    with a one-line error instead of filling the disk."""
+
+    cap: int
+    used: int = 0
+
+    def take(self, archive: Path, member: str, size: int) -> None:
+        if size > self.cap - self.used:
+            over = "alone" if size > self.cap else f"with the {self.used / 1e9:.3g} GB already extracted"
+            raise CamelidError(f"{archive}: {member} unpacks to {size / 1e9:.3g} GB, {over} over the "
+                               f"{self.cap / 1e9:.3g} GB extraction cap; if the archive is trusted, "
+                               "raise the cap with --max-extract-gb")
+        self.used += size
+
+
+def _members(z: object, wanted: set[str]) -> dict[str, object]:
+    """The archive's file entries whose base name (lower case) is in `wanted`, by that name."""
+    return {f.filename.rsplit("/", 1)[-1].lower(): f for f in z.list()
+            if not f.is_directory and f.filename.rsplit("/", 1)[-1].lower() in wanted}
+
+
+def _extract_7z(archive: Path, workdir: Path, budget: ExtractBudget) -> DumpFiles:
     """Extract only Posts.xml and Votes.xml, to disk: a big site's Posts.xml is far larger than RAM."""
     import py7zr
 
+    out = workdir / "extracted"
     try:
         with py7zr.SevenZipFile(archive) as z:
-            names = z.getnames()
-            wanted = {n.rsplit("/", 1)[-1].lower(): n for n in names}
-            if "posts.xml" not in wanted:
+            found = _members(z, {"posts.xml", "votes.xml"})
+            if "posts.xml" not in found:
+                names = z.getnames()
                 raise CamelidError(f"{archive} has no Posts.xml (it holds {', '.join(names[:5]) or 'nothing'}); "
                                    "give the site's full archive or its -Posts.7z")
-            targets = [wanted[k] for k in ("posts.xml", "votes.xml") if k in wanted]
-            out = workdir / "extracted"
+            for f in found.values():
+                budget.take(archive, f.filename, f.uncompressed or 0)
             out.mkdir(parents=True, exist_ok=True)
-            z.extract(path=out, targets=targets)
+            z.extract(path=out, targets=[f.filename for f in found.values()])
     except (py7zr.exceptions.Bad7zFile, py7zr.exceptions.ArchiveError, EOFError, OSError) as e:
         raise CamelidError(f"{archive} is not a readable 7z archive ({e}); download it again") from None
-    posts = out / wanted["posts.xml"]
-    votes = out / wanted["votes.xml"] if "votes.xml" in wanted else None
+    posts = out / found["posts.xml"].filename
+    votes = out / found["votes.xml"].filename if "votes.xml" in found else None
     if votes is None:  # StackOverflow ships one archive per table: look for its -Votes.7z sibling.
         sibling = archive.with_name(archive.name.replace("-Posts.7z", "-Votes.7z"))
         if sibling != archive and sibling.is_file():
-            votes = _extract_7z_member(sibling, "votes.xml", out)
+            votes = _extract_7z_member(sibling, "votes.xml", out, budget)
     return DumpFiles(posts, votes, site_from_name(archive.name), str(archive))
 
 
-def _extract_7z_member(archive: Path, member: str, out: Path) -> Path | None:
+def _extract_7z_member(archive: Path, member: str, out: Path, budget: ExtractBudget) -> Path | None:
     import py7zr
 
     with py7zr.SevenZipFile(archive) as z:
-        match = [n for n in z.getnames() if n.rsplit("/", 1)[-1].lower() == member]
-        if not match:
+        found = _members(z, {member})
+        if not found:
             return None
-        z.extract(path=out, targets=match[:1])
-    return out / match[0]
+        (f,) = found.values()
+        budget.take(archive, f.filename, f.uncompressed or 0)
+        z.extract(path=out, targets=[f.filename])
+    return out / f.filename
 
 
 def iter_rows(path: Path, root: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
@@ -209,18 +241,28 @@ class ChunkWriter:
         self.writer.close()
 
 
-def _int(v: str | None) -> int | None:
-    if v is None:
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # the parquet columns' range
+
+
+def to_int64(v: object) -> int | None:
+    """An integer that fits the int64 columns, or None (missing, not an integer, out of range).
+
+    A 20-digit id would otherwise pass here and fail the whole build when its row group is
+    written; None lets the caller skip (and count) just that row.
+    """
+    if v is None or isinstance(v, bool):
         return None
     try:
-        return int(v)
-    except ValueError:
+        n = int(v)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         return None
+    return n if INT64_MIN <= n <= INT64_MAX else None
 
 
 @dataclass
 class PostStats:
-    """What the streaming pass saw, by kind; every skipped row is counted under a reason."""
+    """What the streaming pass saw, by kind; every skipped row is counted under a reason
+    (`bad_id` / `bad_score`: missing, not an integer, or beyond int64)."""
 
     rows: int = 0
     post_types: Counter = field(default_factory=Counter)
@@ -232,7 +274,7 @@ def ingest_post_rows(rows: list[dict], qw: ChunkWriter, aw: ChunkWriter, st: Pos
     """Route one batch of Posts.xml rows to the question and answer chunk files."""
     for r in rows:
         st.rows += 1
-        pid, ptype, score = _int(r.get("Id")), r.get("PostTypeId"), _int(r.get("Score", "0"))
+        pid, ptype, score = to_int64(r.get("Id")), r.get("PostTypeId"), to_int64(r.get("Score", "0"))
         st.post_types[ptype or "missing"] += 1
         if ptype not in ("1", "2"):
             st.skipped["other_post_type"] += 1
@@ -252,9 +294,9 @@ def ingest_post_rows(rows: list[dict], qw: ChunkWriter, aw: ChunkWriter, st: Pos
             for host in _LINK_HOST.findall(body[:20000]):
                 st.link_hosts[host.lower()] += 1
             qw.add((pid, title, body, parse_tags(r.get("Tags")), r.get("CreationDate", ""),
-                    _int(r.get("AcceptedAnswerId")), score), len(body))
+                    to_int64(r.get("AcceptedAnswerId")), score), len(body))
         else:
-            parent = _int(r.get("ParentId"))
+            parent = to_int64(r.get("ParentId"))
             if parent is None:
                 st.skipped["answer_without_parent"] += 1
                 continue
@@ -266,7 +308,7 @@ def ingest_vote_rows(rows: list[dict], vw: ChunkWriter) -> int:
     counts: Counter = Counter()
     for r in rows:
         if r.get("VoteTypeId") == "2":
-            pid = _int(r.get("PostId"))
+            pid = to_int64(r.get("PostId"))
             if pid is not None:
                 counts[pid] += 1
     for pid, n in counts.items():

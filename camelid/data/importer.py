@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 
-from camelid.data import dump
+from camelid.data import dump, ondisk
 from camelid.data.output import SPLITS, DatasetWriter, data_card, inline_counts, progress_bar
 from camelid.data.scoring import split_bounds, stable_u64
 from camelid.data.stackexchange import DataResult
@@ -91,8 +92,11 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
         elif name.endswith(".csv"):
             from pyarrow import csv
 
+            # Every column as text: type inference would make a column of digits int64 (a prompt
+            # "42" is still text) and fail the read when a later block holds a word in it.
             with pa.input_stream(str(path), compression="detect") as stream:
-                reader = csv.open_csv(stream, parse_options=csv.ParseOptions(newlines_in_values=True))
+                reader = csv.open_csv(stream, parse_options=csv.ParseOptions(newlines_in_values=True),
+                                      convert_options=csv.ConvertOptions(default_column_type=pa.string()))
                 for batch in reader:
                     yield batch.to_pylist()
         elif name.endswith(".jsonl"):
@@ -100,7 +104,7 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
                 batch = []
                 for line in f:
                     if line.strip():
-                        batch.append(json.loads(line))
+                        batch.append(_json_line(line))
                     if len(batch) >= 2048:
                         yield batch
                         batch = []
@@ -119,6 +123,20 @@ def read_records(path: Path) -> Iterator[list[dict[str, Any]]]:
         raise CamelidError(f"{path} could not be read as {name.rsplit('.', 1)[-1]}: {str(e).splitlines()[0]}") from None
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A record that could not be parsed: counted under `reason` and skipped, not fatal."""
+
+    reason: str
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return Unreadable("bad_json_line")
+
+
 def detect_layout(record: dict[str, Any], path: Path) -> str:
     keys = set(record)
     if {"question", "response_j", "response_k"} <= keys:
@@ -131,14 +149,39 @@ def detect_layout(record: dict[str, Any], path: Path) -> str:
                        "response_k, prompt/chosen/rejected, or chosen/rejected transcripts (Anthropic HH)")
 
 
-def _messages_text(value: Any) -> str:
-    """A string, or a conversation [{role, content}, ...] as text (one message: just its content)."""
+def _messages_text(value: Any) -> str | None:
+    """A string, or a conversation [{role, content}, ...] as text (one message: just its content).
+
+    None when the value is neither (a number, an object, a message whose content is not a
+    string): the record is then skipped as `field_not_text`.
+    """
     if isinstance(value, str) or value is None:
         return value or ""
-    msgs = [m for m in value if isinstance(m, dict)]
-    if len(msgs) == 1:
-        return str(msgs[0].get("content") or "")
-    return "\n\n".join(f"{str(m.get('role', '')).capitalize()}: {m.get('content') or ''}" for m in msgs)
+    if not isinstance(value, list) or not all(_is_message(m) for m in value):
+        return None
+    if len(value) == 1:
+        return value[0].get("content") or ""
+    return "\n\n".join(f"{str(m.get('role', '')).capitalize()}: {m.get('content') or ''}" for m in value)
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("content"), (str, type(None)))
+
+
+def _response_text(value: Any) -> str | None:
+    """A response: a string, or a conversation whose last message is the response."""
+    if isinstance(value, list) and value:
+        return (value[-1].get("content") or "") if _is_message(value[-1]) else None
+    return _messages_text(value)
+
+
+def _int_field(value: Any) -> int | None | Literal[False]:
+    """An optional integer column: None when absent (null, empty CSV cell, NaN), False when
+    present but not an integer that fits int64 (the record is skipped, not the build)."""
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    n = dump.to_int64(value)
+    return False if n is None else n
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -168,16 +211,13 @@ def normalize(rec: dict[str, Any], layout: str) -> tuple[str, str, str, dict[str
     if layout == "paired":
         prompt, good, bad = (_messages_text(rec.get(k)) for k in ("question", "response_j", "response_k"))
         for key in ("qid", "score_j", "score_k"):
-            try:
-                extras[key] = int(rec[key]) if rec.get(key) is not None else None
-            except (TypeError, ValueError):
-                extras[key] = None
+            extras[key] = _int_field(rec.get(key))
+            if extras[key] is False:
+                return f"bad_{key}"
         extras["date"] = str(rec["date"]) if rec.get("date") is not None else None
     elif layout == "prompt":
         prompt = _messages_text(rec.get("prompt"))
-        good, bad = (rec.get(k) for k in ("chosen", "rejected"))
-        good, bad = (m[-1].get("content", "") if isinstance(m, list) and m and isinstance(m[-1], dict)
-                     else _messages_text(m) for m in (good, bad))
+        good, bad = (_response_text(rec.get(k)) for k in ("chosen", "rejected"))
     else:
         if not isinstance(rec.get("chosen"), str) or not isinstance(rec.get("rejected"), str):
             return "hh_not_text"
@@ -185,6 +225,8 @@ def normalize(rec: dict[str, Any], layout: str) -> tuple[str, str, str, dict[str
         if parts is None:
             return "hh_no_shared_prompt"
         prompt, good, bad = parts
+    if prompt is None or good is None or bad is None:
+        return "field_not_text"
     if not (prompt.strip() and good.strip() and bad.strip()):
         return "empty_field"
     if good.strip() == bad.strip():
@@ -201,10 +243,11 @@ def _ingest(cfg: ImportConfig, files: list[Path], work: Path) -> tuple[Counter, 
         for path in files:
             for batch in read_records(path):
                 for rec in batch:
-                    if not isinstance(rec, dict):
-                        raise CamelidError(f"{path}: records must be objects with named fields")
-                    layout = detect_layout(rec, path) if layout == "auto" else layout
                     counts["records_read"] += 1
+                    if not isinstance(rec, dict):
+                        counts[rec.reason if isinstance(rec, Unreadable) else "not_an_object"] += 1
+                        continue
+                    layout = detect_layout(rec, path) if layout == "auto" else layout
                     got = normalize(rec, layout)
                     if isinstance(got, str):
                         counts[got] += 1
@@ -221,18 +264,15 @@ def _ingest(cfg: ImportConfig, files: list[Path], work: Path) -> tuple[Counter, 
 
 def _split_sorted(cfg: ImportConfig, work: Path) -> int:
     """Pass 2 (DuckDB): seeded exact split of distinct qids; rows sorted by (qid, input order)."""
-    import duckdb
-
-    con = duckdb.connect(str(work / "group.duckdb"))
-    con.execute(f"SET temp_directory='{work / 'spill'}'; SET preserve_insertion_order=true")
-    src = f"read_parquet('{work / 'pairs.parquet'}')"
-    con.execute(f"CREATE TABLE kept AS SELECT DISTINCT qid, md5('{cfg.seed}:' || qid) AS k FROM {src}")
+    con = ondisk.connect(work)
+    ondisk.view_parquet(con, "pairs", work / "pairs.parquet")
+    con.execute(f"CREATE TABLE kept AS SELECT DISTINCT qid, md5('{int(cfg.seed)}:' || qid) AS k FROM pairs")
     n = con.execute("SELECT count(*) FROM kept").fetchone()[0]
     case = " ".join(f"WHEN rk < {b} THEN '{s}'" for s, b in zip(SPLITS, split_bounds(n, cfg.splits)))
     con.execute(f"""CREATE TABLE splits AS SELECT qid, CASE {case} END AS split
                     FROM (SELECT qid, row_number() OVER (ORDER BY k, qid) - 1 AS rk FROM kept)""")
-    con.execute(f"""COPY (SELECT p.*, s.split FROM {src} p JOIN splits s USING (qid) ORDER BY p.qid, p.row)
-                    TO '{work / 'sorted.parquet'}' (ROW_GROUP_SIZE 2048)""")
+    ondisk.write_parquet(con, "SELECT p.*, s.split FROM pairs p JOIN splits s USING (qid) ORDER BY p.qid, p.row",
+                         work / "sorted.parquet")
     con.close()
     return n
 

@@ -8,6 +8,8 @@ StackLLaMA's data step (https://huggingface.co/blog/stackllama), at the scale of
 3. walk questions and their answers in qid order (a merge of two sorted files): HTML ->
    Markdown, score each answer (scoring.py), pair them, write each split's parquet file
 
+A bad row never fails the build: it is skipped and counted by reason in stats.json.
+
 Memory depends on the largest question, not on the dump: nothing holds all posts at once.
 """
 
@@ -24,7 +26,7 @@ from typing import Any, Iterator, Literal
 
 import pyarrow.parquet as pq
 
-from camelid.data import dump
+from camelid.data import dump, ondisk
 from camelid.data.markdown import html_to_markdown
 from camelid.data.output import SPLITS, DatasetWriter, data_card, inline_counts, progress_bar
 from camelid.data.scoring import answer_score, make_pairs, split_bounds
@@ -53,6 +55,8 @@ class StackExchangeConfig:
     """site host name for links (e.g. cardano.stackexchange.com); empty = from the input's name or its links"""
     workers: int = 0
     """processes converting HTML to Markdown, the slow step (0 = one per CPU core); output is identical for any value"""
+    max_extract_gb: float = dump.MAX_EXTRACT_GB
+    """a .7z input may unpack to at most this many GB (checked in its headers before extracting)"""
     memory_limit: str = "1GB"
     """DuckDB memory limit for the on-disk group-by; it spills to disk above this"""
     progress: bool = True
@@ -73,6 +77,8 @@ class StackExchangeConfig:
             raise ValueError("max_questions must be 0 (all) or positive")
         if not self.out:
             raise ValueError("out (the output folder) is required")
+        if not self.max_extract_gb > 0:
+            raise ValueError(f"max_extract_gb must be > 0, got {self.max_extract_gb}")
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.memory_limit):
             raise ValueError(f"memory_limit must look like 512MB or 8GB, got {self.memory_limit!r}")
 
@@ -110,39 +116,37 @@ def _stream_votes(path: Path, work: Path, progress: bool) -> int:
 
 def _group(cfg: StackExchangeConfig, work: Path, use_votes: bool) -> dict[str, Any]:
     """Pass 2 (DuckDB, on disk): dedupe, count answers, pick and split questions, sort both tables."""
-    import duckdb
-
-    con = duckdb.connect(str(work / "group.duckdb"))
-    con.execute(f"SET memory_limit='{cfg.memory_limit}'; SET temp_directory='{work / 'spill'}'; "
-                "SET preserve_insertion_order=true")
-    q, a = (f"read_parquet('{work / n}.parquet')" for n in ("questions", "answers"))
+    con = ondisk.connect(work, cfg.memory_limit)
     counts: dict[str, Any] = {}
-    for name, src, key in (("questions", q, "qid"), ("answers", a, "aid")):
-        total, distinct = con.execute(f"SELECT count(*), count(DISTINCT {key}) FROM {src}").fetchone()
+    for name, key in (("questions", "qid"), ("answers", "aid")):
+        ondisk.view_parquet(con, f"{name}_raw", work / f"{name}.parquet")
+        total, distinct = con.execute(f"SELECT count(*), count(DISTINCT {key}) FROM {name}_raw").fetchone()
         counts[f"duplicate_{name[:-1]}"] = total - distinct
-        view = f"SELECT * FROM {src}" + (f" QUALIFY row_number() OVER (PARTITION BY {key}) = 1" if total > distinct else "")
-        con.execute(f"CREATE VIEW {name[0]} AS {view}")
+        view = f"SELECT * FROM {name}_raw" + (f" QUALIFY row_number() OVER (PARTITION BY {key}) = 1" if total > distinct else "")
+        con.execute(f"CREATE TEMP VIEW {name[0]} AS {view}")
     con.execute("CREATE TABLE acount AS SELECT parent AS qid, count(*) AS n FROM a GROUP BY parent")
     counts["orphan_answer"] = con.execute("SELECT count(*) FROM a ANTI JOIN q ON a.parent = q.qid").fetchone()[0]
     counts["questions_read"] = con.execute("SELECT count(*) FROM q").fetchone()[0]
     counts["answers_read"] = con.execute("SELECT count(*) FROM a").fetchone()[0]
-    limit = f"LIMIT {cfg.max_questions}" if cfg.max_questions else ""
+    limit = f"LIMIT {int(cfg.max_questions)}" if cfg.max_questions else ""
     # md5 of (seed, qid) is a seeded shuffle that DuckDB computes the same on every version.
-    con.execute(f"""CREATE TABLE kept AS SELECT q.qid, md5('{cfg.seed}:' || q.qid) AS k FROM q
-                    JOIN acount USING (qid) WHERE acount.n >= {cfg.min_answers} ORDER BY k {limit}""")
+    con.execute(f"""CREATE TABLE kept AS SELECT q.qid, md5('{int(cfg.seed)}:' || q.qid) AS k FROM q
+                    JOIN acount USING (qid) WHERE acount.n >= {int(cfg.min_answers)} ORDER BY k {limit}""")
     n_kept = con.execute("SELECT count(*) FROM kept").fetchone()[0]
     bounds = split_bounds(n_kept, cfg.splits)
     case = " ".join(f"WHEN rk < {b} THEN '{s}'" for s, b in zip(SPLITS, bounds))
     con.execute(f"""CREATE TABLE splits AS SELECT qid, CASE {case} END AS split
                     FROM (SELECT qid, row_number() OVER (ORDER BY k, qid) - 1 AS rk FROM kept)""")
-    up = "LEFT JOIN (SELECT post_id, sum(n) AS up FROM read_parquet('{}') GROUP BY post_id) v ON v.post_id = a.aid"
-    up = up.format(work / "upvotes.parquet") if use_votes else ""
+    up = ""
+    if use_votes:
+        ondisk.view_parquet(con, "upvotes", work / "upvotes.parquet")
+        up = "LEFT JOIN (SELECT post_id, sum(n) AS up FROM upvotes GROUP BY post_id) v ON v.post_id = a.aid"
     up_col = "coalesce(v.up, 0)" if use_votes else "greatest(a.score, 0)"
-    con.execute(f"""COPY (SELECT q.qid, q.title, q.body, q.tags, q.date, q.accepted, s.split FROM q JOIN splits s
-                    USING (qid) ORDER BY q.qid) TO '{work / 'q_sorted.parquet'}' (ROW_GROUP_SIZE 2048)""")
-    con.execute(f"""COPY (SELECT a.aid, a.parent, a.body, a.score, {up_col} AS up, a.date FROM a
-                    JOIN splits s ON a.parent = s.qid {up} ORDER BY a.parent, a.aid)
-                    TO '{work / 'a_sorted.parquet'}' (ROW_GROUP_SIZE 2048)""")
+    ondisk.write_parquet(con, """SELECT q.qid, q.title, q.body, q.tags, q.date, q.accepted, s.split
+                                 FROM q JOIN splits s USING (qid) ORDER BY q.qid""", work / "q_sorted.parquet")
+    ondisk.write_parquet(con, f"""SELECT a.aid, a.parent, a.body, a.score, {up_col} AS up, a.date FROM a
+                                  JOIN splits s ON a.parent = s.qid {up} ORDER BY a.parent, a.aid""",
+                         work / "a_sorted.parquet")
     con.close()
     counts["questions_kept"] = n_kept
     return counts
@@ -165,13 +169,32 @@ def _by_question(work: Path) -> Iterator[tuple[dict, list[dict]]]:
         yield qrow, group
 
 
-def _convert(item: tuple[str, str, list[str]]) -> tuple[str, list[str]]:
-    """(title, question HTML, answer HTMLs) -> (question Markdown, answer Markdowns); runs in workers."""
+HTML_TOO_DEEP = "html_too_deeply_nested"
+"""Skip reason of a post whose HTML nests deeper than the converter's recursion can follow."""
+TOO_FEW_CONVERTED = "question_too_few_convertible_answers"
+"""Skip reason of a question left with fewer than min_answers answers once unconvertible ones are dropped."""
+
+
+def _markdown(html: str) -> str | None:
+    """Markdown of one body, or None when its nesting exhausts the recursion limit (markdownify
+    walks the tree recursively: a few hundred nested tags are enough), so one post is skipped
+    instead of the whole build failing."""
+    try:
+        return html_to_markdown(html)
+    except RecursionError:
+        return None
+
+
+def _convert(item: tuple[str, str, list[str]]) -> tuple[str | None, list[str | None]]:
+    """(title, question HTML, answer HTMLs) -> (question Markdown, answer Markdowns); runs in workers.
+
+    None stands for a body that could not be converted (see `_markdown`)."""
     title, body, answers = item
-    return f"{title}\n\n{html_to_markdown(body)}".strip(), [html_to_markdown(a) for a in answers]
+    question = _markdown(body)
+    return (None if question is None else f"{title}\n\n{question}".strip()), [_markdown(a) for a in answers]
 
 
-def _converted(work: Path, workers: int) -> Iterator[tuple[dict, list[dict], str, list[str]]]:
+def _converted(work: Path, workers: int) -> Iterator[tuple[dict, list[dict], str | None, list[str | None]]]:
     """_by_question with Markdown added, converted by `workers` processes, in the same order.
 
     Work goes out in windows of whole questions so memory stays bounded (Pool.imap would read
@@ -191,6 +214,22 @@ def _converted(work: Path, workers: int) -> Iterator[tuple[dict, list[dict], str
                 yield (*g, *done)
 
 
+def _usable(cfg: StackExchangeConfig, question: str | None, answers: list[dict], texts: list[str | None],
+            skipped: Counter) -> tuple[list[dict], list[str]] | None:
+    """The question's converted answers (and their rows), or None when the question is skipped;
+    every post that could not be converted is counted in `skipped`."""
+    kept = [(a, t) for a, t in zip(answers, texts) if t is not None]
+    failed = len(answers) - len(kept) + (question is None)
+    if failed:
+        skipped[HTML_TOO_DEEP] += failed
+    if question is None:
+        return None
+    if len(kept) < cfg.min_answers:
+        skipped[TOO_FEW_CONVERTED] += 1
+        return None
+    return [a for a, _ in kept], [t for _, t in kept]
+
+
 def _links(site: str, qid: int, aid_j: int | None = None, aid_k: int | None = None) -> dict[str, Any]:
     base = f"https://{site}" if site else None
     return {
@@ -204,10 +243,16 @@ def _write(cfg: StackExchangeConfig, work: Path, root: Path, site: str, n_kept: 
     """Pass 3: convert, score, pair and write each question's rows to its split."""
     out = DatasetWriter(root)
     hist: Counter = Counter()
+    skipped: Counter = Counter()
     per_split = {s: Counter() for s in SPLITS}
     with progress_bar(n_kept, "questions", "q", cfg.progress) as bar:
         workers = cfg.workers or os.cpu_count() or 1
         for qrow, answers, question, texts in _converted(work, min(workers, max(1, n_kept // 1000))):
+            bar.update(1)
+            usable = _usable(cfg, question, answers, texts, skipped)
+            if usable is None:
+                continue
+            answers, texts = usable
             qid, split = qrow["qid"], qrow["split"]
             scores = [answer_score(a["up"], a["aid"] == qrow["accepted"], a["score"]) for a in answers]
             for a, text, sc in zip(answers, texts, scores):
@@ -224,9 +269,8 @@ def _write(cfg: StackExchangeConfig, work: Path, root: Path, site: str, n_kept: 
                                       "score_j": scores[j], "score_k": scores[k]})
             per_split[split].update(questions=1, answers=len(answers), pairs=len(pairs),
                                     questions_with_pairs=int(bool(pairs)))
-            bar.update(1)
     out.close()
-    return {"score_histogram": {str(k): hist[k] for k in sorted(hist)},
+    return {"score_histogram": {str(k): hist[k] for k in sorted(hist)}, "skipped": skipped,
             "splits": {s: {k: per_split[s][k] for k in ("questions", "questions_with_pairs", "answers", "pairs")}
                        for s in SPLITS}}
 
@@ -287,7 +331,7 @@ def run(cfg: StackExchangeConfig) -> DataResult:
     with atomic_dir(out, cfg.overwrite) as tmp:
         work = tmp / ".work"
         work.mkdir()
-        files = dump.resolve_dump(_resolve_input(cfg.input), work)
+        files = dump.resolve_dump(_resolve_input(cfg.input), work, cfg.max_extract_gb)
         if cfg.upvotes == "votes" and files.votes is None:
             raise CamelidError(f"--upvotes votes needs Votes.xml beside {files.posts}; use --upvotes auto or score")
         use_votes = files.votes is not None and cfg.upvotes != "score"
@@ -300,16 +344,22 @@ def run(cfg: StackExchangeConfig) -> DataResult:
                                f"{counts['answers_read']:,} answers read); nothing to write")
         site, site_source = _guess_site(cfg, files, st)
         written = _write(cfg, work, tmp, site, counts["questions_kept"])
+        splits = written["splits"]
+        questions_kept = sum(s["questions"] for s in splits.values())
+        if questions_kept == 0:
+            raise CamelidError(f"{files.source}: none of the {counts['questions_kept']:,} questions with "
+                               f"{cfg.min_answers}+ answers could be converted ({inline_counts(written['skipped'])}); "
+                               "nothing to write")
         dump.remove_tree(work)
         skipped = dict(st.skipped)
         skipped.update({k: counts[k] for k in ("orphan_answer", "duplicate_question", "duplicate_answer")})
-        splits = written["splits"]
+        skipped.update(written["skipped"])
         stats = {
             "input": files.source, "site": site, "site_source": site_source,
             "upvote_source": "votes" if use_votes else "score", "votes_read": votes_read,
             "posts_read": st.rows, "post_types": dict(sorted(st.post_types.items())),
             "questions_read": counts["questions_read"], "answers_read": counts["answers_read"],
-            "questions_kept": counts["questions_kept"],
+            "questions_kept": questions_kept,
             "questions_too_few_answers": counts["questions_read"] - counts["questions_kept"],
             "answers_kept": sum(s["answers"] for s in splits.values()),
             "pairs": sum(s["pairs"] for s in splits.values()),

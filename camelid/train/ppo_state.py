@@ -6,7 +6,8 @@ A run folder (`--out`) holds (camelid.train.common's layout, plus PPO's extras):
     config.yaml, metrics.jsonl, result.json
     samples.jsonl                       {"step", "query", "response", "score", "kl"} every N steps
     checkpoints/checkpoint-N/           adapter/, value_head.safetensors, optimizer.pt,
-                                        rng.pt (length sampler), trainer_state.json (written last)
+                                        rng.pt (length sampler), trainer_state.json,
+                                        checkpoint_done (written last, after a flush to disk)
     adapter/                            the LoRA adapter + tokenizer + value_head.safetensors
     model/                              the adapter merged into its base (`camelid chat --model`)
 
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from camelid.train import rl
+from camelid.train.tracking import keep_steps_up_to
 from camelid.utils import atomic_dir, write_json
 
-STATE_FILE = "trainer_state.json"  # the name camelid.train.common.last_checkpoint looks for
+STATE_FILE = "trainer_state.json"  # the name Trainer's checkpoints use for the same role
 
 
 @dataclass
@@ -49,7 +51,7 @@ def save_checkpoint(run_dir: Path, cfg: Any, policy: Any, opt: Any, state: PPOSt
     """Write checkpoints/checkpoint-<step> atomically (rank 0) and prune old ones."""
     import torch
 
-    from camelid.train.common import CHECKPOINTS, checkpoint_step
+    from camelid.train.common import CHECKPOINTS, checkpoint_step, fsync_path, seal_checkpoint
     from camelid.train.ppo_model import save_value_head
 
     final = run_dir / CHECKPOINTS / f"checkpoint-{state.step}"
@@ -64,6 +66,8 @@ def save_checkpoint(run_dir: Path, cfg: Any, policy: Any, opt: Any, state: PPOSt
                 "step": state.step, "kl_ctl": state.kl_ctl.state_dict(), "running": state.running.state_dict(),
                 "rng": {"seed": cfg.seed, "torch": "reseeded from (seed, step, rank) every step"},
             })
+            seal_checkpoint(tmp)  # on disk before the rename makes it a checkpoint
+        fsync_path(final.parent)  # and the rename itself
         done = sorted((p for p in final.parent.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()), key=checkpoint_step)
         for old in done[: -cfg.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -97,10 +101,8 @@ class SamplesFile:
             return
         if resume_step is None:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists():  # drop what the interrupted run wrote after its checkpoint
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [ln for ln in lines if _step_of(ln) is not None and _step_of(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        else:  # drop what the interrupted run wrote after its checkpoint
+            keep_steps_up_to(self.path, resume_step)
 
     def write(self, step: int, queries: list[str], responses: list[str], scores: list[float], kls: list[float], acc: Any) -> None:
         from accelerate.utils import gather_object
@@ -111,13 +113,6 @@ class SamplesFile:
         if self.active:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 @contextlib.contextmanager

@@ -208,7 +208,8 @@ def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: A
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from camelid.train.common import keep_trainable_dtype, quiet_datasets, quiet_trainer, trainer_arguments
+    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
+                                      trainer_arguments)
 
     # disable_dropout=False: TRL's default would zero the LoRA dropout our settings ask for.
     args = trainer_arguments(cfg, TRLRewardConfig, run, max_length=cfg.max_length, center_rewards_coefficient=None,
@@ -216,7 +217,7 @@ def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: A
     with quiet_datasets():
         trainer = _bucketed(RewardTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                            processing_class=tok, callbacks=callbacks)
-    return quiet_trainer(keep_trainable_dtype(trainer, cfg.dtype))
+    return seal_trainer_checkpoints(quiet_trainer(keep_trainable_dtype(trainer, cfg.dtype)))
 
 
 LENGTH_BUCKETS = 2

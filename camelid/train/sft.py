@@ -93,7 +93,8 @@ def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any,
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from camelid.train.common import keep_trainable_dtype, quiet_datasets, quiet_trainer, trainer_arguments
+    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
+                                      trainer_arguments)
 
     args = trainer_arguments(
         cfg, TRLSFTConfig, run,
@@ -105,7 +106,7 @@ def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any,
     with quiet_datasets():
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, callbacks=callbacks)
-    return quiet_trainer(keep_trainable_dtype(trainer, cfg.dtype))
+    return seal_trainer_checkpoints(quiet_trainer(keep_trainable_dtype(trainer, cfg.dtype)))
 
 
 def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFTResult:

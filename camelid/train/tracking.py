@@ -16,7 +16,8 @@
 - Only rank 0 writes (under accelerate/torchrun every process may call `log`; the others do
   nothing), so N processes never write N copies.
 - `resume_step=N` (when a run resumes from its checkpoint at step N) drops the lines logged after
-  step N by the interrupted run, so the file reads as one uninterrupted run.
+  step N by the interrupted run, so the file reads as one uninterrupted run; the file is
+  replaced in one rename, so a kill during that rewrite loses nothing.
 - Hugging Face / TRL trainers: `tracker.hf_callback("sft")` returns a TrainerCallback that
   forwards the trainer's logs here with keys `sft/<name>`; pass `report_to="none"` to the trainer.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from camelid.errors import CamelidError
-from camelid.utils import rank
+from camelid.utils import atomic_write_text, rank
 
 BACKENDS = ("tensorboard", "wandb", "trackio")
 METRICS_FILE = "metrics.jsonl"
@@ -76,6 +77,27 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def step_of(line: str) -> int | None:
+    """The `step` of one JSONL line, or None for a torn or foreign line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the lines of a JSONL log (metrics.jsonl, samples.jsonl) written after `step`, and torn ones.
+
+    On --resume the interrupted run's lines after its checkpoint go, so the file reads as one
+    run. The kept lines go to a temporary file that replaces the old one in one rename: a kill
+    during the rewrite leaves the old file whole, never a truncated one.
+    """
+    if not path.is_file():
+        return
+    kept = [ln for ln in path.read_text(encoding="utf-8").splitlines() if (s := step_of(ln)) is not None and s <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
 class Tracker:
     """Metrics to `<run_dir>/metrics.jsonl` always, plus the backends named in `report_to`."""
 
@@ -99,8 +121,7 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / METRICS_FILE
         if resume_step is not None:
-            kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= resume_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            keep_steps_up_to(path, resume_step)
         elif path.exists():
             path.unlink()  # a fresh run starts a fresh file
         self._file = open(path, "a", encoding="utf-8")
