@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("camelid.train.sft", "supervised fine-tuning with packing (LoRA)"),
     "reward": ("camelid.train.reward", "train or apply a pairwise reward model"),
     "ppo": ("camelid.train.ppo", "PPO with a KL penalty against a frozen reference"),
+    "dpo": ("camelid.train.dpo", "direct preference optimisation on preference pairs (LoRA)"),
     "merge": ("camelid.models.merge", "merge a LoRA adapter into its base model"),
     "eval": ("camelid.eval.cli", "compare base / SFT / PPO answers with the reward model"),
     "report": ("camelid.eval.report", "render a run folder into an HTML + Markdown report"),
