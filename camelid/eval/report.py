@@ -268,11 +268,14 @@ def _clip(text: str, n: int = 500) -> str:
     return text if len(text) <= n else text[:n] + " …"
 
 
-def config_section(stages: dict[str, Stage]) -> list[Block]:
+def config_section(stages: dict[str, Stage], method: str = "") -> list[Block]:
     out: list[Block] = [("h2", "Resolved configs")]
     for st in stages.values():
-        out.append(("pre", f"{st.name}/{CONFIG_FILE}", st.config_text) if st.config_text
-                   else ("p", f"{st.name}: no config (stage not run)."))
+        if st.config_text:
+            out.append(("pre", f"{st.name}/{CONFIG_FILE}", st.config_text))
+        else:
+            (_, text), = not_run(st, method)
+            out.append(("p", f"{st.name}: no config. {text}"))
     return out
 
 
@@ -312,8 +315,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
                            ("h2", "Stages: time and peak memory"), overview(stages),
                            ("p", "Peak memory: the stage's peak resident memory (CPU) or peak allocated GPU memory, "
                                  "measured by the pipeline around the stage's function.")]
-    blocks += data_section(stages["data"]) + training_sections(stages, judge, plots, run_method(run))
-    blocks += eval_section(stages["eval"], samples, plots) + config_section(stages)
+    method = run_method(run)
+    blocks += data_section(stages["data"]) + training_sections(stages, judge, plots, method)
+    blocks += eval_section(stages["eval"], samples, plots) + config_section(stages, method)
     title = f"camelid run report: {run.name}"
     with atomic_dir(final, overwrite) as tmp:
         (tmp / "plots").mkdir()
