@@ -1,11 +1,15 @@
 """camelid dpo on a 2-layer random Llama: TRL's loss against the formulas by hand (sigmoid, IPO),
-the reference is the model with its adapter off, outputs of a tiny run, resume, bad inputs."""
+the reference is the model with its adapter off, outputs of a tiny run, resume, 2-process data
+parallel, bad inputs."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,6 +134,31 @@ def test_resume_from_a_checkpoint_ends_where_the_whole_run_ends(trained, tmp_pat
     b = load_file(str(Path(trained.out) / "adapter" / "adapter_model.safetensors"))
     for k in b:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_two_processes_equal_one_process_with_double_batch(tiny_model_dir, data, tmp_path):
+    """Data parallel (torchrun, gloo on CPU): 2 processes x batch 2 end with the adapter of 1 x batch 4."""
+    one = train(tiny_cfg(tiny_model_dir, data, tmp_path / "one", max_steps=3, merge=False))
+    args = ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "two"), "--max-length", "40",
+            "--batch-size", "2", "--max-steps", "3", "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "0.01",
+            "--seed", "1", "--max-eval-samples", "8", "--min-pairs", "8", "--no-merge"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(31500 + os.getpid() % 1000), "-m", "camelid", *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(one.adapter_dir / "adapter_model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-3)
+
+
+def test_8bit_base_trains_in_float32(tiny_model_dir, data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    r = train(tiny_cfg(tiny_model_dir, data, tmp_path / "q", max_steps=2, load_8bit=True, merge=False))
+    assert r.steps == 2 and math.isfinite(r.train_loss) and math.isfinite(r.eval["loss"])
+    adapter = load_file(str(r.adapter_dir / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in adapter.values())
 
 
 def test_bad_inputs(tiny_model_dir, data, tmp_path, capsys):
