@@ -18,9 +18,9 @@ models score `Question: <q>\\n\\nAnswer: <a>` (+ EOS, as in their training): the
     OUT/samples.jsonl   one line per answer: the models' answers side by side with both judges' scores
     OUT/config.yaml     the resolved config
 
-KL: the mean over PPO's answers of Σ_t (log π(a_t|·) − log π_ref(a_t|·)), teacher-forced through
-both models at temperature 1, and the same divided by the answer's tokens. It is the quantity
-PPO's penalty controls (Ziegler et al. 2019, eq. 2). It is an unbiased estimate of KL(π‖π_ref)
+KL (PPO and DPO): the mean over the model's own answers of Σ_t (log π(a_t|·) − log π_ref(a_t|·)),
+teacher-forced through both models at temperature 1, and the same divided by the answer's
+tokens. It is the quantity PPO's penalty controls (Ziegler et al. 2019, eq. 2). It is an unbiased estimate of KL(π‖π_ref)
 only when answers are sampled from π itself (temperature 1, no top-k/top-p); with other sampling
 settings read it as the log-ratio on the answers the user would actually get.
 """
@@ -40,7 +40,6 @@ ALIGNED = ("ppo", "dpo")
 SEED_STRIDE = 1_000_000
 """Seeds of one model's answers lie in [seed + SEED_STRIDE·m, seed + SEED_STRIDE·(m+1)): no two models share one."""
 COMPARISONS = (("ppo", "sft"), ("dpo", "sft"), ("sft", "base"), ("ppo", "base"), ("dpo", "base"), ("dpo", "ppo"))
-JUDGES = ("training", "second")
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class EvalConfig:
     overwrite: bool = False
     """Replace --out even when camelid did not write it (a folder camelid wrote is always replaced)."""
     split: str = "evaluation"
-    """Split of held-out questions (and pairs for the reward model's accuracy)."""
+    """Split of held-out questions (and pairs for the judges' accuracy)."""
     max_questions: int = 32
     """Evaluate at most this many distinct questions (0: all)."""
     answers_per_question: int = 4
