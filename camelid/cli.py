@@ -39,7 +39,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="camelid",
-        description="Train, align (SFT, reward model, PPO) and serve LLaMA-family chat models.",
+        description="Train, align (SFT, reward model, PPO, DPO) and serve LLaMA-family chat models.",
     )
     parser.add_argument("--version", action="version", version=f"camelid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
