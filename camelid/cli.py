@@ -23,10 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("camelid.train.sft", "supervised fine-tuning with packing (LoRA)"),
     "reward": ("camelid.train.reward", "train or apply a pairwise reward model"),
     "ppo": ("camelid.train.ppo", "PPO with a KL penalty against a frozen reference"),
+    "dpo": ("camelid.train.dpo", "direct preference optimisation on preference pairs (LoRA)"),
     "merge": ("camelid.models.merge", "merge a LoRA adapter into its base model"),
-    "eval": ("camelid.eval.cli", "compare base / SFT / PPO answers with the reward model"),
+    "eval": ("camelid.eval.cli", "compare base / SFT / PPO / DPO answers under two judges"),
     "report": ("camelid.eval.report", "render a run folder into an HTML + Markdown report"),
-    "pipeline": ("camelid.pipeline", "data -> sft -> reward -> ppo -> eval -> report, resumable"),
+    "pipeline": ("camelid.pipeline", "data -> sft -> reward -> ppo/dpo -> eval -> report, resumable"),
     "export": ("camelid.export.cli", "export a model to GGUF for llama.cpp / Ollama"),
     "estimate": ("camelid.estimate", "estimate the memory a training or inference setup needs"),
     "models": ("camelid.models.cli", "list bundled models and the local cache"),
@@ -38,7 +39,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="camelid",
-        description="Train, align (SFT, reward model, PPO) and serve LLaMA-family chat models.",
+        description="Train, align (SFT, reward model, PPO, DPO) and serve LLaMA-family chat models.",
     )
     parser.add_argument("--version", action="version", version=f"camelid {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,5 +1,5 @@
-"""`camelid pipeline`: data -> sft -> reward -> ppo -> eval -> report, one function call per stage,
-resumable stage by stage.
+"""`camelid pipeline`: data -> sft -> reward -> ppo and/or dpo -> eval -> report, one function call
+per stage, resumable stage by stage. `--method` picks the alignment: ppo (default), dpo or both.
 
 The run folder contract (this module owns it; the report and `camelid estimate --run` read it):
 
@@ -8,7 +8,9 @@ The run folder contract (this module owns it; the report and `camelid estimate -
       data/                  dataset folder (parquet splits, stats.json)            camelid.data
       sft/                   SFT run folder (adapter/, model/)                       camelid.train.sft
       reward/                reward-model run folder (adapter/, model/)             camelid.train.reward
+        judge/               the second judge, trained on the rl split's pairs      (same stage)
       ppo/                   PPO run folder (model/, samples)                        camelid.train.ppo
+      dpo/                   DPO run folder (adapter/, model/)                       camelid.train.dpo
       eval/                  result.json, samples.jsonl                              camelid.eval.evaluate
       report/                report.html (self-contained), report.md, plots/        camelid.eval.report
 
@@ -21,7 +23,8 @@ Every stage folder holds, when the stage wrote them:
                       "finished", "result"}
 A stage is complete iff done.json exists and its config_hash equals the hash of the config the
 pipeline would run now (sha256 of the canonical JSON of the config plus the hashes of the
-stages it reads from, so a changed SFT reruns reward, PPO and eval too). A crash leaves no
+stages it reads from, so a changed SFT reruns reward, PPO and eval too; PPO and DPO leave each
+other's hash out, and a stage the method leaves out counts as "not run"). A crash leaves no
 done.json: the stage reruns (resuming from its own checkpoints where it has them).
 """
 
@@ -39,7 +42,15 @@ from typing import Any, Callable
 
 from camelid.errors import CamelidError
 
-STAGES = ("data", "sft", "reward", "ppo", "eval")
+STAGES = ("data", "sft", "reward", "ppo", "dpo", "eval")
+METHODS = ("ppo", "dpo", "both")
+METHOD_STAGES = ("ppo", "dpo")
+"""The alignment stages `--method` chooses between; neither depends on the other."""
+NOT_RUN = "not run"
+"""A stage's hash in its successors' when the method leaves it out."""
+DEFAULTS = {"reward": {"judge_split": "rl"}}
+"""Pipeline defaults under the preset: the reward stage also trains the second judge, on the rl
+split, whose questions PPO saw as prompts only and whose answers no stage trained on."""
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
@@ -74,11 +85,19 @@ class PipelineConfig:
     out: str = "runs/tiny"
     """Run folder; each stage writes its own subfolder (see camelid.pipeline)."""
     force: str = ""
-    """Rerun from this stage on (data, sft, reward, ppo, eval), even if it is complete."""
+    """Rerun from this stage on (data, sft, reward, ppo, dpo, eval), even if it is complete."""
+    method: str = "ppo"
+    """Alignment after the reward stage: ppo, dpo, or both (eval then compares each with SFT)."""
 
     def __post_init__(self) -> None:
         if self.force and self.force not in STAGES:
             raise ValueError(f"force must be one of {', '.join(STAGES)}, got {self.force!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    def runs(self, stage: str) -> bool:
+        """Whether this method runs `stage`."""
+        return stage not in METHOD_STAGES or self.method in (stage, "both")
 
 
 @dataclass(frozen=True)
@@ -118,23 +137,30 @@ def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, 
     from camelid.config import build, load_preset
     from camelid.data.stackexchange import StackExchangeConfig
     from camelid.eval.evaluate import EvalConfig
+    from camelid.train.dpo import DPOConfig
     from camelid.train.ppo_config import PPOConfig
-    from camelid.train.reward import RewardConfig
+    from camelid.train.reward import JUDGE_DIR, RewardConfig
     from camelid.train.sft import SFTConfig
 
     run, sections = Path(cfg.out), load_preset(preset) if preset else {}
     d = str(run / "data")
+    judged = ({**DEFAULTS["reward"], **(sections.get("reward") or {}), **overrides.get("reward", {})}
+              .get("judge_split"))
     wiring = {
         "data": (StackExchangeConfig, {"input": cfg.data, "out": d, "overwrite": True}),
         "sft": (SFTConfig, {"model": cfg.model, "data": d, "out": str(run / "sft")}),
         "reward": (RewardConfig, {"model": str(run / "sft"), "data": d, "out": str(run / "reward")}),
         "ppo": (PPOConfig, {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": d,
                             "out": str(run / "ppo")}),
+        "dpo": (DPOConfig, {"model": str(run / "sft"), "data": d, "out": str(run / "dpo")}),
         "eval": (EvalConfig, {"data": d, "base_model": cfg.model, "sft_model": str(run / "sft"),
-                              "ppo_model": str(run / "ppo"), "reward_model": str(run / "reward"),
+                              "ppo_model": str(run / "ppo") if cfg.runs("ppo") else "",
+                              "dpo_model": str(run / "dpo") if cfg.runs("dpo") else "",
+                              "reward_model": str(run / "reward"),
+                              "judge_model": str(run / "reward" / JUDGE_DIR) if judged else "",
                               "out": str(run / "eval"), "overwrite": True}),
     }
-    return {name: build(cls, {**(sections.get(name) or {}), **overrides.get(name, {}), **wired},
+    return {name: build(cls, {**DEFAULTS.get(name, {}), **(sections.get(name) or {}), **overrides.get(name, {}), **wired},
                         where=f"pipeline: {name} config")
             for name, (cls, wired) in wiring.items()}
 
@@ -154,13 +180,19 @@ def _sft(c: Any, resume: bool) -> Any:
 
 
 def _reward(c: Any, resume: bool) -> Any:
-    from camelid.train.reward import train
+    from camelid.train.reward import train_judges
 
-    return train(c, resume=resume)
+    return train_judges(c, resume=resume)
 
 
 def _ppo(c: Any, resume: bool) -> Any:
     from camelid.train.ppo import train
+
+    return train(c, resume=resume)
+
+
+def _dpo(c: Any, resume: bool) -> Any:
+    from camelid.train.dpo import train
 
     return train(c, resume=resume)
 
@@ -171,8 +203,9 @@ def _eval(c: Any, resume: bool) -> Any:
     return run(c)
 
 
-RUNNERS: dict[str, Callable[[Any, bool], Any]] = {"data": _data, "sft": _sft, "reward": _reward, "ppo": _ppo, "eval": _eval}
-RESUMABLE = frozenset({"sft", "reward", "ppo"})
+RUNNERS: dict[str, Callable[[Any, bool], Any]] = {"data": _data, "sft": _sft, "reward": _reward, "ppo": _ppo,
+                                                  "dpo": _dpo, "eval": _eval}
+RESUMABLE = frozenset({"sft", "reward", "ppo", "dpo"})
 """Stages with checkpoints: an interrupted one continues from its last checkpoint."""
 STARTED_FILE = "started.json"
 
@@ -287,8 +320,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def upstream_hashes(name: str, hashes: dict[str, str]) -> tuple[str, ...]:
+    """The hashes a stage's own hash includes: every earlier stage's, except that PPO and DPO
+    leave each other out (neither reads the other: switching methods reruns neither)."""
+    return tuple(h for s, h in hashes.items() if not (s in METHOD_STAGES and name in METHOD_STAGES))
+
+
 def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, dict[str, Any]] | None = None) -> PipelineResult:
-    """data -> sft -> reward -> ppo -> eval -> report in cfg.out, skipping complete stages."""
+    """data -> sft -> reward -> ppo / dpo -> eval -> report in cfg.out, skipping complete stages."""
     import yaml
 
     from camelid.config import to_dict
@@ -301,12 +340,15 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
     atomic_write_text(run_dir / PIPELINE_FILE, yaml.safe_dump(
         {"pipeline": to_dict(cfg), "preset": preset, "overrides": overrides or {}}, sort_keys=False))
     force_from = STAGES.index(cfg.force) if cfg.force else len(STAGES)
-    hashes: list[str] = []
+    hashes: dict[str, str] = {}
     ran: list[str] = []
     for i, name in enumerate(STAGES):
-        upstream = tuple(hashes) if name != "data" else (input_fingerprint(cfg.data),)
+        if not cfg.runs(name):
+            hashes[name] = NOT_RUN
+            continue
+        upstream = upstream_hashes(name, hashes) if name != "data" else (input_fingerprint(cfg.data),)
         h = config_hash(_portable(to_dict(configs[name]), run_dir), upstream)
-        hashes.append(h)
+        hashes[name] = h
         done = read_done(run_dir / name)
         if i < force_from and done is not None and done.get("config_hash") == h:
             print0(f"[{i + 1}/{len(STAGES)}] {name}: complete with the same config ({h}); skipped")
@@ -314,8 +356,8 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
         run_stage(name, i, configs[name], run_dir, h, fresh=i >= force_from)
         ran.append(name)
     report = build_report(run_dir)
-    ppo_dir = run_dir / "ppo"
-    chat_model = ppo_dir / "model" if (ppo_dir / "model").is_dir() else ppo_dir / "adapter"
+    tuned = run_dir / ("ppo" if cfg.runs("ppo") else "dpo")
+    chat_model = tuned / "model" if (tuned / "model").is_dir() else tuned / "adapter"
     return PipelineResult(run_dir, tuple(ran), report.html, chat_model)
 
 
@@ -338,7 +380,7 @@ def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     from camelid.config import add_config_args
 
-    p = sub.add_parser(name, help="data -> sft -> reward -> ppo -> eval -> report, resumable",
+    p = sub.add_parser(name, help="data -> sft -> reward -> ppo/dpo -> eval -> report, resumable",
                        description="The whole RLHF chain, each stage in its own subfolder of --out; a stage whose "
                                    "output is complete with the same config is skipped, so an interrupted run "
                                    "resumes where it stopped. Ends with the report and the command to chat.")

@@ -1,9 +1,11 @@
-"""`camelid eval` on tiny random models: files, same-seed answers, KL, win rates, pair accuracy, bad input."""
+"""`camelid eval` on tiny random models: files, each model's own seeds, KL, paired comparisons under
+two judges, verdicts, pair accuracy, bad input."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -29,99 +31,124 @@ def _perturbed(src, dst, seed: float, scale: float = 0.05):
     return dst
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_model_dir):
-    """base (the tiny model), sft and ppo (perturbed copies), a tiny random reward model."""
+def _reward_model(tiny_model_dir, dst, seed: int):
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
 
-    root = tmp_path_factory.mktemp("eval-models")
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
     cfg.num_labels = 1
     cfg.architectures = ["LlamaForSequenceClassification"]
-    torch.manual_seed(1)
-    rm = LlamaForSequenceClassification(cfg)
-    rm.save_pretrained(root / "rm")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "rm")
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(cfg).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir):
+    """base (the tiny model), sft, ppo and dpo (perturbed copies), two tiny random reward models."""
+    root = tmp_path_factory.mktemp("eval-models")
     return {"base": tiny_model_dir, "sft": _perturbed(tiny_model_dir, root / "sft", 1),
-            "ppo": _perturbed(tiny_model_dir, root / "ppo", 2), "rm": root / "rm",
+            "ppo": _perturbed(tiny_model_dir, root / "ppo", 2), "dpo": _perturbed(tiny_model_dir, root / "dpo", 3),
+            "rm": _reward_model(tiny_model_dir, root / "rm", 1), "judge": _reward_model(tiny_model_dir, root / "judge", 2),
             "data": write_dataset(root / "data", n_pairs=6)}
 
 
 def _cfg(models, out, **kw) -> EvalConfig:
     base = dict(data=str(models["data"]), base_model=str(models["base"]), sft_model=str(models["sft"]),
-                ppo_model=str(models["ppo"]), reward_model=str(models["rm"]), out=str(out), max_questions=4,
-                max_new_tokens=6, batch_size=4, temperature=1.0, top_p=1.0)
+                ppo_model=str(models["ppo"]), reward_model=str(models["rm"]), judge_model=str(models["judge"]),
+                out=str(out), max_questions=4, answers_per_question=2, max_new_tokens=6, batch_size=8,
+                temperature=1.0, top_p=1.0, bootstrap_resamples=200)
     return EvalConfig(**{**base, **kw})
 
 
-def test_eval_writes_results_and_samples(models, tmp_path):
+def _read(out):
+    return (json.loads((out / "result.json").read_text()),
+            [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()])
+
+
+def test_eval_writes_results_samples_and_a_paired_verdict(models, tmp_path):
     from transformers import AutoTokenizer
 
+    from camelid.eval.compare import per_question_means
     from camelid.train.common import load_split, qa_text
 
-    res = run(_cfg(models, tmp_path / "eval"))
-    result = json.loads((tmp_path / "eval" / "result.json").read_text())
+    res = run(_cfg(models, tmp_path / "eval", dpo_model=str(models["dpo"])))
+    result, samples = _read(tmp_path / "eval")
     assert (tmp_path / "eval" / "config.yaml").is_file()
-    samples = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert result["questions"] == len(samples) == 4
-    assert set(result["models"]) == {"base", "sft", "ppo"}
+    assert result["questions"] == 4 and result["answers_per_question"] == 2 and len(samples) == 8
+    assert [(r["index"], r["answer"]) for r in samples] == [(i, j) for j in range(2) for i in range(4)]
+    assert set(result["models"]) == {"base", "sft", "ppo", "dpo"}
     for row in samples:
-        for m in ("base", "sft", "ppo"):
-            assert isinstance(row[m], str) and math.isfinite(row[f"reward_{m}"]) and 0 <= row[f"length_{m}"] <= 6
-    for key in ("ppo_vs_sft", "sft_vs_base", "ppo_vs_base"):
-        w = result["win_rates"][key]
-        assert w["n"] == 4 and w["wins"] + w["ties"] + w["losses"] == 4
-        assert w["ci_low"] <= w["rate"] <= w["ci_high"]
-    # The win rate is recomputed from the per-question rewards written beside it.
-    wins = sum(r["reward_ppo"] > r["reward_sft"] for r in samples) + sum(r["reward_ppo"] == r["reward_sft"] for r in samples) / 2
-    assert result["win_rates"]["ppo_vs_sft"]["rate"] == pytest.approx(wins / 4)
-    assert math.isfinite(result["kl"]["per_answer"]) and result["kl"]["per_answer"] != 0
-    # Pair accuracy beside the longer-answer baseline, counted here independently.
+        for m in ("base", "sft", "ppo", "dpo"):
+            assert isinstance(row[m], str) and 0 <= row[f"length_{m}"] <= 6
+            assert math.isfinite(row[f"reward_{m}"]) and math.isfinite(row[f"judge_{m}"])
+    assert set(result["comparisons"]) == {"ppo_vs_sft", "dpo_vs_sft", "sft_vs_base", "ppo_vs_base", "dpo_vs_base",
+                                          "dpo_vs_ppo"}
+    # The per-question win rate under each judge, recomputed from the scores written beside it.
+    for judge, key in (("training", "reward"), ("second", "judge")):
+        c = result["comparisons"]["ppo_vs_sft"][judge]
+        a = per_question_means([r[f"{key}_ppo"] for r in samples], 4)
+        b = per_question_means([r[f"{key}_sft"] for r in samples], 4)
+        assert c["questions"] == 4 and (c["wins"], c["losses"]) == (sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b)))
+        assert c["rate"] == pytest.approx((c["wins"] + c["ties"] / 2) / 4) and c["ci_low"] <= c["rate"] <= c["ci_high"]
+        assert 0 <= c["sign_p"] <= 1 and c["answer_pairs"] == 8 and c["similar_pairs"] <= 8
+    # Verdicts for PPO and DPO against SFT, stated with the interval and the number of questions.
+    for m in ("ppo", "dpo"):
+        v = result["verdicts"][f"{m}_vs_sft"]
+        assert v["lines"][0].startswith(f"{m.upper()} beats SFT on ") and "of 4 questions" in v["lines"][0]
+        assert "paired 95% CI" in v["lines"][0] and v["lines"][1].endswith("second judge")
+        assert v["passed"] == (v["training_passed"] and v["second_passed"])
+        assert math.isfinite(result["kl"][m]["per_answer"]) and result["kl"][m]["per_answer"] != 0
+    # Each judge's pair accuracy beside the longer-answer baseline, counted here independently.
     ds = load_split(str(models["data"]), "evaluation", ("question", "response_j", "response_k"))
     tok = AutoTokenizer.from_pretrained(models["rm"])
     longer = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in
               ((len(tok(qa_text(q, j))["input_ids"]), len(tok(qa_text(q, k))["input_ids"]))
                for q, j, k in zip(ds["question"], ds["response_j"], ds["response_k"]))]
-    assert result["rm_pairs"]["pairs"] == 6
-    assert result["rm_pairs"]["longer_wins_accuracy"] == pytest.approx(sum(longer) / len(longer))
+    for judge in ("training", "second"):
+        p = result["judges"][judge]["pairs"]
+        assert p["pairs"] == 6 and p["longer_wins_accuracy"] == pytest.approx(sum(longer) / len(longer))
+    assert result["judges"]["training"]["pairs"]["mean_margin"] != result["judges"]["second"]["pairs"]["mean_margin"]
+    assert result["judges"]["second"]["path"] == str(models["judge"])
     assert res.result["config"]["max_questions"] == 4
 
 
-def test_same_model_same_seed_same_answers_and_zero_kl(models, tmp_path):
-    # SFT == base and PPO == its reference: identical answers (same sampling, same seeds), a 50%
-    # win rate of all ties, and a KL of exactly zero.
-    run(_cfg(models, tmp_path / "eval", sft_model=str(models["base"]), ppo_model=str(models["base"])))
-    result = json.loads((tmp_path / "eval" / "result.json").read_text())
-    samples = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert all(r["base"] == r["sft"] == r["ppo"] for r in samples)
-    assert result["win_rates"]["sft_vs_base"]["ties"] == 4 and result["win_rates"]["sft_vs_base"]["rate"] == 0.5
-    assert result["kl"]["per_answer"] == pytest.approx(0.0, abs=1e-6)
+def test_each_model_samples_with_its_own_seeds(models, tmp_path):
+    """SFT == base and PPO == its reference: different answers (each model its own seeds), the
+    same answers again on a rerun, and a KL of exactly zero."""
+    cfg = _cfg(models, tmp_path / "a", sft_model=str(models["base"]), ppo_model=str(models["base"]))
+    run(cfg)
+    run(replace(cfg, out=str(tmp_path / "b")))
+    (result, samples), (_, again) = _read(tmp_path / "a"), _read(tmp_path / "b")
+    assert samples == again
+    assert any(r["base"] != r["sft"] for r in samples) and any(r["sft"] != r["ppo"] for r in samples)
+    assert result["kl"]["ppo"]["per_answer"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_several_answers_per_question(models, tmp_path):
-    """--answers-per-question 2: each question answered twice with different seeds, every model
-    on the same seeds; the win rate counts every answer; the first answers equal a 1-answer run."""
-    run(_cfg(models, tmp_path / "one", max_questions=3))
-    run(_cfg(models, tmp_path / "two", max_questions=3, answers_per_question=2))
-    one = [json.loads(x) for x in (tmp_path / "one" / "samples.jsonl").read_text().splitlines()]
-    two = [json.loads(x) for x in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
-    result = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert result["questions"] == 3 and result["answers_per_question"] == 2 and len(two) == 6
-    assert [r["question"] for r in two] == [r["question"] for r in one] * 2
-    assert [r["ppo"] for r in two[:3]] == [r["ppo"] for r in one]
-    assert any(a["ppo"] != b["ppo"] for a, b in zip(two[:3], two[3:]))  # a second draw, not a copy
-    assert result["win_rates"]["ppo_vs_sft"]["n"] == 6 and result["kl"]["answers"] == 6
+    """Each question answered k times with different seeds; the first answers equal a 1-answer run;
+    the comparison counts questions, its length view answers."""
+    run(_cfg(models, tmp_path / "one", max_questions=3, answers_per_question=1))
+    run(_cfg(models, tmp_path / "three", max_questions=3, answers_per_question=3))
+    (_, one), (result, three) = _read(tmp_path / "one"), _read(tmp_path / "three")
+    assert result["questions"] == 3 and result["answers_per_question"] == 3 and len(three) == 9
+    assert [r["question"] for r in three] == [r["question"] for r in one] * 3
+    assert [r["ppo"] for r in three[:3]] == [r["ppo"] for r in one]
+    assert any(a["ppo"] != b["ppo"] for a, b in zip(three[:3], three[3:6]))  # a second draw, not a copy
+    c = result["comparisons"]["ppo_vs_sft"]["training"]
+    assert c["questions"] == 3 and c["answer_pairs"] == 9 and result["kl"]["ppo"]["answers"] == 9
 
 
 def test_eval_cli_run_folder_and_bad_input(models, tmp_path, capsys):
-    # Only the base model, through the CLI: no PPO -> no KL, no win rates involving it.
+    # Only the base model, through the CLI: no PPO -> no KL, no comparisons, no verdict.
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(models["data"]), "--base-model", str(models["base"]), "--sft-model", "",
                  "--ppo-model", "", "--reward-model", str(models["rm"]), "--out", str(out), "--max-questions", "3",
                  "--max-new-tokens", "4"]) == 0
     result = json.loads((out / "result.json").read_text())
-    assert set(result["models"]) == {"base"} and result["kl"] is None and result["win_rates"] == {}
+    assert set(result["models"]) == {"base"} and result["kl"] == {} and result["comparisons"] == {}
+    assert result["answers_per_question"] == 4 and set(result["judges"]) == {"training"}
     capsys.readouterr()
     assert main(["eval", "--run", str(tmp_path / "nothing-here"), "--max-questions", "2"]) == 2
     assert main(["eval", "--data", str(models["data"]), "--base-model", str(models["base"]),
@@ -131,3 +158,5 @@ def test_eval_cli_run_folder_and_bad_input(models, tmp_path, capsys):
     assert err.count("camelid: error:") == 3 and "Traceback" not in err
     with pytest.raises(CamelidError, match="not a reward model"):
         run(_cfg(models, tmp_path / "e2", reward_model=str(models["base"])))
+    with pytest.raises(CamelidError, match="not a reward model"):
+        run(_cfg(models, tmp_path / "e3", judge_model=str(models["sft"])))

@@ -1,11 +1,13 @@
 """`camelid pipeline` end to end on the tiny random Llama and a handful of generated questions:
 every stage's outputs, the report with every plot, resume after an interrupted stage, skipping
-complete stages, a changed config rerunning only what depends on it, and --force."""
+complete stages, a changed config rerunning only what depends on it, --force, and --method
+(DPO beside PPO, switching methods reruns neither)."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,11 @@ TOPICS = ("bread", "tomatoes", "python lists", "git branches", "cast iron", "ros
 PRESET = """
 data: {splits: [0.25, 0.25, 0.25, 0.25], workers: 1, progress: false}
 sft: {max_steps: 3, batch_size: 2, seq_length: 64, save_steps: 1, logging_steps: 1}
-reward: {max_steps: 3, batch_size: 2, max_length: 160, save_steps: 1, logging_steps: 1}
+reward: {max_steps: 3, batch_size: 2, max_length: 160, save_steps: 1, logging_steps: 1, min_pairs: 1}
 ppo: {steps: 3, batch_size: 2, mini_batch_size: 1, ppo_epochs: 1, min_new_tokens: 3, max_new_tokens: 5,
       save_steps: 1, samples_every: 1, forward_batch_size: 2, reward_batch_size: 4}
-eval: {max_questions: 3, max_new_tokens: 5, batch_size: 4}
+dpo: {max_steps: 2, batch_size: 2, max_length: 160, save_steps: 1, logging_steps: 1, min_pairs: 1, max_eval_samples: 4}
+eval: {max_questions: 3, max_new_tokens: 5, batch_size: 8, answers_per_question: 2, bootstrap_resamples: 200}
 """
 
 
@@ -76,7 +79,7 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg, preset)
     assert all(read_done(run / s) for s in ("data", "sft", "reward"))
-    assert read_done(run / "ppo") is None and not (run / "eval").exists()
+    assert read_done(run / "ppo") is None and not (run / "eval").exists() and not (run / "dpo").exists()
     before = _finished(run)
 
     # 2. The same command resumes: complete stages are skipped, PPO continues from its checkpoint.
@@ -91,15 +94,21 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     assert steps == [1, 2, 3]
 
     # Every stage's outputs are there, with time and peak memory in its done marker.
-    for path in ("data/stats.json", "sft/model/config.json", "reward/model/config.json", "ppo/model/config.json",
-                 "eval/result.json", "eval/samples.jsonl", "report/report.html", "report/report.md"):
+    for path in ("data/stats.json", "sft/model/config.json", "reward/model/config.json", "reward/judge/model/config.json",
+                 "ppo/model/config.json", "eval/result.json", "eval/samples.jsonl", "report/report.html",
+                 "report/report.md"):
         assert (run / path).is_file(), path
-    for s in pipeline.STAGES:
+    assert not (run / "dpo").exists()  # --method ppo (the default) leaves DPO out
+    for s in ("data", "sft", "reward", "ppo", "eval"):
         done = read_done(run / s)
         assert done["seconds"] > 0 and done["peak_mb"] > 50 and done["config"]
+    result = json.loads((run / "eval" / "result.json").read_text())
+    assert set(result["judges"]) == {"training", "second"} and list(result["verdicts"]) == ["ppo_vs_sft"]
+    assert result["judges"]["second"]["path"] == str(run / "reward" / "judge" / "model")
     html = (run / "report" / "report.html").read_text()
-    assert set(re.findall(r"id='plot-(\w+)'", html)) == set(PLOTS)
-    assert "stage not run" not in html.lower()
+    assert set(re.findall(r"id='plot-(\w+)'", html)) == set(PLOTS) - {"dpo_curves"}
+    assert "stage not run" not in html.lower() and "Not part of this run (--method ppo)." in html
+    assert "PPO beats SFT on " in html and "of 3 questions" in html
     assert res.chat_model == run / "ppo" / "model"
 
     # 3. Nothing changed: nothing reruns. A changed eval setting reruns eval only.
@@ -117,13 +126,31 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     assert [s for s in pipeline.STAGES if after[s] != mid[s]] == ["reward", "ppo", "eval"]
     assert "ppo: running" in out and f"camelid chat --model {run / 'ppo' / 'model'}" in out and "report.html" in out
 
+    # 5. --method both adds DPO beside PPO: only dpo and eval run; eval compares both with SFT.
+    res = pipeline.run(replace(cfg, method="both"), preset, parse_sets(["eval.max_questions=2"]))
+    assert res.ran == ("dpo", "eval")
+    done = read_done(run / "dpo")
+    assert done["seconds"] > 0 and done["peak_mb"] > 50 and (run / "dpo" / "model" / "config.json").is_file()
+    result = json.loads((run / "eval" / "result.json").read_text())
+    assert set(result["verdicts"]) == {"ppo_vs_sft", "dpo_vs_sft"} and set(result["kl"]) == {"ppo", "dpo"}
+    assert set(result["comparisons"]["dpo_vs_sft"]) == {"training", "second"}
+    md = (run / "report" / "report.md").read_text()
+    assert re.search(r"\| dpo \| done \| \d+ s \| [\d,]+ MB \|", md) and "DPO beats SFT on " in md
+    assert set(re.findall(r"id='plot-(\w+)'", (run / "report" / "report.html").read_text())) == set(PLOTS)
+
+    # 6. --method dpo: DPO is complete, PPO is left out; only eval reruns; chat with DPO's model.
+    res = pipeline.run(replace(cfg, method="dpo"), preset, parse_sets(["eval.max_questions=2"]))
+    assert res.ran == ("eval",) and res.chat_model == run / "dpo" / "model"
+    assert list(json.loads((run / "eval" / "result.json").read_text())["verdicts"]) == ["dpo_vs_sft"]
+
 
 def test_pipeline_bad_input(tmp_path, capsys):
     assert main(["pipeline", "--force", "nonsense", "--out", str(tmp_path / "r")]) == 2
     assert main(["pipeline", "--set", "sft.max_steps", "--out", str(tmp_path / "r")]) == 2
     assert main(["pipeline", "--set", "sft.no_such_field=1", "--out", str(tmp_path / "r")]) == 2
+    assert main(["pipeline", "--method", "grpo", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert err.count("camelid: error:") == 3 and "Traceback" not in err
+    assert err.count("camelid: error:") == 4 and "Traceback" not in err
     assert not (tmp_path / "r" / "data").exists()  # configs are checked before any stage runs
 
 

@@ -116,7 +116,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(model: Path, data: Path, out: Path, **kw) -> RewardConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), max_length=35, batch_size=8, max_steps=36,
+    base = dict(model=str(model), data=str(data), out=str(out), max_length=35, max_prompt_length=24, batch_size=8, max_steps=36,
                 save_steps=18, logging_steps=6, learning_rate=1e-2, lora_dropout=0.0, seed=1)
     return RewardConfig(**{**base, **kw})
 
@@ -139,7 +139,9 @@ def test_learns_the_toy_preference_beyond_the_length_baseline(trained):
     assert saved["eval"]["accuracy"] == pytest.approx(r.eval.accuracy)
 
 
-def test_dropped_pairs_and_baseline_counted_independently(trained, tiny_model_dir):
+def test_long_pairs_cut_not_dropped_and_baseline_counted_independently(trained, tiny_model_dir):
+    """Pairs over max_length are cut to fit, not dropped: each side is the first max_length - 1
+    tokens of its full text + EOS (the prompt fits whole here); the baseline counts on those."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
@@ -147,18 +149,20 @@ def test_dropped_pairs_and_baseline_counted_independently(trained, tiny_model_di
 
     cfg, r = trained
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    counts = {}
+    sides = {}
     for split in ("reward", "evaluation"):
         t = pq.read_table(split_path(cfg.data, split)).to_pylist()
-        n = lambda q, a: len(tok(f"Question: {q}\n\nAnswer: {a}")["input_ids"]) + 1  # + EOS
-        kept = [(n(x["question"], x["response_j"]), n(x["question"], x["response_k"])) for x in t]
-        kept = [(a, b) for a, b in kept if a <= cfg.max_length and b <= cfg.max_length]
-        counts[split] = (len(t) - len(kept), kept)
-    assert counts["reward"][0] > 0, "the test data should have over-long pairs"
-    assert (r.dropped_train_pairs, r.train_pairs) == (counts["reward"][0], 128 - counts["reward"][0])
-    assert (r.dropped_eval_pairs, r.eval_pairs) == (counts["evaluation"][0], 128 - counts["evaluation"][0])
-    kept = counts["evaluation"][1]
-    longer = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in kept) / len(kept)
+        ids = lambda q, a: tok(f"Question: {q}\n\nAnswer: {a}")["input_ids"]
+        full = [(ids(x["question"], x["response_j"]), ids(x["question"], x["response_k"])) for x in t]
+        over = sum(max(len(a), len(b)) + 1 > cfg.max_length for a, b in full)
+        cut = [(a[: cfg.max_length - 1] + [tok.eos_token_id], b[: cfg.max_length - 1] + [tok.eos_token_id]) for a, b in full]
+        sides[split] = (over, [(a, b) for a, b in cut if a != b])
+    assert sides["reward"][0] > 0, "the test data should have over-long pairs"
+    assert (r.train_pairs, r.truncated_train_pairs) == (len(sides["reward"][1]), sides["reward"][0])
+    assert r.train_pairs + r.dropped_train_pairs == 128 and r.train_pairs > 120
+    assert r.eval_pairs == len(sides["evaluation"][1])
+    kept = sides["evaluation"][1]
+    longer = sum(1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0 for a, b in kept) / len(kept)
     assert r.eval.longer_wins_accuracy == pytest.approx(longer)
 
 
@@ -222,7 +226,7 @@ def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
     cfg1 = replace(cfg, out=str(tmp_path / "one"), max_steps=3, batch_size=4, merge=False)
     r1 = train(cfg1)
     args = ["reward", "train", "--model", cfg.model, "--data", cfg.data, "--out", str(tmp_path / "two"),
-            "--max-length", str(cfg.max_length), "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1",
+            "--max-length", str(cfg.max_length), "--max-prompt-length", str(cfg.max_prompt_length), "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1",
             "--learning-rate", str(cfg.learning_rate), "--lora-dropout", "0", "--seed", str(cfg.seed), "--no-merge"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -252,8 +256,10 @@ def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
     no_k = write_dataset(tmp_path / "d2", n_pairs=4, drop_columns=("response_k",))
     with pytest.raises(CamelidError, match="response_k"):
         train(tiny_cfg(tiny_model_dir, no_k, tmp_path / "o"))
-    with pytest.raises(CamelidError, match="longer than max_length"):
+    with pytest.raises(CamelidError, match="raise --max-length"):
         train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8))
+    with pytest.raises(CamelidError, match="min_pairs=200"):
+        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", min_pairs=200))
     cfg, _ = trained
     with pytest.raises(CamelidError, match="another config"):
         train(replace(cfg, max_length=48), resume=True)
@@ -262,15 +268,17 @@ def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_tokenize_pairs_appends_eos_and_drops_long(tiny_model_dir):
+def test_tokenize_pairs_appends_eos_and_cuts_long(tiny_model_dir):
     import datasets
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = datasets.Dataset.from_dict({"question": ["q", "q"], "response_j": ["a", "word " * 50], "response_k": ["b", "c"]})
-    j, k, dropped = tokenize_pairs(ds, tok, max_length=20)
-    assert dropped == 1 and len(j) == len(k) == 1
+    pairs = tokenize_pairs(ds, tok, max_length=20)
+    j, k = pairs.reward_ids(tok.eos_token_id)
+    assert pairs.dropped == 0 and pairs.truncated == 1 and len(j) == len(k) == 2
     assert j[0] == tok(qa_text("q", "a"))["input_ids"] + [tok.eos_token_id]
+    assert j[1] == tok(qa_text("q", "word " * 50))["input_ids"][:19] + [tok.eos_token_id] and len(k[1]) < 20
 
 
 def test_8bit_base_trains_with_float32_head(tmp_path, tiny_model_dir, data):
@@ -294,3 +302,33 @@ def test_batched_scores_come_back_in_order(trained):
     alone = [score_texts(model, tok, [t])[0] for t in texts]
     assert batched == pytest.approx(alone, abs=1e-4)
     assert len(set(round(x, 4) for x in alone)) == len(texts)  # distinct scores: a mix-up would show
+
+
+def test_second_judge_trains_on_questions_the_training_judge_never_saw(tmp_path, tiny_model_dir, data):
+    """judge_split: a second reward model in OUT/judge, on the rl split's pairs; no question id is
+    shared between the pairs it trained on and the training judge's. Overlapping splits are refused."""
+    import pyarrow.parquet as pq
+
+    from camelid.data.output import split_path
+    from camelid.train.reward import JUDGE_DIR, TRAIN_QUESTIONS, train_judges
+
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "rm", max_steps=2, save_steps=2, merge=False, judge_split="rl")
+    r = train_judges(cfg)
+    judge = tmp_path / "rm" / JUDGE_DIR
+    assert r.train_split == "reward" and (judge / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((judge / "result.json").read_text())["train_split"] == "rl"
+    ours, theirs = (json.loads((d / TRAIN_QUESTIONS).read_text()) for d in (tmp_path / "rm", judge))
+    assert (ours["split"], theirs["split"]) == ("reward", "rl")
+    assert ours["qids"] and theirs["qids"] and not set(ours["qids"]) & set(theirs["qids"])
+    assert set(theirs["qids"]) <= set(pq.read_table(split_path(data, "rl")).column("qid").to_pylist())
+
+    overlap = write_dataset(tmp_path / "overlap", n_pairs=8)
+    rl = pq.read_table(split_path(overlap, "rl"))
+    shared = pq.read_table(split_path(overlap, "reward")).column("qid")
+    pq.write_table(rl.set_column(rl.schema.get_field_index("qid"), "qid", shared), split_path(overlap, "rl"))
+    with pytest.raises(CamelidError, match="share 8 question"):
+        train_judges(replace(cfg, data=str(overlap), out=str(tmp_path / "o2")))
+    with pytest.raises(CamelidError, match="judge_split must differ"):
+        from camelid.config import build
+
+        build(RewardConfig, {"judge_split": "reward"})

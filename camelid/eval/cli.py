@@ -10,12 +10,15 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     from camelid.config import add_config_args
     from camelid.eval.evaluate import EvalConfig
 
-    p = sub.add_parser(name, help="compare base / SFT / PPO answers with the reward model",
-                       description="Answer held-out questions with the base, SFT and PPO models (same sampling, "
-                                   "same seeds), score them with the reward model, report mean reward, win rates "
-                                   "with 95% intervals, the KL of PPO to its reference and side-by-side samples.")
+    p = sub.add_parser(name, help="compare base / SFT / PPO / DPO answers under two judges",
+                       description="Answer held-out questions several times with the base, SFT, PPO and DPO models "
+                                   "(same sampling, each model its own seeds), score them with the training judge "
+                                   "and a second judge, report per-question win rates with paired bootstrap "
+                                   "intervals and sign tests, a length-controlled view, the verdict, the KL to the "
+                                   "reference and side-by-side samples.")
     p.add_argument("--run", default=None, metavar="RUN",
-                   help="a `camelid pipeline` run folder: data, models and output default to RUN/{data,sft,ppo,reward,eval}")
+                   help="a `camelid pipeline` run folder: data, models and output default to "
+                        "RUN/{data,sft,ppo,dpo,reward,reward/judge,eval} (ppo, dpo, judge where present)")
     p.add_argument("--preset", default=None, help="preset name or YAML file; its `eval` section applies")
     add_config_args(p, EvalConfig)
     p.set_defaults(func=run)
@@ -31,8 +34,10 @@ def resolve_config(args: argparse.Namespace):  # noqa: ANN201 - EvalConfig, impo
     values: dict = dict(load_preset(args.preset).get("eval") or {}) if args.preset else {}
     if args.run:
         run = Path(args.run)
-        values.update(data=str(run / "data"), sft_model=str(run / "sft"), ppo_model=str(run / "ppo"),
-                      reward_model=str(run / "reward"), out=str(run / "eval"))
+        values.update(data=str(run / "data"), sft_model=str(run / "sft"), reward_model=str(run / "reward"),
+                      out=str(run / "eval"))
+        for field, folder in (("ppo_model", run / "ppo"), ("dpo_model", run / "dpo"), ("judge_model", run / "reward" / "judge")):
+            values[field] = str(folder) if folder.is_dir() else ""
     names = {f.name for f in dataclasses.fields(EvalConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     return build(EvalConfig, values, where="eval config")

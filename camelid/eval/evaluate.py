@@ -1,19 +1,26 @@
-"""`camelid eval`: base vs SFT vs PPO answers to held-out questions, scored by the reward model.
+"""`camelid eval`: base vs SFT vs PPO (and DPO) answers to held-out questions, scored by two judges.
 
 For each question of the dataset's evaluation split (no question there was trained on: the data
-stage splits by question), each model answers the prompt `Question: <q>\\n\\nAnswer: ` with the
-same sampling settings and the same per-question seed, through the one generation engine. The
-reward model scores `Question: <q>\\n\\nAnswer: <a>` (+ EOS, as in its training). Output:
+stage splits by question), each model answers the prompt `Question: <q>\\n\\nAnswer: `
+`answers_per_question` times with the same sampling settings, through the one generation engine;
+each model draws its own seeds (answer j of question i from model number m: seed
+`seed + SEED_STRIDE·m + i + j·questions`), so its answers are samples of its own. Two reward
+models score `Question: <q>\\n\\nAnswer: <a>` (+ EOS, as in their training): the training judge
+(the reward model PPO optimised) and a second judge trained on pairs the first never saw
+(`camelid reward train --judge-split`), which PPO never saw. Comparisons are paired per question
+(camelid.eval.compare). Output:
 
-    OUT/result.json     mean reward, answer length and repetition per model; win rates PPO vs SFT
-                        and SFT vs base with 95% Wilson intervals; KL of PPO to its reference;
-                        the reward model's pair accuracy beside the longer-answer baseline
-    OUT/samples.jsonl   one line per question: the three answers side by side with their rewards
+    OUT/result.json     per model: mean reward under each judge, answer length and repetition;
+                        per comparison and judge: per-question win rate with a paired bootstrap
+                        interval, sign test, mean reward difference, length-controlled win rate;
+                        the verdicts (PPO / DPO vs SFT); KL of PPO and DPO to their reference;
+                        each judge's pair accuracy beside the longer-answer baseline
+    OUT/samples.jsonl   one line per answer: the models' answers side by side with both judges' scores
     OUT/config.yaml     the resolved config
 
-KL: the mean over PPO's answers of Σ_t (log π(a_t|·) − log π_ref(a_t|·)), teacher-forced through
-both models at temperature 1, and the same divided by the answer's tokens. It is the quantity
-PPO's penalty controls (Ziegler et al. 2019, eq. 2). It is an unbiased estimate of KL(π‖π_ref)
+KL (PPO and DPO): the mean over the model's own answers of Σ_t (log π(a_t|·) − log π_ref(a_t|·)),
+teacher-forced through both models at temperature 1, and the same divided by the answer's
+tokens. It is the quantity PPO's penalty controls (Ziegler et al. 2019, eq. 2). It is an unbiased estimate of KL(π‖π_ref)
 only when answers are sampled from π itself (temperature 1, no top-k/top-p); with other sampling
 settings read it as the log-ratio on the answers the user would actually get.
 """
@@ -27,7 +34,12 @@ from typing import Any
 
 from camelid.errors import CamelidError
 
-MODELS = ("base", "sft", "ppo")
+MODELS = ("base", "sft", "ppo", "dpo")
+ALIGNED = ("ppo", "dpo")
+"""Models compared with SFT in the verdict, with a KL to their reference."""
+SEED_STRIDE = 1_000_000
+"""Seeds of one model's answers lie in [seed + SEED_STRIDE·m, seed + SEED_STRIDE·(m+1)): no two models share one."""
+COMPARISONS = (("ppo", "sft"), ("dpo", "sft"), ("sft", "base"), ("ppo", "base"), ("dpo", "base"), ("dpo", "ppo"))
 
 
 @dataclass(frozen=True)
@@ -42,25 +54,31 @@ class EvalConfig:
     """The SFT model: a `camelid sft` run folder or model folder ('' to skip)."""
     ppo_model: str = "runs/ppo"
     """The PPO model: a `camelid ppo` run folder or model folder ('' to skip)."""
+    dpo_model: str = ""
+    """The DPO model: a `camelid dpo` run folder or model folder ('' to skip)."""
     reward_model: str = "runs/reward"
-    """The reward model: a `camelid reward train` run folder or a one-logit sequence classifier."""
+    """The training judge: the reward model PPO optimised (a `camelid reward train` run folder or a one-logit classifier)."""
+    judge_model: str = ""
+    """The second judge: a reward model trained on pairs the training judge never saw, e.g. runs/reward/judge ('' = none: the bar cannot pass)."""
     reference_model: str = ""
-    """Reference for the KL of PPO ('' = the SFT model, PPO's own reference)."""
+    """Reference for the KL of PPO and DPO ('' = the SFT model, their own reference)."""
     out: str = "runs/eval"
     """Output folder: result.json, samples.jsonl, config.yaml."""
     overwrite: bool = False
     """Replace --out even when camelid did not write it (a folder camelid wrote is always replaced)."""
     split: str = "evaluation"
-    """Split of held-out questions (and pairs for the reward model's accuracy)."""
+    """Split of held-out questions (and pairs for the judges' accuracy)."""
     max_questions: int = 32
     """Evaluate at most this many distinct questions (0: all)."""
-    answers_per_question: int = 1
-    """Answers each model gives to each question, each with its own seed (the same seeds for every
-    model); more answers per question narrow the win-rate interval."""
+    answers_per_question: int = 4
+    """Answers each model gives to each question, each with a seed of its own; a question's score is
+    the mean over them (more answers: a steadier per-question score)."""
+    bootstrap_resamples: int = 2000
+    """Resamples of the questions for the paired win-rate intervals."""
     max_pairs: int = 200
-    """Score at most this many pairs for the reward model's accuracy (0: all)."""
+    """Score at most this many pairs for each judge's accuracy (0: all)."""
     max_length: int = 512
-    """Longest pair side, in tokens, for the reward model's accuracy (longer pairs are dropped)."""
+    """Longest pair side, in tokens, for the judges' accuracy (longer answers are cut, as in training)."""
     max_new_tokens: int = 96
     """Longest answer, in tokens."""
     temperature: float = 0.7
@@ -70,7 +88,7 @@ class EvalConfig:
     top_k: int = 0
     """Top-k filter (0: off), the same for every model."""
     seed: int = 0
-    """Question i is answered with seed `seed + i` by every model (same seeds, comparable answers)."""
+    """First sampling seed (and the bootstrap's); see the module docstring for each answer's seed."""
     batch_size: int = 8
     """Questions generated (and scored) together."""
     dtype: str = "auto"
@@ -84,7 +102,7 @@ class EvalConfig:
         for name in ("max_questions", "max_pairs", "top_k", "num_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "batch_size", "max_length", "answers_per_question"):
+        for name in ("max_new_tokens", "batch_size", "max_length", "answers_per_question", "bootstrap_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -94,7 +112,10 @@ class EvalConfig:
 
     def models(self) -> dict[str, str]:
         """The models to compare, by role, skipping the empty ones."""
-        return {k: v for k, v in (("base", self.base_model), ("sft", self.sft_model), ("ppo", self.ppo_model)) if v}
+        return {m: getattr(self, f"{m}_model") for m in MODELS if getattr(self, f"{m}_model")}
+
+    def judges(self) -> dict[str, str]:
+        return {k: v for k, v in (("training", self.reward_model), ("second", self.judge_model)) if v}
 
 
 @dataclass(frozen=True)
@@ -126,12 +147,14 @@ def resolve(name: str) -> Path:
 
 
 def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: str) -> list[dict[str, Any]]:
-    """Each question answered by `model` with the shared sampling settings and per-question seed."""
+    """Each prompt n answered by `model` with the shared sampling settings and the model's seed
+    `cfg.seed + SEED_STRIDE · MODELS.index(desc) + n`."""
     from tqdm.auto import tqdm
 
     from camelid.engine import Engine, SamplingParams
     from camelid.train.common import qa_text
 
+    first = cfg.seed + SEED_STRIDE * MODELS.index(desc)
     engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=cfg.dtype)
     tok = engine.tokenizer
     prompts = [list(tok(qa_text(q, ""))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
@@ -140,7 +163,7 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
                       dynamic_ncols=True):
         chunk = prompts[start : start + cfg.batch_size]
         params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + start + i) for i in range(len(chunk))]
+                                 max_new_tokens=cfg.max_new_tokens, seed=first + start + i) for i in range(len(chunk))]
         for p, c in zip(chunk, engine.generate(chunk, params)):
             ids = [t for t in c.token_ids if t not in engine.eos_ids]
             out.append({"prompt_ids": p, "ids": ids, "response_ids": list(c.token_ids),
@@ -181,51 +204,64 @@ def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], bat
 
 
 def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig) -> dict[str, Any]:
-    """The reward model's accuracy on the split's pairs beside the longer-answer baseline."""
+    """The judge's accuracy on the split's pairs (cut to max_length as in training) beside the
+    longer-answer baseline."""
     from camelid.train.common import load_split
     from camelid.train.reward import evaluate_pairs, tokenize_pairs
 
     ds = load_split(cfg.data, cfg.split, ("question", "response_j", "response_k"), limit=cfg.max_pairs, seed=cfg.seed)
-    ids_j, ids_k, dropped = tokenize_pairs(ds, tok, cfg.max_length)
-    if not ids_j:
-        return {"pairs": 0, "dropped": dropped}
-    return {**evaluate_pairs(rm, tok, ids_j, ids_k, cfg.batch_size).__dict__, "dropped": dropped}
+    pairs = tokenize_pairs(ds, tok, cfg.max_length)
+    if not len(pairs):
+        return {"pairs": 0, "dropped": pairs.dropped}
+    ids_j, ids_k = pairs.reward_ids(tok.eos_token_id)
+    return {**evaluate_pairs(rm, tok, ids_j, ids_k, cfg.batch_size).__dict__, "dropped": pairs.dropped,
+            "truncated": pairs.truncated}
 
 
-def summarise(questions: list[str], answers: dict[str, list[dict[str, Any]]], rewards: dict[str, list[float]],
-              paths: dict[str, str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per-model figures, win rates and the side-by-side rows of samples.jsonl."""
-    from camelid.eval.stats import mean_std, repeated_ngram_share, win_rate
+def summarise(questions: list[str], n_questions: int, answers: dict[str, list[dict[str, Any]]],
+              rewards: dict[str, dict[str, list[float]]], paths: dict[str, str], cfg: EvalConfig
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-model figures, paired comparisons per judge, verdicts, and the rows of samples.jsonl.
+    `rewards[judge][model]`: answer-major scores (answer j to question i at i + j · n_questions)."""
+    from camelid.eval.compare import compare, verdict
+    from camelid.eval.stats import mean_std, repeated_ngram_share
 
+    lengths = {m: [len(a["ids"]) for a in ans] for m, ans in answers.items()}
     models = {}
     for m, ans in answers.items():
-        mean, std = mean_std(rewards[m])
-        lengths = [len(a["ids"]) for a in ans]
-        models[m] = {"path": paths[m], "reward_mean": mean, "reward_std": std,
-                     "length_mean": sum(lengths) / len(lengths),
+        per_judge = {j: dict(zip(("mean", "std"), mean_std(r[m]))) for j, r in rewards.items()}
+        models[m] = {"path": paths[m], "reward_mean": per_judge["training"]["mean"],
+                     "reward_std": per_judge["training"]["std"], "reward": per_judge,
+                     "length_mean": sum(lengths[m]) / len(ans),
                      "ended_by_eos": sum(a["finish"] == "stop" for a in ans) / len(ans),
                      "rep4": sum(repeated_ngram_share(a["ids"], 4) for a in ans) / len(ans)}
-    wins = {f"{a}_vs_{b}": win_rate(rewards[a], rewards[b]).to_dict()
-            for a, b in (("ppo", "sft"), ("sft", "base"), ("ppo", "base")) if a in rewards and b in rewards}
+    comparisons = {f"{a}_vs_{b}": {j: compare(r[a], r[b], lengths[a], lengths[b], n_questions,
+                                              cfg.bootstrap_resamples, cfg.seed).to_dict() for j, r in rewards.items()}
+                   for a, b in COMPARISONS if a in answers and b in answers}
+    verdicts = {k: verdict(k.split("_vs_")[0], "sft", c["training"], c.get("second"))
+                for k, c in comparisons.items() if k.split("_vs_")[0] in ALIGNED and k.endswith("_vs_sft")}
     rows = []
-    for i, q in enumerate(questions):
-        row: dict[str, Any] = {"index": i, "question": q}
+    for n, q in enumerate(questions):
+        row: dict[str, Any] = {"index": n % n_questions, "answer": n // n_questions, "question": q}
         for m in answers:
-            row[m], row[f"reward_{m}"], row[f"length_{m}"] = answers[m][i]["text"], rewards[m][i], len(answers[m][i]["ids"])
+            row[m], row[f"length_{m}"] = answers[m][n]["text"], lengths[m][n]
+            row[f"reward_{m}"] = rewards["training"][m][n]
+            if "second" in rewards:
+                row[f"judge_{m}"] = rewards["second"][m][n]
         rows.append(row)
-    return {"models": models, "win_rates": wins}, rows
+    return {"models": models, "comparisons": comparisons, "verdicts": verdicts}, rows
 
 
-def kl_to_reference(cfg: EvalConfig, ppo_answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """KL of PPO to its reference on PPO's answers: per answer (sum) and per token."""
+def kl_to_reference(cfg: EvalConfig, model: str, answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """KL of a tuned model to its reference on the model's own answers: per answer (sum) and per token."""
     ref = cfg.reference_model or cfg.sft_model
-    lp = answer_logprobs(cfg.ppo_model, ppo_answers, cfg)
-    lp_ref = answer_logprobs(ref, ppo_answers, cfg)
+    lp = answer_logprobs(model, answers, cfg)
+    lp_ref = answer_logprobs(ref, answers, cfg)
     per_answer = [a - b for a, b in zip(lp, lp_ref)]
-    tokens = sum(max(len(a["response_ids"]), 1) for a in ppo_answers)
+    tokens = sum(max(len(a["response_ids"]), 1) for a in answers)
     return {"per_answer": sum(per_answer) / len(per_answer), "per_token": sum(per_answer) / tokens,
             "reference": str(resolve(ref)), "answers": len(per_answer),
-            "note": "sum over answer tokens of log pi - log pi_ref, teacher-forced at temperature 1, on PPO's own answers"}
+            "note": "sum over answer tokens of log pi - log pi_ref, teacher-forced at temperature 1, on the model's own answers"}
 
 
 def check_reward_model(path: Path) -> None:
@@ -247,9 +283,10 @@ def check_reward_model(path: Path) -> None:
 def check_inputs(cfg: EvalConfig) -> dict[str, str]:
     """Resolve every model before any generation: a missing one is a one-line error up front."""
     paths = {m: str(resolve(name)) for m, name in cfg.models().items()}
-    if "ppo" in paths and not (cfg.reference_model or cfg.sft_model):
-        raise CamelidError("the KL of PPO needs its reference: give --sft-model or --reference-model")
-    check_reward_model(resolve(cfg.reward_model))
+    if any(m in paths for m in ALIGNED) and not (cfg.reference_model or cfg.sft_model):
+        raise CamelidError("the KL of PPO and DPO needs their reference: give --sft-model or --reference-model")
+    for judge in cfg.judges().values():
+        check_reward_model(resolve(judge))
     if cfg.reference_model:
         resolve(cfg.reference_model)
     return paths
@@ -273,17 +310,23 @@ def run(cfg: EvalConfig) -> EvalResult:
     questions = held_out * cfg.answers_per_question
     with Timer() as t:
         answers = {m: generate_answers(name, questions, cfg, m) for m, name in cfg.models().items()}
-        kl = kl_to_reference(cfg, answers["ppo"]) if "ppo" in answers else None
-        rm, rm_tok = load_reward_model(str(resolve(cfg.reward_model)), cfg.dtype)
-        rewards = {m: score_answers(rm, rm_tok, questions, [a["text"] for a in ans], cfg.batch_size)
-                   for m, ans in answers.items()}
-        rm_pairs = pair_accuracy(rm, rm_tok, cfg)
-    figures, rows = summarise(questions, answers, rewards, paths)
+        kl = {m: kl_to_reference(cfg, cfg.models()[m], answers[m]) for m in ALIGNED if m in answers}
+        rewards, judges = {}, {}
+        for role, name in cfg.judges().items():  # one judge in memory at a time
+            rm, rm_tok = load_reward_model(str(resolve(name)), cfg.dtype)
+            rewards[role] = {m: score_answers(rm, rm_tok, questions, [a["text"] for a in ans], cfg.batch_size)
+                             for m, ans in answers.items()}
+            judges[role] = {"path": str(resolve(name)), "pairs": pair_accuracy(rm, rm_tok, cfg)}
+            del rm
+            gc.collect()
+    figures, rows = summarise(questions, len(held_out), answers, rewards, paths, cfg)
     result = {"questions": len(held_out), "answers_per_question": cfg.answers_per_question,
-              "split": cfg.split, "reward_model": str(resolve(cfg.reward_model)),
+              "split": cfg.split, "reward_model": judges["training"]["path"], "judges": judges,
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-                           "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              **figures, "kl": kl, "rm_pairs": rm_pairs, "seconds": t.seconds}
+                           "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+                           "seeds": f"model m's answer j to question i: seed + {SEED_STRIDE}*m + i + j*questions, "
+                                    f"m in {list(MODELS)}"},
+              **figures, "kl": kl, "rm_pairs": judges["training"]["pairs"], "seconds": t.seconds}
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         write_json(tmp / "result.json", result)
         (tmp / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -297,16 +340,18 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     k = result.get("answers_per_question", 1)
     lines = [f"eval: {result['questions']} held-out questions" + (f", {k} answers to each" if k > 1 else "")]
     for m, v in result["models"].items():
-        lines.append(f"  {m:<5} reward {v['reward_mean']:+.3f} ± {v['reward_std']:.3f}   "
-                     f"length {v['length_mean']:.1f} tokens   repeated 4-grams {v['rep4']:.3f}")
-    for k, w in result["win_rates"].items():
-        lines.append(f"  win rate {k.replace('_', ' ')}: {w['rate']:.1%} (95% CI {w['ci_low']:.1%}-{w['ci_high']:.1%}; "
-                     f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
-    if result.get("kl"):
-        lines.append(f"  KL(PPO || reference): {result['kl']['per_answer']:.3f} nats per answer, "
-                     f"{result['kl']['per_token']:.4f} per token")
-    p = result.get("rm_pairs") or {}
-    if p.get("pairs"):
-        lines.append(f"  reward model on {p['pairs']} pairs: accuracy {p['accuracy']:.3f} "
-                     f"(longer answer wins: {p['longer_wins_accuracy']:.3f})")
+        second = (v.get("reward") or {}).get("second")
+        lines.append(f"  {m:<5} reward {v['reward_mean']:+.3f} ± {v['reward_std']:.3f}"
+                     + (f" (second judge {second['mean']:+.3f})" if second else "")
+                     + f"   length {v['length_mean']:.1f} tokens   repeated 4-grams {v['rep4']:.3f}")
+    for name, v in (result.get("verdicts") or {}).items():
+        lines += [f"  {line}" for line in v["lines"]] + [f"  verdict {name.replace('_', ' ')}: "
+                                                          f"{'PASS' if v['passed'] else 'FAIL'} ({v['bar']})"]
+    for m, kl in (result.get("kl") or {}).items():
+        lines.append(f"  KL({m.upper()} || reference): {kl['per_answer']:.3f} nats per answer, {kl['per_token']:.4f} per token")
+    for role, j in (result.get("judges") or {}).items():
+        p = j["pairs"]
+        if p.get("pairs"):
+            lines.append(f"  {role} judge on {p['pairs']} held-out pairs: accuracy {p['accuracy']:.3f} "
+                         f"(longer answer wins: {p['longer_wins_accuracy']:.3f})")
     return lines

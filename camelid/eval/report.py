@@ -3,203 +3,39 @@
     RUN/report/report.html   plots embedded as base64 PNG, inline CSS: opens offline, mails as one file
     RUN/report/report.md     the same tables, plots linked from RUN/report/plots/*.png
 
-Sections: the quality bar, time and peak memory per stage, data counts, the SFT loss curve, the
-reward model's accuracy beside the longer-answer baseline, PPO's reward / KL / KL coefficient /
-entropy curves, reward histograms before and after PPO, the evaluation table with side-by-side
-samples, and every stage's resolved config. A stage that did not run says so; the report never
-fails on a partial run. The run folder layout is camelid.pipeline's contract.
+Sections: the quality bar (the verdicts of PPO / DPO vs SFT under two judges, stated with their
+paired intervals and question counts, and the guards), time and peak memory per stage, data
+counts, the SFT loss curve, both judges' accuracy beside the longer-answer baseline, PPO's reward /
+KL / KL coefficient / entropy curves, DPO's loss / preference accuracy / margin, reward histograms,
+the evaluation tables (paired comparisons, the length-controlled view) with side-by-side samples,
+and every stage's resolved config. A stage that did not run says so; the report never fails on
+a partial run. The run folder layout is camelid.pipeline's contract.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.eval.plots import plot_dpo, plot_ppo, plot_reward, plot_reward_hist, plot_sft
 from camelid.eval.render import Block, to_html, to_markdown
-from camelid.pipeline import CONFIG_FILE, REPORT_DIR, RESULT_FILE, STAGES, read_done
-from camelid.train.tracking import read_metrics
+from camelid.eval.stages import Stage, config_value, judge_figures, load_stage, read_json, read_jsonl, series
+from camelid.pipeline import CONFIG_FILE, METHOD_STAGES, PIPELINE_FILE, REPORT_DIR, STAGES
 
-PLOTS = ("sft_loss", "reward_accuracy", "ppo_curves", "reward_hist")
+PLOTS = ("sft_loss", "reward_accuracy", "ppo_curves", "dpo_curves", "reward_hist")
 SAMPLES_SHOWN = 8
-MODELS = ("base", "sft", "ppo")
-
-
-@dataclass
-class Stage:
-    """What one stage folder holds (any part may be missing)."""
-
-    name: str
-    path: Path
-    done: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
-    config_text: str | None = None
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ran(self) -> bool:
-        return self.done is not None or self.result is not None or bool(self.metrics)
-
-    def status(self) -> str:
-        if self.done is not None:
-            return "done"
-        return "incomplete (no done marker)" if self.ran else "not run"
-
-
-def load_stage(run: Path, name: str) -> Stage:
-    path = run / name
-    st = Stage(name, path, done=read_done(path), metrics=read_metrics(path))
-    try:
-        st.result = json.loads((path / RESULT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        st.result = (st.done or {}).get("result")
-    if (path / CONFIG_FILE).is_file():
-        st.config_text = (path / CONFIG_FILE).read_text()
-    elif st.done and st.done.get("config"):
-        st.config_text = json.dumps(st.done["config"], indent=2)
-    return st
-
-
-def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one metric key, skipping records without it and non-finite values."""
-    xs, ys = [], []
-    for rec in metrics:
-        v = rec.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            xs.append(float(rec.get("step", len(xs))))
-            ys.append(float(v))
-    return xs, ys
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-# -- plots ------------------------------------------------------------------------------------
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _figure(ncols: int, nrows: int = 1) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; the report must build on a headless server
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    return fig, axes.ravel()
-
-
-def plot_sft(st: Stage) -> bytes | None:
-    train, evl = series(st.metrics, "sft/loss"), series(st.metrics, "sft/eval_loss")
-    if not train[0] and not evl[0]:
-        return None
-    fig, (ax,) = _figure(1)
-    if train[0]:
-        ax.plot(*train, label="train loss")
-    if evl[0]:
-        ax.plot(*evl, "o-", label="evaluation loss")
-    ax.set(title="SFT loss", xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
-    ax.legend()
-    return _png(fig)
-
-
-def reward_figures(reward: Stage, ev: Stage) -> dict[str, float]:
-    """The reward model's pair accuracy and the longer-answer baseline (eval stage's, else reward's)."""
-    if ev.result and ev.result.get("rm_pairs"):
-        p = ev.result["rm_pairs"]
-        return {"accuracy": p["accuracy"], "baseline": p["longer_wins_accuracy"], "pairs": p["pairs"]}
-    r = (reward.result or {}).get("eval") or {}
-    if "accuracy" in r:
-        return {"accuracy": r["accuracy"], "baseline": r["longer_wins_accuracy"], "pairs": r.get("pairs", 0)}
-    return {}
-
-
-def plot_reward(reward: Stage, ev: Stage) -> bytes | None:
-    figs = reward_figures(reward, ev)
-    loss = series(reward.metrics, "reward/loss")
-    if not figs and not loss[0]:
-        return None
-    fig, (ax1, ax2) = _figure(2)
-    if figs:
-        bars = ax1.bar(["reward model", "longer answer wins"], [figs["accuracy"], figs["baseline"]],
-                       color=["tab:blue", "tab:gray"])
-        ax1.bar_label(bars, fmt="%.2f")
-        ax1.axhline(0.5, color="k", lw=0.8, ls=":")
-        ax1.set(ylim=(0, 1), title=f"pair accuracy ({figs['pairs']} evaluation pairs)", ylabel="accuracy")
-    if loss[0]:
-        ax2.plot(*loss)
-        ax2.set(title="reward-model training loss", xlabel="optimizer step", ylabel="-log sigmoid(r_j - r_k)")
-    return _png(fig)
-
-
-def plot_ppo(st: Stage) -> bytes | None:
-    keys = (("env/reward_mean", "reward (mean, ±std)"), ("objective/kl", "KL to reference (nats/answer)"),
-            ("objective/kl_coef", "KL coefficient β"), ("objective/entropy", "entropy (nats/answer)"))
-    if not any(series(st.metrics, k)[0] for k, _ in keys):
-        return None
-    fig, axes = _figure(2, 2)
-    for ax, (key, title) in zip(axes, keys):
-        xs, ys = series(st.metrics, key)
-        ax.set(title=title, xlabel="PPO step")
-        if not xs:
-            ax.text(0.5, 0.5, f"{key} not logged", ha="center", transform=ax.transAxes)
-            continue
-        ax.plot(xs, ys)
-        if key == "env/reward_mean":
-            sx, sd = series(st.metrics, "env/reward_std")
-            if sx == xs:
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.2)
-    return _png(fig)
-
-
-def plot_reward_hist(ppo: Stage, samples: list[dict[str, Any]]) -> bytes | None:
-    """Held-out answers' rewards per model (eval) and PPO rollouts' scores at its first vs last sampled step."""
-    rollouts = read_jsonl(ppo.path / "samples.jsonl")
-    steps = sorted({r["step"] for r in rollouts if "step" in r and "score" in r})
-    if not samples and not steps:
-        return None
-    fig, (ax1, ax2) = _figure(2)
-    if samples:
-        groups = {m: [r[f"reward_{m}"] for r in samples if isinstance(r.get(f"reward_{m}"), (int, float))] for m in MODELS}
-        _histograms(ax1, {f"{m} (mean {sum(v) / len(v):+.2f})": v for m, v in groups.items() if v})
-        ax1.set(title="held-out answers: reward-model score", xlabel="reward", ylabel="answers")
-    if steps:
-        _histograms(ax2, {f"step {s} ({label})": [r["score"] for r in rollouts if r.get("step") == s]
-                          for s, label in ((steps[0], "first"), (steps[-1], "last"))})
-        ax2.set(title="PPO rollouts: score before / after", xlabel="reward", ylabel="responses")
-    return _png(fig)
-
-
-def _histograms(ax: Any, groups: dict[str, list[float]], bins: int = 15) -> None:
-    """Overlaid histograms on shared bin edges, so the groups compare bar by bar."""
-    values = [v for vals in groups.values() for v in vals]
-    lo, hi = min(values), max(values)
-    edges = [lo + (hi - lo + 1e-9) * i / bins for i in range(bins + 1)]
-    for label, vals in groups.items():
-        ax.hist(vals, bins=edges, alpha=0.5, label=label)
-    ax.legend()
+MODELS = ("base", "sft", "ppo", "dpo")
+JUDGE_STAGE = "reward/judge"
+"""The second judge's run folder inside the reward stage's (camelid.train.reward.JUDGE_DIR)."""
+REP4_MARGIN = 0.10
+"""Fluency guard: a tuned model's repeated 4-gram share may exceed SFT's by at most this."""
+KL_FACTOR = 2.0
+"""KL guard: PPO's KL to its reference at most this times its KL target."""
 
 
 # -- document model: lists of blocks, rendered by camelid.eval.render ----------------------------
@@ -223,48 +59,48 @@ def _mb(x: Any) -> str:
     return f"{x:,.0f} MB" if isinstance(x, (int, float)) else "–"
 
 
-def quality_bar(stages: dict[str, Stage]) -> list[list[str]]:
-    """The issue's bar: RM above the length baseline; PPO beats SFT ≥ 60%; KL bounded; fluent."""
+def quality_bar(stages: dict[str, Stage], judge: Stage) -> tuple[list[list[str]], list[str]]:
+    """(rows of criterion / measured / verdict, the judges' disagreement lines). The verdict of PPO
+    and DPO vs SFT: the paired 95% CI's lower end above 50% under the training judge and the
+    point estimate above 50% under the second judge (camelid.eval.compare); then the guards:
+    each judge above the longer-answer baseline, KL bounded, answers fluent."""
     rows: list[list[str]] = []
-    figs = reward_figures(stages["reward"], stages["eval"])
-    if figs:
-        rows.append(["reward-model accuracy above the longer-answer baseline",
-                     f"{figs['accuracy']:.3f} vs {figs['baseline']:.3f}", _pass(figs["accuracy"] > figs["baseline"])])
     ev = stages["eval"].result or {}
-    wr = (ev.get("win_rates") or {}).get("ppo_vs_sft")
-    if wr:
-        rows.append(["PPO beats SFT in reward-model win rate (≥ 60%, held-out questions)",
-                     f"{wr['rate']:.1%} (95% CI {wr['ci_low']:.1%}–{wr['ci_high']:.1%}, n={wr['n']})",
-                     _pass(wr["rate"] >= 0.6)])
-    kl = (ev.get("kl") or {}).get("per_answer")
-    if isinstance(kl, (int, float)):
-        target = float(_config_value(stages["ppo"], "kl_target") or 6.0)
-        rows.append([f"KL to the reference bounded (≤ 2 × PPO's KL target {target:g} nats per answer)",
-                     f"{kl:.2f} nats per answer ({ev['kl'].get('per_token', float('nan')):.3f} per token)",
-                     _pass(math.isfinite(kl) and kl <= 2 * target)])
+    disagree = []
+    for name, v in (ev.get("verdicts") or {}).items():
+        a = name.split("_vs_")[0].upper()
+        rows.append([f"{a} beats SFT: paired 95% CI above 50% (training judge), point estimate above 50% (second judge)",
+                     "; ".join(v["lines"]), _pass(v["passed"])])
+        disagree += [f"{a} vs SFT: {line}" for line in v["lines"] if line.startswith("the judges disagree")]
+    for role, f in judge_figures(stages["reward"], judge, stages["eval"]).items():
+        rows.append([f"{role} judge's accuracy above the longer-answer baseline",
+                     f"{f['accuracy']:.3f} vs {f['baseline']:.3f} ({f['pairs']} held-out pairs)",
+                     _pass(f["accuracy"] > f["baseline"])])
+    kl = ev.get("kl") or {}
+    kl = {"ppo": kl} if "per_answer" in kl else kl
+    target = float(config_value(stages["ppo"], "kl_target") or 6.0)
+    for m, k in kl.items():
+        per_answer = k.get("per_answer")
+        if not isinstance(per_answer, (int, float)):
+            continue
+        measured = f"{per_answer:.2f} nats per answer ({k.get('per_token', float('nan')):.3f} per token)"
+        if m == "ppo":
+            rows.append([f"PPO's KL to the reference bounded (≤ {KL_FACTOR:g} × its KL target {target:g} nats per answer)",
+                         measured, _pass(math.isfinite(per_answer) and per_answer <= KL_FACTOR * target)])
+        else:
+            rows.append([f"{m.upper()}'s KL to the reference (no target: β sets it)", measured, "–"])
     models = ev.get("models") or {}
-    if "ppo" in models and "sft" in models:
-        rp, rs = models["ppo"].get("rep4"), models["sft"].get("rep4")
+    rs = (models.get("sft") or {}).get("rep4")
+    for m in ("ppo", "dpo"):
+        rp = (models.get(m) or {}).get("rep4")
         if isinstance(rp, (int, float)) and isinstance(rs, (int, float)):
-            rows.append(["answers stay fluent: PPO's repeated 4-gram share ≤ SFT's + 0.10 (samples below)",
-                         f"{rp:.3f} vs {rs:.3f}", _pass(rp <= rs + 0.10)])
-    return rows
+            rows.append([f"answers stay fluent: {m.upper()}'s repeated 4-gram share ≤ SFT's + {REP4_MARGIN:.2f} (samples below)",
+                         f"{rp:.3f} vs {rs:.3f}", _pass(rp <= rs + REP4_MARGIN)])
+    return rows, disagree
 
 
 def _pass(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
-
-
-def _config_value(st: Stage, key: str) -> Any:
-    cfg = (st.done or {}).get("config")
-    if cfg is None and st.config_text:
-        import yaml
-
-        try:
-            cfg = yaml.safe_load(st.config_text)
-        except yaml.YAMLError:
-            cfg = None
-    return (cfg or {}).get(key) if isinstance(cfg, dict) else None
 
 
 def headline(st: Stage) -> str:
@@ -276,14 +112,19 @@ def headline(st: Stage) -> str:
         return f"eval loss {fmt(r.get('eval_loss'))}, perplexity {fmt(r.get('perplexity'), 2)}"
     if st.name == "reward" and r.get("eval"):
         e = r["eval"]
-        return f"accuracy {fmt(e.get('accuracy'))} (longer wins {fmt(e.get('longer_wins_accuracy'))})"
+        second = (read_json(st.path / "judge" / "result.json").get("eval") or {}).get("accuracy")
+        return (f"accuracy {fmt(e.get('accuracy'))} (longer wins {fmt(e.get('longer_wins_accuracy'))})"
+                + (f"; second judge {fmt(second)}" if second is not None else ""))
     if st.name == "ppo":
         last = {k: series(st.metrics, k)[1] for k in ("env/reward_mean", "objective/kl")}
         if last["env/reward_mean"]:
             kl = last["objective/kl"][-1] if last["objective/kl"] else float("nan")
             return f"last reward {last['env/reward_mean'][-1]:+.3f}, KL {kl:.3f}"
-    if st.name == "eval" and (r.get("win_rates") or {}).get("ppo_vs_sft"):
-        return f"PPO vs SFT win rate {r['win_rates']['ppo_vs_sft']['rate']:.1%}"
+    if st.name == "dpo" and r.get("eval"):
+        return f"held-out preference accuracy {fmt(r['eval'].get('reward_accuracy'))}, loss {fmt(r['eval'].get('loss'))}"
+    if st.name == "eval" and r.get("verdicts"):
+        return "; ".join(f"{k.split('_vs_')[0].upper()} vs SFT {'PASS' if v['passed'] else 'FAIL'}"
+                         for k, v in r["verdicts"].items())
     return ""
 
 
@@ -295,14 +136,27 @@ def overview(stages: dict[str, Stage]) -> Block:
     return ("table", ["stage", "status", "time", "peak memory", "result"], rows)
 
 
-def not_run(st: Stage) -> list[Block]:
+def not_run(st: Stage, method: str = "") -> list[Block]:
+    if not st.ran and method and st.name in METHOD_STAGES and method not in (st.name, "both"):
+        return [("p", f"Not part of this run (--method {method}).")]
     return [("p", f"Stage not run ({st.path} has no output)." if not st.ran
              else f"Stage {st.status()}: showing what it wrote.")]
 
 
+def run_method(run: Path) -> str:
+    """The pipeline's --method for this run folder ('' when pipeline.yaml does not say)."""
+    import yaml
+
+    try:
+        plan = yaml.safe_load((run / PIPELINE_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    return str(((plan.get("pipeline") or {}) if isinstance(plan, dict) else {}).get("method") or "")
+
+
 def data_section(st: Stage) -> list[Block]:
     out: list[Block] = [("h2", "Data")]
-    stats = (st.result or {}).get("stats") or _json(st.path / "stats.json")
+    stats = (st.result or {}).get("stats") or read_json(st.path / "stats.json")
     if not stats:
         return out + not_run(st)
     out.append(("p", f"{stats.get('questions_kept', '?')} questions, {stats.get('answers_kept', '?')} answers, "
@@ -313,30 +167,29 @@ def data_section(st: Stage) -> list[Block]:
     return out
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def figures_table(result: dict[str, Any], keys: tuple[str, ...]) -> Block:
     return ("table", ["figure", "value"], [[k.replace("_", " "), fmt(result.get(k))] for k in keys if k in result])
 
 
-def training_sections(stages: dict[str, Stage], plots: dict[str, bytes | None]) -> list[Block]:
-    sft, reward, ppo = stages["sft"], stages["reward"], stages["ppo"]
+def training_sections(stages: dict[str, Stage], judge: Stage, plots: dict[str, bytes | None],
+                      method: str = "") -> list[Block]:
+    sft, reward, ppo, dpo = stages["sft"], stages["reward"], stages["ppo"], stages["dpo"]
     out: list[Block] = [("h2", "Supervised fine-tuning")]
     out += [("img", "sft_loss", plots["sft_loss"]),
             figures_table(sft.result, ("steps", "train_loss", "eval_loss", "perplexity", "tokens_per_s"))] \
         if sft.ran else not_run(sft)
-    out.append(("h2", "Reward model"))
+    out.append(("h2", "Reward models (judges)"))
     if reward.ran or stages["eval"].ran:
         out.append(("img", "reward_accuracy", plots["reward_accuracy"]))
-        ev = (reward.result or {}).get("eval") or {}
-        out.append(figures_table({**(reward.result or {}), **ev},
-                                 ("steps", "train_pairs", "dropped_train_pairs", "pairs", "accuracy",
-                                  "longer_wins_accuracy", "mean_margin", "pairs_per_s")))
+        keys = ("train_split", "steps", "train_pairs", "truncated_train_pairs", "dropped_train_pairs", "pairs",
+                "accuracy", "longer_wins_accuracy", "mean_margin", "pairs_per_s")
+        rows = {role: {**(st.result or {}), **((st.result or {}).get("eval") or {})}
+                for role, st in (("training judge", reward), ("second judge", judge)) if st.result}
+        out.append(("table", ["figure", *rows], [[k.replace("_", " "), *[fmt(r.get(k)) for r in rows.values()]]
+                                                 for k in keys if any(k in r for r in rows.values())]))
+        out.append(("p", "The training judge is the reward model PPO optimises; the second judge is trained the same "
+                         "way on another split's pairs (no question shared), and neither PPO nor DPO saw it."
+                    if judge.result else "No second judge was trained (reward stage without judge_split)."))
     else:
         out += not_run(reward)
     out.append(("h2", "PPO"))
@@ -347,7 +200,16 @@ def training_sections(stages: dict[str, Stage], plots: dict[str, bytes | None]) 
         out.append(("table", ["metric", "first step", "last step"],
                     [[k, fmt(v[0]), fmt(v[-1])] for k, v in last.items() if v]))
     else:
-        out += not_run(ppo)
+        out += not_run(ppo, method)
+    out.append(("h2", "DPO"))
+    if dpo.ran:
+        out.append(("img", "dpo_curves", plots["dpo_curves"]))
+        r = dpo.result or {}
+        out.append(figures_table({**r, **{f"held-out {k}": v for k, v in (r.get("eval") or {}).items()}},
+                                 ("steps", "train_pairs", "truncated_train_pairs", "train_loss", "eval_pairs",
+                                  "held-out loss", "held-out reward_accuracy", "held-out reward_margin", "pairs_per_s")))
+    else:
+        out += not_run(dpo, method)
     return out
 
 
@@ -356,34 +218,48 @@ def eval_section(st: Stage, samples: list[dict[str, Any]], plots: dict[str, byte
     r = st.result
     if not r:
         return out + not_run(st)
-    s = r.get("sampling") or {}
+    s = {k: v for k, v in (r.get("sampling") or {}).items() if k != "seeds"}
     k = r.get("answers_per_question", 1)
-    out.append(("p", f"{r.get('questions', '?')} questions of the evaluation split"
-                     f"{f', {k} answers to each' if k > 1 else ''}; every model sampled with "
-                     f"the same settings and seeds ({', '.join(f'{k} {v}' for k, v in s.items())}); "
-                     "answers scored by the reward model."))
+    judges = list(r.get("judges") or {"training": {}})
+    out.append(("p", f"{r.get('questions', '?')} questions of the evaluation split, {k} answer(s) to each; every "
+                     f"model sampled with the same settings ({', '.join(f'{n} {v}' for n, v in s.items())}) and "
+                     f"seeds of its own; answers scored by the {' and the '.join(j + ' judge' for j in judges)}. "
+                     "A question's score is the mean over its answers; comparisons count questions."))
     models = r.get("models") or {}
-    out.append(("table", ["model", "mean reward", "reward std", "answer length (tokens)", "repeated 4-grams", "path"],
-                [[m, fmt(v.get("reward_mean")), fmt(v.get("reward_std")), fmt(v.get("length_mean"), 1),
-                  fmt(v.get("rep4")), str(v.get("path", ""))] for m, v in models.items()]))
-    wins = r.get("win_rates") or {}
-    out.append(("table", ["comparison", "wins / ties / losses", "win rate", "95% CI (Wilson)"],
-                [[k.replace("_", " "), f"{w['wins']} / {w['ties']} / {w['losses']}", f"{w['rate']:.1%}",
-                  f"{w['ci_low']:.1%} – {w['ci_high']:.1%}"] for k, w in wins.items()]))
+    out.append(("table", ["model", *[f"mean reward ({j} judge)" for j in judges], "answer length (tokens)",
+                          "repeated 4-grams", "path"],
+                [[m, *[fmt(((v.get("reward") or {}).get(j) or {}).get("mean", v.get("reward_mean") if j == "training" else None))
+                       for j in judges], fmt(v.get("length_mean"), 1), fmt(v.get("rep4")), str(v.get("path", ""))]
+                 for m, v in models.items()]))
+    rows = []
+    for name, per_judge in (r.get("comparisons") or {}).items():
+        for j, c in per_judge.items():
+            rows.append([name.replace("_", " "), j, f"{c['wins']} / {c['ties']} / {c['losses']}", f"{c['rate']:.2f}",
+                         f"{c['ci_low']:.2f} – {c['ci_high']:.2f}", f"{c['sign_p']:.2g}", f"{c['mean_diff']:+.3f}",
+                         f"{fmt(c['similar_rate'], 2)} ({fmt(c['similar_ci_low'], 2)} – {fmt(c['similar_ci_high'], 2)}; "
+                         f"{c['similar_pairs']} of {c['answer_pairs']} pairs)"])
+    out.append(("table", ["comparison", "judge", "questions won / tied / lost", "win rate", "paired 95% CI",
+                          "sign test p", "mean reward difference", "similar-length answers: win rate (95% CI)"], rows))
+    out.append(("p", "Win rate: share of questions where the first model's mean reward is higher (ties half); the "
+                     "interval resamples questions (percentile bootstrap). Similar-length answers: answer pairs whose "
+                     "token lengths are within 20% of each other, where length alone cannot decide."))
     kl = r.get("kl") or {}
-    if kl:
-        out.append(("p", f"KL of PPO to its reference ({kl.get('reference', '?')}) on PPO's own answers: "
-                         f"{fmt(kl.get('per_token'))} nats per token, {fmt(kl.get('per_answer'), 2)} per answer "
+    for m, v in ({"ppo": kl} if "per_answer" in kl else kl).items():
+        out.append(("p", f"KL of {m.upper()} to its reference ({v.get('reference', '?')}) on its own answers: "
+                         f"{fmt(v.get('per_token'))} nats per token, {fmt(v.get('per_answer'), 2)} per answer "
                          "(mean over answers of the sum over tokens of log π − log π_ref)."))
-    p = r.get("rm_pairs")
-    if p:
-        out.append(("p", f"Reward model on {p['pairs']} evaluation pairs: accuracy {p['accuracy']:.3f}, "
-                         f"longer-answer baseline {p['longer_wins_accuracy']:.3f}, mean margin {fmt(p.get('mean_margin'))}."))
+    for j, v in (r.get("judges") or {}).items():
+        p = v.get("pairs") or {}
+        if p.get("pairs"):
+            out.append(("p", f"{j.capitalize()} judge on {p['pairs']} evaluation pairs: accuracy {p['accuracy']:.3f}, "
+                             f"longer-answer baseline {p['longer_wins_accuracy']:.3f}, mean margin {fmt(p.get('mean_margin'))}."))
     out.append(("img", "reward_hist", plots["reward_hist"]))
     out.append(("h3", "Sample answers"))
-    rows = [[_clip(x.get("question", "")), *[f"[{fmt(x.get(f'reward_{m}'), 2)}] {_clip(x.get(m, ''))}" for m in MODELS]]
-            for x in samples[:SAMPLES_SHOWN]]
-    out.append(("table", ["question", *[f"{m} [reward]" for m in MODELS]], rows))
+    shown = [m for m in MODELS if m in models] or list(MODELS)
+    first = [x for x in samples if x.get("answer", 0) == 0][:SAMPLES_SHOWN]
+    rows = [[_clip(x.get("question", "")), *[f"[{fmt(x.get(f'reward_{m}'), 2)}] {_clip(x.get(m, ''))}" for m in shown]]
+            for x in first]
+    out.append(("table", ["question", *[f"{m} [training judge's reward]" for m in shown]], rows))
     return out
 
 
@@ -392,11 +268,14 @@ def _clip(text: str, n: int = 500) -> str:
     return text if len(text) <= n else text[:n] + " …"
 
 
-def config_section(stages: dict[str, Stage]) -> list[Block]:
+def config_section(stages: dict[str, Stage], method: str = "") -> list[Block]:
     out: list[Block] = [("h2", "Resolved configs")]
     for st in stages.values():
-        out.append(("pre", f"{st.name}/{CONFIG_FILE}", st.config_text) if st.config_text
-                   else ("p", f"{st.name}: no config (stage not run)."))
+        if st.config_text:
+            out.append(("pre", f"{st.name}/{CONFIG_FILE}", st.config_text))
+        else:
+            (_, text), = not_run(st, method)
+            out.append(("p", f"{st.name}: no config. {text}"))
     return out
 
 
@@ -421,19 +300,24 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     stages = {name: load_stage(run, name) for name in STAGES}
     if not any(st.ran for st in stages.values()):
         raise CamelidError(f"{run} holds no stage output ({', '.join(STAGES)}); is it a `camelid pipeline` run folder?")
+    judge = load_stage(run, JUDGE_STAGE)
     samples = read_jsonl(stages["eval"].path / "samples.jsonl")
-    plots = {"sft_loss": plot_sft(stages["sft"]), "reward_accuracy": plot_reward(stages["reward"], stages["eval"]),
-             "ppo_curves": plot_ppo(stages["ppo"]), "reward_hist": plot_reward_hist(stages["ppo"], samples)}
-    bar = quality_bar(stages)
+    plots = {"sft_loss": plot_sft(stages["sft"]),
+             "reward_accuracy": plot_reward(stages["reward"], judge_figures(stages["reward"], judge, stages["eval"])),
+             "ppo_curves": plot_ppo(stages["ppo"]), "dpo_curves": plot_dpo(stages["dpo"]),
+             "reward_hist": plot_reward_hist(stages["ppo"], samples)}
+    bar, disagree = quality_bar(stages, judge)
     blocks: list[Block] = [("p", f"Run folder {run.resolve()}; report made {time.strftime('%Y-%m-%d %H:%M')}."),
                            ("h2", "Quality bar"),
                            ("table", ["criterion", "measured", "verdict"], bar) if bar
                            else ("p", "Not measured: the evaluation stage has not run."),
+                           *[("p", line) for line in disagree],
                            ("h2", "Stages: time and peak memory"), overview(stages),
                            ("p", "Peak memory: the stage's peak resident memory (CPU) or peak allocated GPU memory, "
                                  "measured by the pipeline around the stage's function.")]
-    blocks += data_section(stages["data"]) + training_sections(stages, plots)
-    blocks += eval_section(stages["eval"], samples, plots) + config_section(stages)
+    method = run_method(run)
+    blocks += data_section(stages["data"]) + training_sections(stages, judge, plots, method)
+    blocks += eval_section(stages["eval"], samples, plots) + config_section(stages, method)
     title = f"camelid run report: {run.name}"
     with atomic_dir(final, overwrite) as tmp:
         (tmp / "plots").mkdir()

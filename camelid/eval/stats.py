@@ -1,4 +1,5 @@
-"""Small pure statistics for evaluation: win rates with a Wilson interval, answer repetition.
+"""Small pure statistics for evaluation: win rates with a Wilson interval, the exact sign test,
+percentile bootstrap intervals, answer repetition.
 
 Standard library only (tests and the report import it without torch).
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -80,3 +81,46 @@ def repeated_ngram_share(tokens: Sequence[object], n: int = 4) -> float:
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (Conover 1999, §3.4): the p-value of `wins` against `losses`
+    under no preference, ties left out: 2 · P(X ≤ min(wins, losses)), X ~ Binomial(wins + losses,
+    1/2), capped at 1 (1 when there is nothing to test)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-quantile (0 ≤ q ≤ 1) of sorted values, interpolated linearly between order statistics
+    at position q · (n − 1) (numpy's default, "type 7")."""
+    if not sorted_values:
+        return float("nan")
+    h = q * (len(sorted_values) - 1)
+    lo = math.floor(h)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (h - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+def bootstrap_intervals(n: int, statistics: Sequence[Callable[[list[int]], float]], resamples: int = 2000,
+                        seed: int = 0, level: float = 0.95) -> list[tuple[float, float]]:
+    """Percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13) of several statistics of
+    the same `n` items, resampled together: each resample draws n item indices with replacement
+    (`random.Random(seed)`, so a seed gives the same intervals), each statistic maps the drawn
+    indices to a value (a non-finite one is left out: e.g. a ratio over no pairs), and the
+    interval is the (1 − level)/2 and (1 + level)/2 quantiles of its values."""
+    import random
+
+    rng = random.Random(seed)
+    values: list[list[float]] = [[] for _ in statistics]
+    for _ in range(resamples if n else 0):
+        idx = [int(rng.random() * n) for _ in range(n)]
+        for out, stat in zip(values, statistics):
+            v = stat(idx)
+            if math.isfinite(v):
+                out.append(v)
+    tail = (1 - level) / 2
+    return [(percentile(sorted(v), tail), percentile(sorted(v), 1 - tail)) for v in values]

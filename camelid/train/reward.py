@@ -5,8 +5,13 @@ A sequence classifier with one output, started from the SFT model, scores
 pairs of the reward split; its loss (trl/trainer/reward_trainer.py, `compute_loss`, checked
 in tests/test_reward.py) is the Bradley-Terry pairwise loss of InstructGPT (Ouyang et al. 2022,
 eq. 1): mean over pairs of -log sigmoid(r_j - r_k). LoRA (peft task SEQ_CLS) with the new
-`score` head trained in full. Pairs where either side exceeds `max_length` tokens are dropped and
-counted (truncating would cut off the end of the answer, which the score is read from).
+`score` head trained in full. Pairs longer than `max_length` tokens are cut to fit, both answers
+to the same budget (camelid.train.pairs); a run with too few pairs left refuses to start.
+
+Second judge (`judge_split`): a reward model trained the same way on another split's pairs, whose
+questions the training judge (and DPO, which trains on the reward split) never saw, written to
+OUT/judge. PPO optimises against the training judge; `camelid eval` scores with both, so a policy
+that only learnt the training judge's quirks shows as a disagreement between them.
 
 Evaluation on the evaluation split: accuracy (share of pairs with r_j > r_k), mean margin
 r_j - r_k, and the accuracy of the "longer answer wins" baseline on the same pairs, because
@@ -24,6 +29,7 @@ from typing import Any, Sequence
 
 from camelid.errors import CamelidError
 from camelid.train.common import TrainSettings, qa_text
+from camelid.train.pairs import MIN_PAIRS, PairTokens
 
 
 @dataclass(frozen=True)
@@ -37,16 +43,26 @@ class RewardConfig(TrainSettings):
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""
     max_length: int = 512
-    """Longest side of a pair, in tokens; longer pairs are dropped and counted."""
+    """Longest side of a pair, in tokens; longer answers are cut to fit (both to the same budget)."""
+    max_prompt_length: int = 0
+    """Longest prompt (question + template), in tokens; a longer question loses its end (0: half of max_length)."""
+    min_pairs: int = MIN_PAIRS
+    """Refuse to train on fewer pairs than this (too little to learn from)."""
     train_split: str = "reward"
     """Split of preference pairs to train on."""
     eval_split: str = "evaluation"
     """Split for accuracy, margin and the longer-answer baseline."""
+    judge_split: str = ""
+    """Also train a second judge on this split's pairs (questions disjoint from train_split) into OUT/judge ('' = none)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if self.min_pairs < 1 or self.max_prompt_length < 0:
+            raise ValueError("need min_pairs >= 1 and max_prompt_length >= 0")
+        if self.judge_split and self.judge_split in (self.train_split, self.eval_split):
+            raise ValueError(f"judge_split must differ from train_split and eval_split, got {self.judge_split!r}")
 
 
 @dataclass(frozen=True)
@@ -68,11 +84,13 @@ class RewardResult:
     steps: int
     train_pairs: int
     dropped_train_pairs: int
+    truncated_train_pairs: int
     eval_pairs: int
     dropped_eval_pairs: int
     train_loss: float
     eval: PairEval | None
     pairs_per_s: float
+    train_split: str = "reward"
 
 
 def pairwise_loss(r_j: Any, r_k: Any) -> Any:
@@ -84,16 +102,12 @@ def pairwise_loss(r_j: Any, r_k: Any) -> Any:
     return -F.logsigmoid(r_j - r_k).mean()
 
 
-def tokenize_pairs(ds: Any, tok: Any, max_length: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """(chosen ids, rejected ids, dropped count): each side `tokens + [EOS]` as RewardTrainer does;
-    pairs with a side longer than max_length are dropped."""
-    chosen = [qa_text(q, a) for q, a in zip(ds["question"], ds["response_j"])]
-    rejected = [qa_text(q, a) for q, a in zip(ds["question"], ds["response_k"])]
-    eos = tok.eos_token_id
-    ids_j = [ids + [eos] for ids in tok(chosen)["input_ids"]]
-    ids_k = [ids + [eos] for ids in tok(rejected)["input_ids"]]
-    keep = [i for i in range(len(ids_j)) if len(ids_j[i]) <= max_length and len(ids_k[i]) <= max_length]
-    return [ids_j[i] for i in keep], [ids_k[i] for i in keep], len(ids_j) - len(keep)
+def tokenize_pairs(ds: Any, tok: Any, max_length: int, max_prompt: int = 0) -> PairTokens:
+    """A split's pairs cut to `max_length` (camelid.train.pairs); `.reward_ids(eos)` gives each
+    side as `tokens + [EOS]`, as RewardTrainer tokenizes."""
+    from camelid.train.pairs import tokenize_split
+
+    return tokenize_split(ds, tok, max_length, max_prompt)
 
 
 def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
@@ -197,14 +211,15 @@ def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -
     return model.eval(), tok
 
 
-def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> tuple[list, list, int]:
+def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> PairTokens:
     from camelid.train.common import load_split
 
     ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
-    ids_j, ids_k, dropped = tokenize_pairs(ds, tok, cfg.max_length)
-    if not ids_j:
-        raise CamelidError(f"every {split} pair is longer than max_length={cfg.max_length} tokens; raise --max-length")
-    return ids_j, ids_k, dropped
+    pairs = tokenize_pairs(ds, tok, cfg.max_length, cfg.max_prompt_length)
+    if not len(pairs):
+        raise CamelidError(f"every {split} pair has the same two answers once cut to max_length={cfg.max_length} "
+                           "tokens; raise --max-length")
+    return pairs
 
 
 def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
@@ -267,6 +282,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     from camelid.config import to_dict
     from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
     from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
+    from camelid.train.pairs import check_enough
     from camelid.train.tracking import Tracker
     from camelid.utils import print0, seed_everything, world_size, write_json
 
@@ -275,10 +291,13 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     check_model_for_task(path, "seq_cls", cfg.max_length)
     run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
     tok = load_tokenizer(path)
-    tj, tk, t_drop = _pair_data(cfg, cfg.train_split, cfg.max_train_samples, tok)
-    ej, ek, e_drop = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
-    print0(f"reward: {len(tj)} train pairs ({t_drop} over {cfg.max_length} tokens dropped), "
-           f"{len(ej)} eval pairs ({e_drop} dropped)")
+    train_pairs = _pair_data(cfg, cfg.train_split, cfg.max_train_samples, tok)
+    check_enough(train_pairs, cfg.train_split, cfg.min_pairs, cfg.max_length)
+    eval_pairs = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
+    (tj, tk), (ej, ek) = train_pairs.reward_ids(tok.eos_token_id), eval_pairs.reward_ids(tok.eos_token_id)
+    t_drop, e_drop = train_pairs.dropped, eval_pairs.dropped
+    print0(f"reward: {len(tj)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
+           f"{t_drop} dropped), {len(ej)} eval pairs ({eval_pairs.truncated} cut, {e_drop} dropped)")
     train_ds = datasets.Dataset.from_dict({"chosen_ids": tj, "rejected_ids": tk})
     eval_ds = datasets.Dataset.from_dict({"chosen_ids": ej, "rejected_ids": ek}) if cfg.eval_steps else None
 
@@ -294,16 +313,57 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
         if trainer.accelerator.is_main_process:
             result_eval = evaluate_pairs(trainer.accelerator.unwrap_model(trainer.model), tok, ej, ek, cfg.batch_size)
             tracker.log({f"reward/eval_{k}": v for k, v in result_eval.__dict__.items()} |
-                        {"reward/dropped_train_pairs": t_drop, "reward/dropped_eval_pairs": e_drop},
+                        {"reward/dropped_train_pairs": t_drop, "reward/dropped_eval_pairs": e_drop,
+                         "reward/truncated_train_pairs": train_pairs.truncated},
                         trainer.state.global_step)
         trainer.accelerator.wait_for_everyone()
         adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
     finally:
         tracker.close()
     result = RewardResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(tj), t_drop,
-                          len(ej), e_drop, float(out.training_loss), result_eval, progress.rate(trainer.state))
+                          train_pairs.truncated, len(ej), e_drop, float(out.training_loss), result_eval,
+                          progress.rate(trainer.state), cfg.train_split)
     if trainer.accelerator.is_main_process:
         write_json(run_state.run_dir / "result.json", {**result.__dict__, "eval": result_eval.__dict__})
+        write_json(run_state.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
+    return result
+
+
+TRAIN_QUESTIONS = "train_questions.json"
+"""The question ids a reward model trained on (which questions a judge has seen)."""
+
+
+JUDGE_DIR = "judge"
+"""The second judge's run folder, inside the training judge's."""
+
+
+def judge_config(cfg: RewardConfig) -> RewardConfig:
+    """The second judge's settings: the training judge's, on `judge_split`, into OUT/judge."""
+    from dataclasses import replace
+
+    return replace(cfg, train_split=cfg.judge_split, judge_split="", out=str(Path(cfg.out) / JUDGE_DIR))
+
+
+def check_disjoint(data: str, split_a: str, split_b: str) -> None:
+    """A one-line error when two splits share a question id: a judge must not have seen the other's questions."""
+    from camelid.train.common import load_split
+
+    a, b = (set(load_split(data, s, ("qid",))["qid"]) for s in (split_a, split_b))
+    shared = a & b
+    if shared:
+        raise CamelidError(f"the {split_a} and {split_b} splits share {len(shared)} question(s) (qid {min(shared)}, ...); "
+                           "the second judge must train on questions the training judge never saw: choose another "
+                           "--judge-split or rebuild the dataset")
+
+
+def train_judges(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
+    """The training judge (`train`) and, with `judge_split`, the second judge in OUT/judge; returns
+    the training judge's result (the second judge's is in OUT/judge/result.json)."""
+    if cfg.judge_split:
+        check_disjoint(cfg.data, cfg.train_split, cfg.judge_split)
+    result = train(cfg, resume=resume, overwrite=overwrite)
+    if cfg.judge_split:
+        train(judge_config(cfg), resume=resume, overwrite=overwrite)
     return result
 
 
@@ -362,12 +422,15 @@ def _cli_train(args: argparse.Namespace) -> int:
     from camelid.config import from_args
     from camelid.utils import print0
 
-    r = train(from_args(RewardConfig, args, "reward"), resume=args.resume, overwrite=args.overwrite)
+    cfg = from_args(RewardConfig, args, "reward")
+    r = train_judges(cfg, resume=args.resume, overwrite=args.overwrite)
     print0(f"reward: {r.steps} steps, train loss {r.train_loss:.4f}, {r.pairs_per_s:.2f} pairs/s")
     if r.eval is not None:
         print0(f"eval on {r.eval.pairs} pairs: accuracy {r.eval.accuracy:.3f}, mean margin {r.eval.mean_margin:.3f}, "
                f"loss {r.eval.loss:.4f}; longer-answer-wins baseline {r.eval.longer_wins_accuracy:.3f}")
     print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}" if r.model_dir else ""))
+    if cfg.judge_split:
+        print0(f"second judge (trained on the {cfg.judge_split} split): {judge_config(cfg).out}")
     return 0
 
 
