@@ -1,7 +1,7 @@
 """A fast reader of a GGUF file's header: scalar metadata and the tensor table, no tensor data.
 
-`gguf.GGUFReader` builds a numpy view per array element, which takes ~15-30 s on this machine for
-a 49k-token vocabulary; this reader skips arrays by their byte lengths and is ~100x faster. Used
+`gguf.GGUFReader` builds a numpy view per array element, which takes many seconds for a 49k-token
+vocabulary; this reader skips arrays by their byte lengths. Used
 to validate files and read a few keys (the pre-tokenizer name, the architecture) cheaply.
 Layout: the GGUF spec (ggml `docs/gguf.md`): magic, version, n_tensors, n_kv, then the KVs,
 then per tensor: name, n_dims, dims (ggml order, fastest first), type, offset.

@@ -2,13 +2,12 @@
 first use with the system C compiler.
 
 A decode step multiplies every weight by a few rows (one new token per sequence), so its cost is
-streaming the weights. oneDNN's product (what torch.mm runs) reaches about half this machine's
-read rate at 8 rows (8.8 against 19 GB/s for a plain sum, bundled model, 2 threads); the kernel
-here streams each weight once through AMX tiles with no re-packing. Its sums are bit-for-bit
+streaming the weights. oneDNN's product (what torch.mm runs) reads them at about half the
+machine's memory rate at a few rows; the kernel here streams each weight once through AMX tiles
+with no re-packing. Its sums are bit-for-bit
 those of torch's AMX product (the same tile instruction in the same k order; tested for 1-32
 row-major rows on every bundled shape); at one row torch picks another kernel for some input
-layouts, so a long greedy text can part from torch's at a near-tie. A PPO rollout of the
-bundled model (batch 8 x 48 tokens) 2.25 vs 3.50 s, alternating in one process.
+layouts, so a long greedy text can part from torch's at a near-tie.
 
 Used only where it is sure to work: Linux on x86-64, a CPU with AMX bfloat16 tiles (torch's own
 probe), a C compiler (`$CC`, else cc) that takes -mamx-tile, and CAMELID_AMX not "0". It is

@@ -1,21 +1,19 @@
 """Training on a CPU: what the libraries leave slow there, done faster with the same math.
 
 - `native_bf16()`: the CPU multiplies bfloat16 matrices in hardware (Intel AMX). There a
-  bfloat16 GEMM of a training pass's shapes ran 3-4x float32's rate (500-700 vs ~150 GFLOP/s
-  on 2 cores); without it (AVX2 only) bfloat16 training measured 14-38x *slower* than float32.
+  bfloat16 GEMM of a training pass's shapes runs several times float32's rate; without it
+  bfloat16 training is many times *slower* than float32.
   `train_load.training_dtype("auto", cpu_bf16=True)` asks this (PPO does).
 - `FastLoraDropout`: LoRA's input dropout with a cheaper mask. `nn.Dropout` on a CPU draws one
-  random number per element (~2 ms for a 256 x 576 activation, sixty times per forward pass
-  of a 30-layer model with LoRA on q/v: a tenth of a PPO mini-batch), and even torch's 64-bit
-  draws cost ~6 ns each. Here one draw from torch's generator seeds SplitMix64 (Steele, Lea &
-  Flood 2014) over a counter, computed with whole-tensor integer operations, and each 64-bit
-  output gives four 16-bit lanes, each compared with p x 65536 (0.33 vs 0.79 ms for that
-  activation); the drop probability is p rounded to a multiple of 1/65536 (0.05 -> 0.0500031)
-  and the kept values are scaled by 1 / (1 - that), as inverted dropout does.
+  random number per element, sixty times per forward pass of a 30-layer model with LoRA on
+  q/v. Here one draw from torch's generator seeds SplitMix64 (Steele, Lea & Flood 2014) over a
+  counter, computed with whole-tensor integer operations, and each 64-bit output gives four
+  16-bit lanes, each compared with p x 65536; the drop probability is p rounded to a multiple
+  of 1/65536 (0.05 -> 0.0500031) and the kept values are scaled by 1 / (1 - that), as inverted
+  dropout does.
 - `float32_attention(model)`: attention in float32 inside a bfloat16 model. The CPU's fused
-  attention kernel is slower in bfloat16 than in float32 for its backward pass (7.6 vs 4.1 ms
-  per layer at 2 x 128 tokens); its arithmetic is small next to the projections, so q, k, v
-  are cast up, attended, and the output cast back. Registered as a transformers attention
+  attention kernel is slower in bfloat16 than in float32 for its backward pass; its arithmetic
+  is small next to the projections, so q, k, v are cast up, attended, and the output cast back. Registered as a transformers attention
   implementation, so the model's own forward calls it.
 
 `speed_up(model)` applies the last two where they apply (CPU; bfloat16/float16 for attention).
@@ -102,8 +100,7 @@ def draw_seed() -> int:
 def keep_masks(seeds: list[int], shape: torch.Size, threshold: int, device: torch.device) -> torch.Tensor:
     """`keep_mask` for each seed, (len(seeds), *shape): the same masks, computed MASKS_AT_ONCE at a
     time (a training pass's few dozen masks in a few dozen tensor operations instead of a dozen
-    each, on int64 blocks that still fit in a core's cache: 9.5 ms for 60 masks of 238 x 576 in
-    blocks of 8, 12.4 all at once, 13.2 one by one)."""
+    each, on int64 blocks that still fit in a core's cache)."""
     n = shape.numel()
     out = torch.empty((len(seeds), n), dtype=torch.uint8)
     counter = torch.arange((n + 3) // 4, dtype=torch.int64).mul_(_GOLDEN)
@@ -114,7 +111,7 @@ def keep_masks(seeds: list[int], shape: torch.Size, threshold: int, device: torc
         z = z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
         z = z.bitwise_xor_(_shr(z, 31))
         # uint8 rather than bool: torch converts bool to float element by element, uint8 vectorised
-        # (16 vs 123 us for a 238 x 576 mask, and each mask is converted once forward, twice backward).
+        # (each mask is converted once forward, twice backward).
         torch.ge(z.view(torch.int16)[:, :n], threshold, out=out[i : i + len(block)].view(torch.bool))
     return out.view(len(seeds), *shape).to(device)
 

@@ -36,9 +36,7 @@ def pick_dtype(dtype: str, device) -> "torch.dtype":
     """auto: bfloat16 on CPU and on CUDA GPUs that support it, float16 on older GPUs and MPS.
 
     On CPU, bfloat16 is chosen for memory (half of float32's), not speed: how fast it decodes
-    depends on the CPU's bf16 kernels and the batch. bench/generate.py on the bundled model, one
-    row: 14.8 tok/s against float32's 24.1 on a 2-core AMX machine (12.2 vs 15.8 at one thread
-    earlier); at 8 and 43 rows bfloat16 was faster there (90 vs 72, 173 vs 122 tok/s in all).
+    depends on the CPU's bfloat16 kernels and the batch (docs/benchmarks.md).
     """
     import torch
 

@@ -141,8 +141,8 @@ def _top_indices(z: torch.Tensor, k: int, block: int = 128) -> torch.Tensor:
 
     Two stages: each block of `block` columns' maximum, the k blocks with the largest maxima, then
     the k largest of their k * block values. Exact: a block holding one of the k largest values has
-    a maximum at least that large, and at most k blocks have such a maximum (2.7 vs 6.8 ms for 96
-    rows of a 49k vocabulary). Vocabularies that are not a multiple of `block` take plain topk."""
+    a maximum at least that large, and at most k blocks have such a maximum (less work than a full
+    topk over a 49k vocabulary). Vocabularies that are not a multiple of `block` take plain topk."""
     rows, v = z.shape
     if v % block or v // block < k:
         return z.topk(k, dim=-1, sorted=False).indices
@@ -245,8 +245,7 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
 
 def ppo_dtype(name: str) -> str:
     """PPO's dtype: "auto" is bfloat16 on a CUDA GPU that supports it and on a CPU that multiplies
-    bfloat16 in hardware (AMX), else float32. On such a CPU a PPO step ran 1.6-1.8x faster than in
-    float32 and `make run`'s quality bar held (docs/architecture.md)."""
+    bfloat16 in hardware (AMX), else float32 (docs/architecture.md: training stages)."""
     from camelid.models.train_load import training_dtype
 
     return str(training_dtype(name, cpu_bf16=True)).removeprefix("torch.")
