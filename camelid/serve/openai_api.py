@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from camelid.errors import CamelidError
 from camelid.serve import protocol as P
+from camelid.serve import structured
 from camelid.serve.registry import ServedModel
 from camelid.serve.scheduler import Job, QueueFull
 
@@ -67,6 +68,7 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise P.APIError(422, "the request body must be a JSON object", code="invalid_type")
     P.check_sizes(data, model.model_fields)
+    P.check_fields(data, "chat" if model is P.ChatRequest else "completions")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -76,8 +78,9 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
 
 
 def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, default_max: int | None,
-                    extra_stop: tuple[str, ...] = ()) -> list:
-    """One SamplingParams per choice. Prompt and answer must fit the model's context (400)."""
+                    extra_stop: tuple[str, ...] = (), grammar: str | None = None) -> list:
+    """One SamplingParams per choice. Prompt and answer must fit the model's context (400).
+    `grammar` (engine.grammar) constrains every choice."""
     if prompt_len > P.MAX_PROMPT_TOKENS or prompt_len >= served.context:
         limit = min(P.MAX_PROMPT_TOKENS, served.context - 1)
         raise P.APIError(400, f"the prompt is {prompt_len} tokens; this server takes at most {limit}",
@@ -90,14 +93,26 @@ def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, defau
                          f"max_tokens ({max_new}) do not fit; lower max_tokens or shorten the prompt",
                          param="max_tokens", code="context_length_exceeded")
     n = req.n or 1
+    bias = logit_bias(req, served)
     try:
         # Distinct seeds per choice (seed + i), or n seeded choices would all be the same text.
-        return [_params(req, max_new, extra_stop, None if req.seed is None else req.seed + i) for i in range(n)]
+        return [_params(req, max_new, extra_stop, None if req.seed is None else req.seed + i, bias, grammar) for i in range(n)]
     except CamelidError as e:  # a combination the engine refuses (check_request caught the rest)
         raise P.APIError(400, str(e)) from None
 
 
-def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: int | None):
+def logit_bias(req: P._Request, served: ServedModel) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; an id outside the vocabulary is 400."""
+    vocab = len(served.engine.tokenizer)
+    pairs = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+    bad = [t for t, _ in pairs if t >= vocab]
+    if bad:
+        raise P.APIError(400, f"logit_bias names token {bad[0]}; this model's token ids are 0 to {vocab - 1}", param="logit_bias")
+    return pairs
+
+
+def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: int | None,
+            bias: tuple[tuple[int, float], ...] = (), grammar: str | None = None):
     from camelid.engine import SamplingParams
 
     logprobs, top_logprobs = P.logprob_options(req)
@@ -112,6 +127,10 @@ def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: in
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+        grammar=grammar,
     )
 
 
@@ -292,7 +311,13 @@ async def chat_completions(request: Request):
         ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
     except (CamelidError, ValueError, TemplateError) as e:  # the template rejects the conversation (e.g. a tool turn)
         raise P.APIError(400, str(e), param="messages") from None
-    params = sampling_params(req, served, len(ids), None, template_stop)
+    grammar = None
+    schema = structured.response_schema(req)
+    if schema is not None:
+        structured.check_constrained(req)
+        grammar = await run_in_threadpool(structured.schema_grammar, served.engine, schema, "response_format")
+    # A constrained answer ends where its grammar does; a template stop string could cut it short.
+    params = sampling_params(req, served, len(ids), None, () if grammar else template_stop, grammar)
     job = submit(served, [ids] * len(params), params)
     out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), P.logprob_options(req)[0], job.n, wants_usage(req))
     if req.stream:
