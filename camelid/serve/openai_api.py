@@ -25,6 +25,10 @@ router = APIRouter()
 RETRY_AFTER_S = 1
 """Seconds a client told 503 (queue full) should wait before retrying."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_KEEPALIVE_S = 15.0
+"""Seconds between SSE comments while a stream has nothing to send (its request waits in the
+queue), so that proxies and clients with read timeouts keep the connection open."""
+SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Any:
@@ -163,10 +167,15 @@ def submit(served: ServedModel, prompts: list[list[int]], params: list) -> Job:
     return job
 
 
-async def job_events(job: Job) -> AsyncIterator[list]:
-    """The job's per-step delta lists until it ends; re-raises a generation failure."""
+async def job_events(job: Job, idle_s: float | None = None) -> AsyncIterator[list | None]:
+    """The job's per-step delta lists until it ends; re-raises a generation failure. With
+    `idle_s`, None each time that long passes without an event."""
     while True:
-        item = await job.events.get()
+        try:
+            item = await asyncio.wait_for(job.events.get(), idle_s)
+        except asyncio.TimeoutError:
+            yield None
+            continue
         if item is None:
             return
         if isinstance(item, Exception):
@@ -242,15 +251,19 @@ class Output:
         return []
 
 
-async def stream_events(job: Job, served: ServedModel, out: Output) -> AsyncIterator[str]:
+async def stream_events(job: Job, served: ServedModel, out: Output, keepalive_s: float = SSE_KEEPALIVE_S) -> AsyncIterator[str]:
     """SSE frames, then `data: [DONE]`; a generation failure becomes an in-band error event (the
-    200 status is already sent, as OpenAI does). Closing this generator (the client went away)
-    cancels the job, which frees its slot in the batch."""
+    200 status is already sent, as OpenAI does); a comment every `keepalive_s` while there is
+    nothing to send. Closing this generator (the client went away) cancels the job, which frees
+    its slot in the batch."""
     try:
         for chunk in out.start():
             yield sse(chunk)
         try:
-            async for deltas in job_events(job):
+            async for deltas in job_events(job, keepalive_s):
+                if deltas is None:
+                    yield SSE_KEEPALIVE
+                    continue
                 for chunk in out.step(deltas):
                     yield sse(chunk)
             for chunk in out.end():
@@ -321,7 +334,8 @@ async def chat_completions(request: Request):
     job = submit(served, [ids] * len(params), params)
     out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), P.logprob_options(req)[0], job.n, wants_usage(req))
     if req.stream:
-        return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(out.whole(await collect(job, served, request)))
 
 
@@ -422,7 +436,8 @@ async def completions(request: Request):
     echo = [served.engine.tokenizer.decode(ids) if req.echo else "" for ids in rows]
     out = CompletionOutput(P.new_id("cmpl"), served, sum(map(len, prompts)), want_lp, echo, wants_usage(req))
     if req.stream:
-        return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(out.whole(await collect(job, served, request)))
 
 
