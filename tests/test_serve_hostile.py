@@ -50,6 +50,15 @@ def user(content) -> dict:
     return chat(messages=[{"role": "user", "content": content}])
 
 
+def fn(name, parameters=None) -> dict:
+    f = {"name": name} if name is not None else {"description": "no name"}
+    return {"type": "function", "function": {**f, **({"parameters": parameters} if parameters is not None else {})}}
+
+
+def call(**kw) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": kw.pop("arguments", "{}")}, **kw}
+
+
 def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
@@ -205,6 +214,33 @@ CASES = [
     Case("json_schema with text type", chat(response_format={"type": "text", "json_schema": {"name": "x", "schema": {}}})),
     Case("json_object with stop", chat(response_format={"type": "json_object"}, stop=["}"])),
     Case("json_object with ignore_eos", chat(response_format={"type": "json_object"}, ignore_eos=True)),
+    # ---- tools -----------------------------------------------------------------------------------
+    Case("tools an object", chat(tools={"type": "function"}), 422),
+    Case("tool type custom", chat(tools=[{"type": "custom", "custom": {"name": "x"}}]), 422),
+    Case("tool without function", chat(tools=[{"type": "function"}]), 422),
+    Case("function without name", chat(tools=[fn(None)]), 422),
+    Case("function name with spaces", chat(tools=[fn("rm -rf")])),
+    Case("function name too long", chat(tools=[fn("f" * 65)])),
+    Case("function names repeated", chat(tools=[fn("f"), fn("f")])),
+    Case("function parameters a string", chat(tools=[fn("f", "object")]), 422),
+    Case("function parameters invalid schema", chat(tools=[fn("f", {"type": "thing"})])),
+    Case("function parameters unresolvable", chat(tools=[fn("f", {"$ref": "#/nope"})], tool_choice="required")),
+    Case("too many tools", chat(tools=[fn(f"f{i}") for i in range(P.MAX_TOOLS + 1)])),
+    Case("tool_choice unknown word", chat(tools=[fn("f")], tool_choice="any"), 422),
+    Case("tool_choice names no tool", chat(tools=[fn("f")], tool_choice={"type": "function", "function": {"name": "g"}})),
+    Case("tool_choice without tools", chat(tool_choice="required")),
+    Case("tool_choice allowed_tools", chat(tools=[fn("f")], tool_choice={"type": "allowed_tools", "mode": "auto"}), 422),
+    Case("parallel_tool_calls string", chat(tools=[fn("f")], parallel_tool_calls="no"), 422),
+    Case("forced call with stop", chat(tools=[fn("f")], tool_choice="required", stop=["}"])),
+    Case("tools with json response_format", chat(tools=[fn("f")], response_format={"type": "json_object"})),
+    Case("tool turn without call id", chat(messages=[*CHAT, {"role": "tool", "content": "x"}])),
+    Case("call id on a user turn", chat(messages=[{"role": "user", "content": "x", "tool_call_id": "call_1"}])),
+    Case("tool_calls on a user turn", chat(messages=[{"role": "user", "content": "x", "tool_calls": [call()]}])),
+    Case("tool call arguments an object", chat(messages=[*CHAT, {"role": "assistant", "tool_calls": [call(arguments={})]}]), 422),
+    Case("tool call type other", chat(messages=[*CHAT, {"role": "assistant", "tool_calls": [call(type="code")]}]), 422),
+    Case("tool call without id", chat(messages=[*CHAT, {"role": "assistant", "tool_calls": [
+         {k: v for k, v in call().items() if k != "id"}]}]), 422),
+    Case("tool content null", chat(messages=[*CHAT, {"role": "tool", "tool_call_id": "c", "content": None}])),
     # ---- OpenAI fields camelid does not implement ------------------------------------------------
     Case("audio", chat(audio={"voice": "alloy", "format": "wav"})),
     Case("modalities audio", chat(modalities=["text", "audio"])),

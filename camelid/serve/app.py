@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from camelid.serve.chat_api import router as chat_router
 from camelid.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from camelid.serve.metrics import Metrics, RequestCounter
 
@@ -202,6 +203,7 @@ def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_b
     for m in {id(m.scheduler): m for m in registry}.values():  # adapters may share one scheduler
         m.scheduler.observers.append(metrics.observer(m.name))
     app.include_router(router)
+    app.include_router(chat_router)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):

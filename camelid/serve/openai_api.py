@@ -11,13 +11,11 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from camelid.errors import CamelidError
 from camelid.serve import protocol as P
-from camelid.serve import structured
 from camelid.serve.registry import ServedModel
 from camelid.serve.scheduler import Job, QueueFull
 
@@ -309,84 +307,6 @@ async def list_models(request: Request) -> dict:
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: Request) -> dict:
     return registry(request).get(name).card()
-
-
-# ---- /v1/chat/completions -----------------------------------------------------------------
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    req = await parse_body(request, P.ChatRequest)
-    P.check_request(req)
-    served = registry(request).get(req.model)
-    check_room(served, req.n or 1)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    try:
-        # tokenising a long prompt takes a while: keep it off the event loop that streams others
-        ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
-    except (CamelidError, ValueError, TemplateError) as e:  # the template rejects the conversation (e.g. a tool turn)
-        raise P.APIError(400, str(e), param="messages") from None
-    grammar = None
-    schema = structured.response_schema(req)
-    if schema is not None:
-        structured.check_constrained(req)
-        grammar = await run_in_threadpool(structured.schema_grammar, served.engine, schema, "response_format")
-    # A constrained answer ends where its grammar does; a template stop string could cut it short.
-    params = sampling_params(req, served, len(ids), None, () if grammar else template_stop, grammar)
-    job = submit(served, [ids] * len(params), params)
-    out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), P.logprob_options(req)[0], job.n, wants_usage(req))
-    if req.stream:
-        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(out.whole(await collect(job, served, request)))
-
-
-@dataclass
-class ChatOutput(Output):
-    rid: str
-    served: ServedModel
-    prompt_tokens: int
-    logprobs: bool
-    n: int = 1
-    include_usage: bool = False
-    created: int = field(default_factory=P.now)
-
-    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return P.chat_chunk(self.rid, self.served.name, self.created, [choice], None, self.include_usage)
-
-    def _lp(self, ids: list[int], lps: list[float] | None, top: list | None) -> dict | None:
-        if not self.logprobs:
-            return None
-        return P.chat_logprobs(token_strings(self.served, ids), lps or [], alternative_strings(self.served, top))
-
-    # Chunks as OpenAI sends them: the role first, content deltas, a finish chunk per choice,
-    # then (stream_options.include_usage) one chunk with no choices and the usage.
-    def start(self) -> list[dict]:
-        return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
-
-    def step(self, deltas: list) -> list[dict]:
-        chunks = []
-        for d in deltas:
-            self.produced += len(d.token_ids)
-            if d.text or (self.logprobs and d.token_ids):
-                chunks.append(self._chunk(d.index, {"content": d.text}, self._lp(d.token_ids, d.logprobs, d.top_logprobs)))
-            if d.finish_reason:
-                chunks.append(self._chunk(d.index, {}, None, _finish(d.finish_reason)))
-        return chunks
-
-    def end(self) -> list[dict]:
-        if not self.include_usage:
-            return []
-        return [P.chat_chunk(self.rid, self.served.name, self.created, [], P.usage(self.prompt_tokens, self.produced), True)]
-
-    def whole(self, choices: list[Choice]) -> dict:
-        return {
-            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.served.name,
-            "system_fingerprint": None,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": self._lp(c.token_ids, c.logprobs, c.top), "finish_reason": _finish(c.finish_reason)}
-                        for i, c in enumerate(choices)],
-            "usage": P.usage(self.prompt_tokens, sum(len(c.token_ids) for c in choices)),
-        }
 
 
 # ---- /v1/completions ----------------------------------------------------------------------
