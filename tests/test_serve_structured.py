@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -141,9 +142,8 @@ def test_sentencepiece_tokenizer_is_constrained_too(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from test_serve import __doc__ as text  # any English text trains a usable vocabulary
-
-    tok = spm_tokenizer(tmp_path, (text or "") * 20 + json.dumps(PERSON) * 20)
+    text = Path(__file__).read_text()  # English and JSON: a usable vocabulary
+    tok = spm_tokenizer(tmp_path, text * 5 + json.dumps(PERSON) * 20)
     assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(list(range(len(tok)))))  # byte fallback
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
