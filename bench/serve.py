@@ -10,7 +10,13 @@ every request generates exactly --tokens tokens (`ignore_eos`), so both servers 
 Reported per run: aggregate generated tokens/s over the wall time, p50/p95 request latency and
 time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients.
 
-    python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--threads 2] [--dtype auto]
+Then the cost of structured output on the batched server: per-token time (a client's time from
+its first token to its last, per token, in a closed loop) of answers constrained by a JSON schema (an array of
+exactly --tokens/2 booleans, about --tokens tokens) against free answers of the same length
+(`ignore_eos`), at 1 and 16 clients. Goal: <= 1.2x.
+
+    python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--json-clients 1,16] [--threads 2]
+                          [--dtype auto] [--json-only]
 """
 
 from __future__ import annotations
@@ -53,27 +59,34 @@ def start_server(max_batch_size: int, threads: int, dtype: str) -> tuple[subproc
     raise SystemExit("server did not start within 300 s")
 
 
-def one_request(http: httpx.Client, question: str, tokens: int) -> dict:
+def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | None = None) -> dict:
     body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": question}], "stream": True,
             "temperature": 0.7, "max_tokens": tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if schema is not None:  # the answer ends where the schema does: no ignore_eos, room to finish
+        body.update(ignore_eos=False, max_tokens=4 * tokens,
+                    response_format={"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}})
     t0 = time.perf_counter()
-    ttft, usage = None, None
+    ttft, last, usage = None, None, None
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = time.perf_counter() - t0
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter() - t0
+                ttft = last if ttft is None else ttft
             usage = chunk.get("usage") or usage
-    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": usage["completion_tokens"]}
+    tokens = usage["completion_tokens"]
+    # decode time per token after the first (prefill, and a schema's compilation, come before it)
+    per_token = (last - ttft) / (tokens - 1) if ttft is not None and tokens > 1 else 0.0
+    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens, "per_token": per_token}
 
 
-def load_test(url: str, clients: int, requests_each: int, tokens: int) -> dict:
+def load_test(url: str, clients: int, requests_each: int, tokens: int, schema: dict | None = None) -> dict:
     def client(i: int) -> list[dict]:
         with httpx.Client(base_url=url, timeout=600) as http:
-            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], tokens) for k in range(requests_each)]
+            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], tokens, schema) for k in range(requests_each)]
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -86,7 +99,26 @@ def load_test(url: str, clients: int, requests_each: int, tokens: int) -> dict:
         "p50": statistics.median(lat), "p95": _pct(lat, 95),
         "ttft_p50": statistics.median(ttft), "ttft_p95": _pct(ttft, 95),
         "requests": len(results), "wall": wall,
+        "tokens_mean": statistics.mean(r["tokens"] for r in results),
+        "s_per_token": statistics.mean(r["per_token"] for r in results),
     }
+
+
+def json_schema_cost(url: str, clients: list[int], requests_each: int, tokens: int) -> dict[int, float]:
+    """Per-token time of schema-constrained answers / free answers of the same mean length."""
+    items = max(1, tokens // 2)
+    schema = {"type": "array", "items": {"type": "boolean"}, "minItems": items, "maxItems": items}
+    ratios = {}
+    with httpx.Client(base_url=url, timeout=600) as http:
+        one_request(http, QUESTIONS[0], tokens, schema)  # warm-up: the vocabulary's grammar view is built once
+    for c in clients:
+        shaped = load_test(url, c, requests_each, tokens, schema)
+        free = load_test(url, c, requests_each, round(shaped["tokens_mean"]))
+        ratios[c] = shaped["s_per_token"] / free["s_per_token"]
+        print(f"json schema      clients={c:<3} {1000 * shaped['s_per_token']:7.2f} ms/token vs free "
+              f"{1000 * free['s_per_token']:7.2f} ms/token ({shaped['tokens_mean']:.0f} tokens/answer)   x{ratios[c]:.2f}",
+              flush=True)
+    return ratios
 
 
 def _pct(sorted_vals: list[float], p: float) -> float:
@@ -103,8 +135,9 @@ def report(name: str, c: int, r: dict) -> None:
 
 def run(args) -> dict[str, dict[int, dict]]:
     """Both servers stay up; each concurrency level runs on one, then the other, so a change in
-    machine load during the run hits both sides alike."""
-    modes = {"camelid batched": args.max_batch_size, "one-at-a-time": 1}
+    machine load during the run hits both sides alike. Then the JSON-schema row on the batched
+    server (only that with --json-only)."""
+    modes = {"camelid batched": args.max_batch_size} if args.json_only else {"camelid batched": args.max_batch_size, "one-at-a-time": 1}
     procs, urls, out = [], {}, {name: {} for name in modes}
     try:
         for name, size in modes.items():
@@ -112,10 +145,12 @@ def run(args) -> dict[str, dict[int, dict]]:
             procs.append(proc)
             with httpx.Client(base_url=urls[name], timeout=600) as http:
                 one_request(http, QUESTIONS[0], 8)  # warm-up
-        for c in args.clients:
+        for c in [] if args.json_only else args.clients:
             for name in modes:
                 out[name][c] = load_test(urls[name], c, args.requests, args.tokens)
                 report(name, c, out[name][c])
+        if args.json_clients:
+            out["json"] = json_schema_cost(urls["camelid batched"], args.json_clients, args.requests, args.tokens)
     finally:
         for proc in procs:
             proc.terminate()
@@ -133,11 +168,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--dtype", default="auto", help="server dtype (auto = bfloat16 on CPU)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
+    ap.add_argument("--json-clients", default="1,16", help="concurrency levels of the JSON-schema row (empty: skip it)")
+    ap.add_argument("--json-only", action="store_true", help="only the JSON-schema row")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.json_clients = [int(c) for c in args.json_clients.split(",") if c]
     print(f"bundled model, {args.tokens} tokens/request, {args.requests} requests/client, {args.threads} threads, "
           f"dtype {args.dtype}", flush=True)
     results = run(args)
+    if args.json_clients:
+        worst = max(results["json"].values())
+        print(f"goal: JSON-schema decoding <= 1.2x free decoding per token -> worst x{worst:.2f} "
+              f"{'MET' if worst <= 1.2 else 'NOT MET'}")
+    if args.json_only:
+        return
     batched, single = results["camelid batched"], results["one-at-a-time"]
     print("\nratio batched / one-at-a-time (throughput; latency p50 as one-at-a-time / batched):")
     for c in args.clients:

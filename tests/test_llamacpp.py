@@ -122,6 +122,28 @@ def test_top_logprobs_match_torch_engine(engine, torch_engine):
     assert [x[1] for x in a.top_logprobs[0]] == pytest.approx([x[1] for x in b.top_logprobs[0]], abs=0.05)
 
 
+def test_penalties_logit_bias_and_grammar_match_torch_engine(engine, torch_engine):
+    """The llama.cpp backend takes OpenAI's penalties, logit_bias and a per-row grammar through
+    the shared sampler; its grammar comes from the GGUF's own vocabulary."""
+    import json
+
+    from camelid.engine import grammar
+
+    g = grammar.json_schema_grammar({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False})
+    greedy = engine.generate(["Once upon a time"], GREEDY)[0]
+    params = [SamplingParams(temperature=0, max_new_tokens=6, logit_bias={greedy.token_ids[0]: -100}),
+              SamplingParams(temperature=0, max_new_tokens=8, frequency_penalty=2.0, presence_penalty=1.0),
+              SamplingParams(temperature=1.0, seed=4, max_new_tokens=40, grammar=g)]
+    a = engine.generate(["Once upon a time"] * 3, params)
+    b = torch_engine.generate(["Once upon a time"] * 3, params)
+    assert a[0].token_ids[0] != greedy.token_ids[0] and a[0].token_ids[0] == b[0].token_ids[0]
+    assert a[1].token_ids[:3] == b[1].token_ids[:3]
+    for out in (a[2], b[2]):
+        answer = json.loads(out.text)
+        assert out.finish_reason == "stop" and set(answer) == {"n", "ok"} and 0 <= answer["n"] <= 9
+
+
 def _camelid(args, stdin="", env=None, timeout=300):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
     return subprocess.run([sys.executable, "-m", "camelid", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
@@ -160,9 +182,13 @@ def test_serve_streams_with_the_openai_client(engine, tiny_gguf):
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
             stream = client.chat.completions.create(model="tiny-gguf", messages=messages, temperature=0, max_tokens=10, stream=True)
             text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            shaped = client.chat.completions.create(model="tiny-gguf", messages=messages, temperature=1.0, seed=2,
+                                                    max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+                                                        "name": "n", "schema": {"enum": [1, 2, 3]}}})
     finally:
         registry.close()
     assert text == want
+    assert shaped.choices[0].message.content in ("1", "2", "3")
 
 
 def test_bad_gguf_inputs(tmp_path):

@@ -213,7 +213,8 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("negative seed", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "seed": -1}, 400, "seed"),
     ("too many stops", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": list("abcdefghij")}, 400, "stop"),
-    ("tool role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages"),
+    ("tool turn without its call id", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+     400, "messages.0.tool_call_id"),
     ("empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("token id out of vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "prompt"),
 ]

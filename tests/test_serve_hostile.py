@@ -50,6 +50,15 @@ def user(content) -> dict:
     return chat(messages=[{"role": "user", "content": content}])
 
 
+def fn(name, parameters=None) -> dict:
+    f = {"name": name} if name is not None else {"description": "no name"}
+    return {"type": "function", "function": {**f, **({"parameters": parameters} if parameters is not None else {})}}
+
+
+def call(**kw) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": kw.pop("arguments", "{}")}, **kw}
+
+
 def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
@@ -162,8 +171,87 @@ CASES = [
     Case("n 10**19", chat(n=10**19)),
     Case("seed negative", chat(seed=-1)),
     Case("seed 2**63", chat(seed=2**63)),
-    Case("presence_penalty", chat(presence_penalty=0.5)),
-    Case("frequency_penalty", chat(frequency_penalty=-1)),
+    Case("presence_penalty 2.5", chat(presence_penalty=2.5)),
+    Case("frequency_penalty -2.01", chat(frequency_penalty=-2.01)),
+    Case("presence_penalty string", chat(presence_penalty="1"), 422),
+    Case("frequency_penalty bool", chat(frequency_penalty=True), 422),
+    Case("completions frequency_penalty 3", comp(frequency_penalty=3), path=X),
+    # ---- logit_bias ------------------------------------------------------------------------------
+    Case("logit_bias a list", chat(logit_bias=[1, 2]), 422),
+    Case("logit_bias value string", chat(logit_bias={"5": "100"}), 422),
+    Case("logit_bias value null", chat(logit_bias={"5": None}), 422),
+    Case("logit_bias value 101", chat(logit_bias={"5": 101})),
+    Case("logit_bias value -1e300", chat(logit_bias={"5": -1e300})),
+    Case("logit_bias key word", chat(logit_bias={"hello": 1})),
+    Case("logit_bias key negative", chat(logit_bias={"-1": 1})),
+    Case("logit_bias key float", chat(logit_bias={"1.5": 1})),
+    Case("logit_bias key with spaces", chat(logit_bias={" 5": 1})),
+    Case("logit_bias key unicode digits", chat(logit_bias={"\u0665": 1})),
+    Case("logit_bias key 25 digits", chat(logit_bias={"9" * 25: 1})),
+    Case("logit_bias key past the vocab", chat(logit_bias={"10000000": 1})),
+    Case("logit_bias too many", chat(logit_bias={str(i): 1 for i in range(P.MAX_LOGIT_BIAS_TOKENS + 1)})),
+    # ---- response_format -------------------------------------------------------------------------
+    Case("response_format string", chat(response_format="json"), 422),
+    Case("response_format unknown type", chat(response_format={"type": "xml"}), 422),
+    Case("response_format no type", chat(response_format={}), 422),
+    Case("json_schema missing", chat(response_format={"type": "json_schema"})),
+    Case("json_schema without name", chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), 422),
+    Case("json_schema schema a list", chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}), 422),
+    Case("json_schema invalid schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+         "schema": {"type": "nonsense"}}})),
+    Case("json_schema minLength string", chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+         "schema": {"type": "string", "minLength": "3"}}})),
+    Case("json_schema unresolvable ref", chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+         "schema": {"$ref": "#/$defs/nothing"}}})),
+    Case("json_schema remote ref", chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+         "schema": {"$ref": "http://example.com/schema.json"}}})),
+    Case("json_schema impossible", chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+         "schema": {"type": "integer", "minimum": 5, "maximum": 1}}})),
+    Case("json_schema too large", chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+         "schema": {"type": "object", "properties": {f"p{i:05d}": {"type": "string"} for i in range(P.MAX_SCHEMA_BYTES // 20)}}}})),
+    Case("json_schema nested 900 deep", json.dumps(chat(response_format={"type": "json_schema", "json_schema": {
+         "name": "x", "schema": "@"}})).replace('"@"', '{"items":' * 900 + "{}" + "}" * 900).encode()),
+    Case("json_schema with text type", chat(response_format={"type": "text", "json_schema": {"name": "x", "schema": {}}})),
+    Case("json_object with stop", chat(response_format={"type": "json_object"}, stop=["}"])),
+    Case("json_object with ignore_eos", chat(response_format={"type": "json_object"}, ignore_eos=True)),
+    # ---- tools -----------------------------------------------------------------------------------
+    Case("tools an object", chat(tools={"type": "function"}), 422),
+    Case("tool type custom", chat(tools=[{"type": "custom", "custom": {"name": "x"}}]), 422),
+    Case("tool without function", chat(tools=[{"type": "function"}]), 422),
+    Case("function without name", chat(tools=[fn(None)]), 422),
+    Case("function name with spaces", chat(tools=[fn("rm -rf")])),
+    Case("function name too long", chat(tools=[fn("f" * 65)])),
+    Case("function names repeated", chat(tools=[fn("f"), fn("f")])),
+    Case("function parameters a string", chat(tools=[fn("f", "object")]), 422),
+    Case("function parameters invalid schema", chat(tools=[fn("f", {"type": "thing"})])),
+    Case("function parameters unresolvable", chat(tools=[fn("f", {"$ref": "#/nope"})], tool_choice="required")),
+    Case("too many tools", chat(tools=[fn(f"f{i}") for i in range(P.MAX_TOOLS + 1)])),
+    Case("tool_choice unknown word", chat(tools=[fn("f")], tool_choice="any"), 422),
+    Case("tool_choice names no tool", chat(tools=[fn("f")], tool_choice={"type": "function", "function": {"name": "g"}})),
+    Case("tool_choice without tools", chat(tool_choice="required")),
+    Case("tool_choice allowed_tools", chat(tools=[fn("f")], tool_choice={"type": "allowed_tools", "mode": "auto"}), 422),
+    Case("parallel_tool_calls string", chat(tools=[fn("f")], parallel_tool_calls="no"), 422),
+    Case("forced call with stop", chat(tools=[fn("f")], tool_choice="required", stop=["}"])),
+    Case("tools with json response_format", chat(tools=[fn("f")], response_format={"type": "json_object"})),
+    Case("tool turn without call id", chat(messages=[*CHAT, {"role": "tool", "content": "x"}])),
+    Case("call id on a user turn", chat(messages=[{"role": "user", "content": "x", "tool_call_id": "call_1"}])),
+    Case("tool_calls on a user turn", chat(messages=[{"role": "user", "content": "x", "tool_calls": [call()]}])),
+    Case("tool call arguments an object", chat(messages=[*CHAT, {"role": "assistant", "tool_calls": [call(arguments={})]}]), 422),
+    Case("tool call type other", chat(messages=[*CHAT, {"role": "assistant", "tool_calls": [call(type="code")]}]), 422),
+    Case("tool call without id", chat(messages=[*CHAT, {"role": "assistant", "tool_calls": [
+         {k: v for k, v in call().items() if k != "id"}]}]), 422),
+    Case("tool content null", chat(messages=[*CHAT, {"role": "tool", "tool_call_id": "c", "content": None}])),
+    # ---- OpenAI fields camelid does not implement ------------------------------------------------
+    Case("audio", chat(audio={"voice": "alloy", "format": "wav"})),
+    Case("modalities audio", chat(modalities=["text", "audio"])),
+    Case("modalities unknown", chat(modalities=["video"]), 422),
+    Case("prediction", chat(prediction={"type": "content", "content": "x"})),
+    Case("web_search_options", chat(web_search_options={})),
+    Case("reasoning_effort", chat(reasoning_effort="high")),
+    Case("verbosity", chat(verbosity="low")),
+    Case("functions", chat(functions=[{"name": "f", "parameters": {}}])),
+    Case("function_call", chat(function_call="auto")),
+    Case("completions best_of", comp(best_of=3), path=X),
     Case("top_logprobs 21", chat(logprobs=True, top_logprobs=21)),
     Case("top_logprobs negative", chat(logprobs=True, top_logprobs=-1)),
     Case("top_logprobs without logprobs", chat(top_logprobs=2)),
@@ -234,6 +322,10 @@ CASES = [
     Case("DELETE models", None, 405, path="/v1/models", method="DELETE"),
     Case("POST models", {}, 405, path="/v1/models"),
     Case("POST health", {}, 405, path="/health"),
+    Case("POST metrics", {}, 405, path="/metrics"),
+    Case("host on metrics too", None, 403, path="/metrics", method="GET", headers={"Host": "evil.example:{port}"}),
+    Case("preflight without --allowed-origins", None, 405, method="OPTIONS",
+         headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}),
     Case("unknown route", None, 404, path="/v1/nothing", method="GET"),
     Case("embeddings", {"model": MODEL, "input": "x"}, 404, path="/v1/embeddings"),
     Case("unknown model card", None, 404, path="/v1/models/gpt-9", method="GET"),

@@ -126,3 +126,26 @@ def test_error_is_shown(page):
     ask(page, "hi")
     sync_api.expect(page.locator(".msg.error")).to_contain_text("context", timeout=30_000)
     sync_api.expect(page.locator("#send")).to_be_visible()
+
+
+def test_json_toggle_asks_for_a_json_object(page):
+    bodies = chat_bodies(page)
+    page.fill("#max-tokens", "120")
+    page.locator("#temperature").fill("1")
+    page.check("#json-mode")
+    ask(page, "Describe a llama as JSON.")
+    sync_api.expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=60_000)
+    assert bodies[0]["response_format"] == {"type": "json_object"}
+    answer = page.locator(".msg.assistant").first.text_content()
+    assert answer.startswith("{")  # constrained decoding: a JSON object (complete where it ended by itself)
+    status = page.locator("#status").text_content()
+    if "hit max tokens" not in status:
+        assert isinstance(json.loads(answer), dict)
+    # the choice is kept, and unchecking it sends no response_format
+    page.reload()
+    assert page.is_checked("#json-mode")
+    bodies = chat_bodies(page)
+    page.uncheck("#json-mode")
+    ask(page, "And now in words?")
+    sync_api.expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=60_000)
+    assert "response_format" not in bodies[0]

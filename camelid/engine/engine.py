@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from camelid.engine import grammar
 from camelid.engine.sampling import SamplingParams, sample_rows
 from camelid.engine.text import IncrementalDecoder, StopText
 from camelid.errors import CamelidError
@@ -89,6 +90,8 @@ class _Row:
     prompt: list[int] = field(default_factory=list)
     """The prompt's ids (`Batch.rebuild` recomputes the row from prompt + out)."""
     error: Exception | None = None
+    matcher: object | None = None
+    """The row's grammar state (`engine.grammar`), when its params carry a grammar."""
 
 
 class Engine:
@@ -236,6 +239,8 @@ class Batch:
         try:
             if sp.seed is not None:
                 row.generator = torch.Generator(device=eng.device).manual_seed(sp.seed)
+            if sp.grammar is not None:
+                row.matcher = grammar.new_matcher(eng, sp.grammar)
         except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
             row.error = e
         if self.on_row:
@@ -340,7 +345,9 @@ class Batch:
         `hidden` (len(rows[first:]), H): the head inputs the logits came from."""
         rows = self.rows[first:]
         seen = self.seen[first:] if self.seen is not None else None
-        tokens, logps, alternatives, errors = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows], seen)
+        outputs, allowed = grammar.row_constraints(self.engine, rows)
+        tokens, logps, alternatives, errors = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows], seen,
+                                                          outputs, allowed)
         if first == 0:
             self.next_tokens = tokens
         else:
@@ -366,6 +373,8 @@ class Batch:
 
     def _advance(self, row: _Row, tok: int, lp: float, alt, hidden: torch.Tensor | None) -> Delta:
         """Append a sampled token to a row, turn it into text, decide whether the row finished."""
+        if row.matcher is not None:
+            grammar.advance(row.matcher, tok)
         row.out.append(tok)
         if hidden is not None:
             row.hidden.append(hidden.clone())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from camelid.engine import grammar
 from camelid.engine.engine import Completion, Delta, prompt_ids, raise_row_errors
 from camelid.engine.sampling import SamplingParams
 from camelid.engine.text import IncrementalDecoder, StopText
@@ -154,6 +155,7 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: str | None = None
+    matcher: Any = None  # the row's grammar state (engine.grammar), when its params carry a grammar
 
     @property
     def prompt_len(self) -> int:
@@ -316,6 +318,7 @@ class LlamaCppBatch:
             row = _Row(rid, sp, eng.take_slot(), t, IncrementalDecoder(eng.tokenizer), StopText(sp.stop), None, pos=len(t))
             try:
                 row.rng = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
+                row.matcher = grammar.new_matcher(eng, sp.grammar) if sp.grammar is not None else None
             except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
                 row.error = e
             self.rows.append(row)
@@ -368,7 +371,7 @@ class LlamaCppBatch:
 
     def _emit(self, rows: list[_Row], logits: list[Any]) -> list[Delta]:
         live = [(r, lg) for r, lg in zip(rows, logits) if r.finish is None and r.error is None and lg is not None]
-        sampled = dict(zip((id(r) for r, _ in live), zip(*_sample([r for r, _ in live], [lg for _, lg in live])))) if live else {}
+        sampled = dict(zip((id(r) for r, _ in live), zip(*_sample(self.engine, [r for r, _ in live], [lg for _, lg in live])))) if live else {}
         deltas = []
         for row in rows:
             if row.finish == "cancelled":
@@ -391,6 +394,8 @@ class LlamaCppBatch:
 
     def _advance(self, row: _Row, tok: int, lp: float, alt: list[tuple[int, float]] | None) -> Delta:
         """Append a token to a row and decide whether it finished (as engine.Batch._emit does)."""
+        if row.matcher is not None:
+            grammar.advance(row.matcher, tok)
         row.out.append(tok)
         row.logprobs.append(lp)
         if alt is not None:
@@ -411,15 +416,15 @@ class LlamaCppBatch:
         return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
 
 
-def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list, list]:
-    """Next token per row with camelid's sampler (identical semantics to the torch engine), and
-    each row's own failure or None (`sampling.sample_rows`); plain greedy rows take a numpy
-    argmax, which is what the sampler would return."""
+def _sample(engine: LlamaCppEngine, rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list, list]:
+    """Next token per row with camelid's sampler (identical semantics to the torch engine: the
+    same penalties, logit_bias and grammar masks), and each row's own failure or None
+    (`sampling.sample_rows`); plain greedy rows take a numpy argmax, which is what the sampler
+    would return."""
     import numpy as np
 
     arr = np.stack(logits)
-    if all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.params.logprobs and not r.params.top_logprobs
-           for r in rows):
+    if all(r.params.greedy and r.params.plain and not r.params.logprobs and not r.params.top_logprobs for r in rows):
         return arr.argmax(-1).tolist(), [0.0] * len(rows), [None] * len(rows), [None] * len(rows)
     import torch
 
@@ -430,7 +435,9 @@ def _sample(rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float]
         seen = torch.zeros(arr.shape, dtype=torch.bool)
         for i, r in enumerate(rows):
             seen[i, torch.tensor(r.prompt + r.out, dtype=torch.long)] = True
-    tokens, logps, alternatives, errors = sample_rows(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen)
+    outputs, allowed = grammar.row_constraints(engine, rows)
+    tokens, logps, alternatives, errors = sample_rows(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen,
+                                                      outputs, allowed)
     return tokens.tolist(), logps, alternatives, errors
 
 

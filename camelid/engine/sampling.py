@@ -1,8 +1,10 @@
 """Sampling parameters and the batched logits -> next-token step.
 
 Every row of a batch carries its own parameters (the server batches unrelated requests), so the
-processors below take per-row tensors. Order follows Hugging Face's `generate`: repetition
-penalty, temperature, top-k, top-p, then sampling (or argmax where temperature is 0).
+processors below take per-row tensors. Order: the grammar's token mask (tokens it forbids are
+-inf before anything else, so no later filter can leave a row with forbidden tokens only),
+logit_bias, OpenAI's presence/frequency penalties, then as Hugging Face's `generate`:
+repetition penalty, temperature, top-k, top-p, then sampling (or argmax where temperature is 0).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ log = logging.getLogger("camelid.engine")
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per step (OpenAI's chat API allows 20)."""
+MAX_PENALTY = 2.0
+"""presence_penalty and frequency_penalty lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)."""
+MAX_LOGIT_BIAS = 100.0
+"""A logit_bias value lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]; -MAX_LOGIT_BIAS bans the token
+outright (its logit becomes -inf), +MAX_LOGIT_BIAS makes it all but certain (OpenAI's reading)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,15 @@ class SamplingParams:
     return_hidden: bool = False
     """Also return, per generated token, the hidden state it was sampled from: the LM head's
     input at the position before it (PPO computes old log-probs and values from these)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already in the answer (-2 to 2; 0 = off)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per earlier occurrence of the token in the answer (-2 to 2; 0 = off)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (a dict is accepted); -100 bans a token."""
+    grammar: str | None = None
+    """An llguidance grammar (`engine.grammar`) the answer must follow: at every step the tokens
+    it forbids are masked out, and the row ends (EOS) only where the grammar may end."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,11 +76,23 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         check_sampling(self)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether presence or frequency penalties apply (they need the answer's token counts)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def plain(self) -> bool:
+        """No processor changes the logits before temperature (greedy is then a plain argmax)."""
+        return self.repetition_penalty == 1.0 and not self.penalised and not self.logit_bias and self.grammar is None
 
 
 def check_sampling(p: SamplingParams) -> None:
@@ -83,6 +111,14 @@ def check_sampling(p: SamplingParams) -> None:
         raise CamelidError(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
     if not (isinstance(p.top_logprobs, int) and 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS):
         raise CamelidError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {p.top_logprobs}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not (isinstance(value, (int, float)) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise CamelidError(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value}")
+    for tid, bias in p.logit_bias:
+        if tid < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise CamelidError(f"logit_bias takes token ids >= 0 and biases from -{MAX_LOGIT_BIAS:g} to "
+                               f"{MAX_LOGIT_BIAS:g}, got {tid}: {bias}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -94,6 +130,46 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     pen = penalty[:, None].to(logits.dtype)
     penalised = torch.where(logits > 0, logits / pen, logits * pen)
     return torch.where(seen, penalised, logits)
+
+
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits (B, V); allowed (B, V') bool, True where a row's grammar allows the token (rows
+    without a grammar all True). Columns past V' (a model whose head is wider than its
+    tokenizer) are never allowed."""
+    vocab = logits.shape[-1]
+    if allowed.shape[-1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[-1]), value=False)
+    return logits.masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Add each row's logit_bias; a bias of -MAX_LOGIT_BIAS sets the logit to -inf (a ban).
+    A token id past the vocabulary raises (the caller fails that row alone)."""
+    logits = logits.clone()
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
+            bias = torch.tensor([b for _, b in p.logit_bias], device=logits.device, dtype=logits.dtype)
+            bias = bias.masked_fill(bias <= -MAX_LOGIT_BIAS, float("-inf"))
+            logits[i, ids] += bias
+    return logits
+
+
+def token_counts(outputs: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """(B, vocab) float: how often each token occurs in each row's answer so far."""
+    counts = torch.zeros((len(outputs), vocab), device=device)
+    for i, out in enumerate(outputs):
+        if out:
+            ids = torch.tensor(out, device=device)
+            counts[i].index_add_(0, ids, torch.ones(len(out), device=device))
+    return counts
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: logits[j] -= c[j] * frequency + (c[j] > 0) * presence, c the counts of
+    token j in the answer so far; presence and frequency (B,)."""
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -136,14 +212,30 @@ def sample_next(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: torch.Tensor | None,
+    outputs: list[list[int]] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> Sampled:
     """Pick one token per row from logits (B, V).
 
-    Log-probabilities are taken from the distribution the token was drawn from (after
-    penalty/temperature/filtering), as OpenAI's API reports them.
+    `seen` (B, V) bool marks tokens in prompt or answer (repetition penalty); `outputs` holds
+    each row's answer so far (presence/frequency penalties); `allowed` (B, V') bool is the
+    grammar's mask (`engine.grammar.allowed_tokens`). Log-probabilities are taken from the
+    distribution the token was drawn from (after mask/bias/penalties/temperature/filtering), as
+    OpenAI's API reports them.
     """
     logits = logits.to(torch.float32, memory_format=torch.contiguous_format)  # one copy, rows contiguous
     device = logits.device
+    if allowed is not None:
+        logits = apply_allowed(logits, allowed)
+    if any(p.logit_bias for p in params):
+        logits = apply_logit_bias(logits, params)
+    if allowed is not None or any(p.logit_bias for p in params):
+        if not torch.isfinite(logits).any(dim=-1).all():
+            raise CamelidError("no token is left to sample: logit_bias bans every token the grammar allows here")
+    if outputs is not None and any(p.penalised for p in params):
+        presence = torch.tensor([float(p.presence_penalty) for p in params], device=device)
+        frequency = torch.tensor([float(p.frequency_penalty) for p in params], device=device)
+        logits = apply_presence_frequency(logits, token_counts(outputs, logits.shape[-1], device), presence, frequency)
     if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
         pen = torch.tensor([p.repetition_penalty for p in params], device=device)
         logits = apply_repetition_penalty(logits, seen, pen)
@@ -193,6 +285,8 @@ def sample_rows(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: torch.Tensor | None,
+    outputs: list[list[int]] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float], list, list[Exception | None]]:
     """`sample_next` in which each row fails on its own: (tokens (B,), their log-probabilities,
     each row's alternatives as `per_row_alternatives` gives them, each row's exception or None).
@@ -204,7 +298,7 @@ def sample_rows(
     """
     states = [g.get_state() if g is not None else None for g in generators]
     try:
-        s = sample_next(logits, params, generators, seen)
+        s = sample_next(logits, params, generators, seen, outputs, allowed)
         return s.tokens, s.logprobs.tolist(), per_row_alternatives(s.top, params), [None] * len(params)
     except Exception:  # noqa: BLE001 - find the row(s) at fault below
         log.warning("batched sampling failed; sampling each of the %d rows alone", len(params), exc_info=True)
@@ -213,7 +307,8 @@ def sample_rows(
         if states[i] is not None:
             generators[i].set_state(states[i])
         try:
-            s = sample_next(logits[i : i + 1], [p], [generators[i]], None if seen is None else seen[i : i + 1])
+            s = sample_next(logits[i : i + 1], [p], [generators[i]], None if seen is None else seen[i : i + 1],
+                            None if outputs is None else outputs[i : i + 1], None if allowed is None else allowed[i : i + 1])
             tokens.append(int(s.tokens[0]))
             logps.append(float(s.logprobs[0]))
             alts.append(per_row_alternatives(s.top, [p])[0])

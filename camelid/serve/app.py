@@ -1,15 +1,17 @@
-"""The FastAPI app: OpenAI routes, `/health`, the web chat page, API keys, body limit, errors.
+"""The FastAPI app: OpenAI routes, `/health`, `/metrics`, the web chat page, API keys, body
+limit, CORS, errors.
 
 Everything a client can get wrong is answered in OpenAI's error shape with a 4xx status; an
 unexpected failure is logged and answered 500 in the same shape, and the server stays up.
-The Host check, API keys, the content type and the body limit are plain ASGI middlewares (in
-that order), so they run before any route reads the body; keys are compared in constant time
-(hmac.compare_digest) and never logged.
+The Host check, CORS (only with --allowed-origins), API keys, the content type and the body
+limit are plain ASGI middlewares (in that order), so they run before any route reads the body;
+keys are compared in constant time (hmac.compare_digest) and never logged.
 
 Browsers are kept out of a keyless local server: a page elsewhere may POST to 127.0.0.1 without
 asking first only with a "simple" content type (text/plain, forms), so every POST must be
-`application/json` (415 otherwise), which makes a browser ask first, and no CORS header ever
-says yes. A page on a name the attacker controls that resolves to 127.0.0.1 (DNS rebinding)
+`application/json` (415 otherwise), which makes a browser ask first, and no CORS header says
+yes unless `--allowed-origins` names the page's origin (then that page, and only it, may call
+the API; the Host check still applies, and an API key still guards a server that has one). A page on a name the attacker controls that resolves to 127.0.0.1 (DNS rebinding)
 sends its own name as Host: a server bound to a loopback address answers only Host headers that
 name it (localhost, 127.0.0.1, [::1] or the bound address, with its port), API key or not, since
 a loopback server has no other legitimate name. Bound to another address (`--host`), it is
@@ -28,14 +30,19 @@ from typing import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from camelid.serve.openai_api import ClientGone, router
+from camelid.serve.chat_api import router as chat_router
+from camelid.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from camelid.serve.metrics import Metrics, RequestCounter
+
+from camelid.serve.openai_api import SSE_KEEPALIVE_S, ClientGone, router
 from camelid.serve.protocol import MAX_BODY_BYTES, APIError
 from camelid.serve.registry import ModelRegistry
-from camelid.serve.server import is_loopback
+from camelid.serve.server import check_origins, is_loopback
 
 log = logging.getLogger("camelid.serve")
 STATIC = Path(__file__).parent / "static"
@@ -49,6 +56,8 @@ PROTECTED_PREFIX = "/v1/"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 JSON_TYPE = b"application/json"
 DEFAULT_HTTP_PORT = 80
+CORS_MAX_AGE_S = 600
+"""How long a browser may cache a preflight's answer."""
 MAX_ECHOED_PATH = 100
 """Longest path quoted back in a 404 or 405."""
 
@@ -182,11 +191,19 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
-               host: str = "127.0.0.1") -> FastAPI:
-    """The app for `registry`; `host` is the address the server binds (loopback: Host checked)."""
+               host: str = "127.0.0.1", allowed_origins: Iterable[str] = (),
+               sse_keepalive_s: float = SSE_KEEPALIVE_S) -> FastAPI:
+    """The app for `registry`; `host` is the address the server binds (loopback: Host checked);
+    `allowed_origins` are the web origins whose pages may call the API (CORS; none by default);
+    a stream waiting for its first token gets an SSE comment every `sse_keepalive_s`."""
     app = FastAPI(title="camelid", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
+    app.state.sse_keepalive_s = sse_keepalive_s
+    metrics = Metrics(list(registry))
+    for m in {id(m.scheduler): m for m in registry}.values():  # adapters may share one scheduler
+        m.scheduler.observers.append(metrics.observer(m.name))
     app.include_router(router)
+    app.include_router(chat_router)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -223,16 +240,29 @@ def create_app(registry: ModelRegistry, api_keys: Iterable[str] = (), max_body_b
                 "active_requests": sum(s["active_requests"] for s in schedulers), "models": stats}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        """Prometheus' text format (see serve/metrics.py); open like /health."""
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    # The last added runs first: Host, API key, content type, body limit.
+    # The last added runs first: request counter, Host, CORS, API key, content type, body limit.
+    # CORS answers a preflight before the key check (a browser sends no credentials with it)
+    # and adds its headers to every answer, refusals included, so the page can read them.
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     app.add_middleware(JSONContentTypeMiddleware)
     app.add_middleware(APIKeyMiddleware, keys=list(api_keys))
+    origins = check_origins(allowed_origins)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=CORS_MAX_AGE_S)
     if is_loopback(host):
         bound = f"[{host}]" if ":" in host else host
         app.add_middleware(HostCheckMiddleware, names=(*LOOPBACK_NAMES, bound))
+    app.add_middleware(RequestCounter, metrics=metrics)
     return app
+

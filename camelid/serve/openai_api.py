@@ -11,7 +11,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +23,10 @@ router = APIRouter()
 RETRY_AFTER_S = 1
 """Seconds a client told 503 (queue full) should wait before retrying."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_KEEPALIVE_S = 15.0
+"""Seconds between SSE comments while a stream has nothing to send (its request waits in the
+queue), so that proxies and clients with read timeouts keep the connection open."""
+SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Any:
@@ -67,6 +70,7 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise P.APIError(422, "the request body must be a JSON object", code="invalid_type")
     P.check_sizes(data, model.model_fields)
+    P.check_fields(data, "chat" if model is P.ChatRequest else "completions")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -76,8 +80,9 @@ def parse_json(raw: bytes, model: type[BaseModel]) -> Any:
 
 
 def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, default_max: int | None,
-                    extra_stop: tuple[str, ...] = ()) -> list:
-    """One SamplingParams per choice. Prompt and answer must fit the model's context (400)."""
+                    extra_stop: tuple[str, ...] = (), grammar: str | None = None) -> list:
+    """One SamplingParams per choice. Prompt and answer must fit the model's context (400).
+    `grammar` (engine.grammar) constrains every choice."""
     if prompt_len > P.MAX_PROMPT_TOKENS or prompt_len >= served.context:
         limit = min(P.MAX_PROMPT_TOKENS, served.context - 1)
         raise P.APIError(400, f"the prompt is {prompt_len} tokens; this server takes at most {limit}",
@@ -90,14 +95,26 @@ def sampling_params(req: P._Request, served: ServedModel, prompt_len: int, defau
                          f"max_tokens ({max_new}) do not fit; lower max_tokens or shorten the prompt",
                          param="max_tokens", code="context_length_exceeded")
     n = req.n or 1
+    bias = logit_bias(req, served)
     try:
         # Distinct seeds per choice (seed + i), or n seeded choices would all be the same text.
-        return [_params(req, max_new, extra_stop, None if req.seed is None else req.seed + i) for i in range(n)]
+        return [_params(req, max_new, extra_stop, None if req.seed is None else req.seed + i, bias, grammar) for i in range(n)]
     except CamelidError as e:  # a combination the engine refuses (check_request caught the rest)
         raise P.APIError(400, str(e)) from None
 
 
-def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: int | None):
+def logit_bias(req: P._Request, served: ServedModel) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; an id outside the vocabulary is 400."""
+    vocab = len(served.engine.tokenizer)
+    pairs = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+    bad = [t for t, _ in pairs if t >= vocab]
+    if bad:
+        raise P.APIError(400, f"logit_bias names token {bad[0]}; this model's token ids are 0 to {vocab - 1}", param="logit_bias")
+    return pairs
+
+
+def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: int | None,
+            bias: tuple[tuple[int, float], ...] = (), grammar: str | None = None):
     from camelid.engine import SamplingParams
 
     logprobs, top_logprobs = P.logprob_options(req)
@@ -112,6 +129,10 @@ def _params(req: P._Request, max_new: int, extra_stop: tuple[str, ...], seed: in
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+        grammar=grammar,
     )
 
 
@@ -144,10 +165,15 @@ def submit(served: ServedModel, prompts: list[list[int]], params: list) -> Job:
     return job
 
 
-async def job_events(job: Job) -> AsyncIterator[list]:
-    """The job's per-step delta lists until it ends; re-raises a generation failure."""
+async def job_events(job: Job, idle_s: float | None = None) -> AsyncIterator[list | None]:
+    """The job's per-step delta lists until it ends; re-raises a generation failure. With
+    `idle_s`, None each time that long passes without an event."""
     while True:
-        item = await job.events.get()
+        try:
+            item = await asyncio.wait_for(job.events.get(), idle_s)
+        except asyncio.TimeoutError:
+            yield None
+            continue
         if item is None:
             return
         if isinstance(item, Exception):
@@ -223,15 +249,19 @@ class Output:
         return []
 
 
-async def stream_events(job: Job, served: ServedModel, out: Output) -> AsyncIterator[str]:
+async def stream_events(job: Job, served: ServedModel, out: Output, keepalive_s: float = SSE_KEEPALIVE_S) -> AsyncIterator[str]:
     """SSE frames, then `data: [DONE]`; a generation failure becomes an in-band error event (the
-    200 status is already sent, as OpenAI does). Closing this generator (the client went away)
-    cancels the job, which frees its slot in the batch."""
+    200 status is already sent, as OpenAI does); a comment every `keepalive_s` while there is
+    nothing to send. Closing this generator (the client went away) cancels the job, which frees
+    its slot in the batch."""
     try:
         for chunk in out.start():
             yield sse(chunk)
         try:
-            async for deltas in job_events(job):
+            async for deltas in job_events(job, keepalive_s):
+                if deltas is None:
+                    yield SSE_KEEPALIVE
+                    continue
                 for chunk in out.step(deltas):
                     yield sse(chunk)
             for chunk in out.end():
@@ -277,77 +307,6 @@ async def list_models(request: Request) -> dict:
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: Request) -> dict:
     return registry(request).get(name).card()
-
-
-# ---- /v1/chat/completions -----------------------------------------------------------------
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    req = await parse_body(request, P.ChatRequest)
-    P.check_request(req)
-    served = registry(request).get(req.model)
-    check_room(served, req.n or 1)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    try:
-        # tokenising a long prompt takes a while: keep it off the event loop that streams others
-        ids, template_stop = await run_in_threadpool(served.chat_prompt, messages)
-    except (CamelidError, ValueError, TemplateError) as e:  # the template rejects the conversation (e.g. a tool turn)
-        raise P.APIError(400, str(e), param="messages") from None
-    params = sampling_params(req, served, len(ids), None, template_stop)
-    job = submit(served, [ids] * len(params), params)
-    out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), P.logprob_options(req)[0], job.n, wants_usage(req))
-    if req.stream:
-        return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(out.whole(await collect(job, served, request)))
-
-
-@dataclass
-class ChatOutput(Output):
-    rid: str
-    served: ServedModel
-    prompt_tokens: int
-    logprobs: bool
-    n: int = 1
-    include_usage: bool = False
-    created: int = field(default_factory=P.now)
-
-    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return P.chat_chunk(self.rid, self.served.name, self.created, [choice], None, self.include_usage)
-
-    def _lp(self, ids: list[int], lps: list[float] | None, top: list | None) -> dict | None:
-        if not self.logprobs:
-            return None
-        return P.chat_logprobs(token_strings(self.served, ids), lps or [], alternative_strings(self.served, top))
-
-    # Chunks as OpenAI sends them: the role first, content deltas, a finish chunk per choice,
-    # then (stream_options.include_usage) one chunk with no choices and the usage.
-    def start(self) -> list[dict]:
-        return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
-
-    def step(self, deltas: list) -> list[dict]:
-        chunks = []
-        for d in deltas:
-            self.produced += len(d.token_ids)
-            if d.text or (self.logprobs and d.token_ids):
-                chunks.append(self._chunk(d.index, {"content": d.text}, self._lp(d.token_ids, d.logprobs, d.top_logprobs)))
-            if d.finish_reason:
-                chunks.append(self._chunk(d.index, {}, None, _finish(d.finish_reason)))
-        return chunks
-
-    def end(self) -> list[dict]:
-        if not self.include_usage:
-            return []
-        return [P.chat_chunk(self.rid, self.served.name, self.created, [], P.usage(self.prompt_tokens, self.produced), True)]
-
-    def whole(self, choices: list[Choice]) -> dict:
-        return {
-            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.served.name,
-            "system_fingerprint": None,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "logprobs": self._lp(c.token_ids, c.logprobs, c.top), "finish_reason": _finish(c.finish_reason)}
-                        for i, c in enumerate(choices)],
-            "usage": P.usage(self.prompt_tokens, sum(len(c.token_ids) for c in choices)),
-        }
 
 
 # ---- /v1/completions ----------------------------------------------------------------------
@@ -397,7 +356,8 @@ async def completions(request: Request):
     echo = [served.engine.tokenizer.decode(ids) if req.echo else "" for ids in rows]
     out = CompletionOutput(P.new_id("cmpl"), served, sum(map(len, prompts)), want_lp, echo, wants_usage(req))
     if req.stream:
-        return StreamingResponse(stream_events(job, served, out), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(out.whole(await collect(job, served, request)))
 
 

@@ -12,8 +12,13 @@ a loopback server, 404 unknown model or route, 413 body too large, 415 a POST bo
 goes: types are strict, as OpenAI's are), 503 with Retry-After when the queue is full.
 
 Every size is bounded before work starts: the body's bytes, then (on the parsed JSON, before the
-fields are validated) the lengths of `messages`, `prompt` and `stop`, then the number of
-sequences (`n` x prompts) against the batch and the queue, before any prompt is tokenised.
+fields are validated) the lengths of `messages`, `prompt`, `stop`, `tools` and `logit_bias`,
+then the number of sequences (`n` x prompts) against the batch and the queue, before any prompt
+is tokenised.
+
+No field that would change the answer is silently dropped: OpenAI fields camelid does not
+implement (`UNSUPPORTED_FIELDS`) are 400 naming the field; fields that do not change the output
+(`IGNORED_FIELDS`: user, metadata, store, ...) and names OpenAI does not define are ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from camelid.engine.sampling import MAX_LOGIT_BIAS as MAX_BIAS
+from camelid.engine.sampling import MAX_PENALTY
 
 # Limits (named here, enforced by `check_request` and the app).
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -62,6 +70,12 @@ values under ~1e-45 read 0 in float32."""
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
 """Range of `repetition_penalty` (1 = off): a seen token's logit is divided or multiplied by it,
 and far outside this range that overflows float32."""
+MAX_LOGIT_BIAS_TOKENS = 300
+"""Most entries in `logit_bias` (OpenAI's limit)."""
+MAX_TOOLS = 128
+"""Most functions in `tools` (OpenAI's limit)."""
+MAX_SCHEMA_BYTES = 64 * 1024
+"""Largest JSON schema (response_format or one tool's parameters), as compact JSON."""
 MAX_MODEL_NAME_CHARS = 256
 """Longest `model` accepted (a name is echoed in the 404 for an unknown one)."""
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -89,6 +103,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# OpenAI request fields camelid does not implement, each with what to do instead: 400 when given
+# (a null counts as absent). Per route, since the two APIs define different fields.
+UNSUPPORTED_FIELDS = {
+    "chat": {
+        "audio": "audio output is not supported (text only)",
+        "prediction": "predicted outputs are not supported",
+        "web_search_options": "web search is not supported",
+        "reasoning_effort": "this model does not reason in a separate phase",
+        "verbosity": "use max_tokens and the prompt to shape the answer's length",
+        "functions": "use tools (functions is OpenAI's deprecated form)",
+        "function_call": "use tool_choice (function_call is OpenAI's deprecated form)",
+    },
+    "completions": {
+        "best_of": "best_of is not supported; use n and pick",
+    },
+}
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+                  "safety_identifier")
+"""OpenAI fields that do not change the generated output: accepted and ignored."""
+
+
 class _Body(BaseModel):
     # Unknown fields are ignored (as vLLM does) so clients that send e.g. `user` keep working.
     # Types are strict: "5" is not an integer, true is not a number, 1 is not a boolean.
@@ -100,10 +135,26 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str
+    """The arguments as a JSON text (OpenAI's shape)."""
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    """Required except for an assistant turn (OpenAI's rule; its tool calls are not supported)."""
+    """Required except for an assistant turn that calls tools (OpenAI's rule)."""
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls."""
+    tool_call_id: str | None = None
+    """A tool turn's answer is to this call."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -113,6 +164,41 @@ class Message(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(_Body):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+    """Accepted either way: camelid always enforces the schema while decoding."""
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    """Accepted either way: a forced call's arguments always follow `parameters`."""
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class _Request(_Body):
@@ -127,6 +213,7 @@ class _Request(_Body):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     # vLLM-named extensions
     top_k: int | None = None
     repetition_penalty: float | None = None
@@ -138,6 +225,11 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
 
 
 class CompletionRequest(_Request):
@@ -151,7 +243,8 @@ def _bad(message: str, param: str, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-SIZE_LIMITS = {"messages": MAX_MESSAGES, "prompt": max(MAX_PROMPTS, MAX_PROMPT_TOKENS), "stop": MAX_STOP}
+SIZE_LIMITS = {"messages": MAX_MESSAGES, "prompt": max(MAX_PROMPTS, MAX_PROMPT_TOKENS), "stop": MAX_STOP,
+               "tools": MAX_TOOLS, "logit_bias": MAX_LOGIT_BIAS_TOKENS}
 """Most items of a body's list fields, checked on the parsed JSON before validation builds them."""
 
 
@@ -161,7 +254,7 @@ def check_sizes(data: dict[str, Any], fields: Any = SIZE_LIMITS) -> None:
     Only `fields` (the request type's own) are looked at; others are ignored anyway."""
     for name, limit in SIZE_LIMITS.items():
         value = data.get(name) if name in fields else None
-        if isinstance(value, list) and len(value) > limit:
+        if isinstance(value, (list, dict)) and len(value) > limit:
             raise _bad(f"{name} has {len(value)} items; at most {limit} are accepted", name)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -172,6 +265,13 @@ def check_sizes(data: dict[str, Any], fields: Any = SIZE_LIMITS) -> None:
     model = data.get("model")
     if isinstance(model, str) and len(model) > MAX_MODEL_NAME_CHARS:
         raise _bad(f"model must be at most {MAX_MODEL_NAME_CHARS} characters", "model")
+
+
+def check_fields(data: dict[str, Any], route: str) -> None:
+    """400 for a field OpenAI defines that camelid does not implement (UNSUPPORTED_FIELDS)."""
+    for name, why in UNSUPPORTED_FIELDS[route].items():
+        if data.get(name) is not None:
+            raise _bad(f"{name} is not supported by this server: {why}", name, "unsupported_parameter")
 
 
 def check_request(req: _Request) -> None:
@@ -203,14 +303,22 @@ def check_request(req: _Request) -> None:
         raise _bad(f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY} "
                    f"(1 = off), got {rp}", "repetition_penalty")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise _bad(f"{name} is not supported; use repetition_penalty", name)
+        value = getattr(req, name)
+        if value is not None and not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise _bad(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value}", name)
+    for key, bias in (req.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) <= MAX_INT_DIGITS):
+            raise _bad(f"logit_bias keys are token ids written as decimal strings, got {key[:40]!r}", "logit_bias")
+        if not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise _bad(f"logit_bias values must be between -{MAX_BIAS:g} and {MAX_BIAS:g}, got {bias}", "logit_bias")
     if isinstance(req, ChatRequest):
         for i, m in enumerate(req.messages):
             if m.content is None and m.role != "assistant":
                 raise _bad(f"messages[{i}] ({m.role}) has no content", f"messages.{i}.content")
             if isinstance(m.content, list) and not m.content:
                 raise _bad(f"messages[{i}].content is an empty list of parts", f"messages.{i}.content")
+    if isinstance(req, ChatRequest) and req.modalities is not None and req.modalities != ["text"]:
+        raise _bad("modalities: only [\"text\"] is supported (no audio output)", "modalities", "unsupported_parameter")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise _bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {req.top_logprobs}", "top_logprobs")

@@ -26,6 +26,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    """When the request was made (time to first token counts from here)."""
+    first_token_at: float | None = None
+    last_token_at: float | None = None
     _open: int = 0  # choices still generating
     _rids: list[int] = field(default_factory=list)
 
@@ -83,6 +88,9 @@ class Scheduler:
         self.completed = 0
         self.generated_tokens = 0
         self.peak_running = 0  # most sequences ever generated together (shows batching happened)
+        self.observers: list = []
+        """Objects with `tokens(job, now)`, called on this thread for each step that gave a job
+        tokens (the app's metrics)."""
         self._thread = threading.Thread(target=self._loop, name="camelid-scheduler", daemon=True)
         self._thread.start()
 
@@ -279,7 +287,14 @@ class Scheduler:
                         self._running_jobs.discard(job)
                         self.completed += 0 if job.cancelled else 1
                         finished.append(job)
+        now = time.monotonic()
         for job, ds in by_job.items():
+            if any(d.token_ids for d in ds):
+                for observer in self.observers:
+                    try:
+                        observer.tokens(job, now)
+                    except Exception:  # noqa: BLE001 - metrics must never stop generation
+                        log.exception("a scheduler observer failed")
             job._post(ds)
         for job, error in failed:
             log.warning("a request failed on its own and left the batch: %s", error)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -53,6 +54,9 @@ class ServeConfig:
     """Context length to enforce (0 = the model's; more than the model's positions is refused)."""
     log_level: str = "info"
     """uvicorn log level: critical, error, warning, info, debug."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins whose pages may call the API from a browser (CORS), comma-separated, e.g.
+    https://app.example.com,http://localhost:3000 (or *); none by default."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -67,6 +71,7 @@ class ServeConfig:
             raise ValueError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
         if any(not k or k != k.strip() for k in self.api_keys):
             raise ValueError("API keys must be non-empty and have no surrounding spaces")
+        check_origins(self.allowed_origins)
 
 
 def build_registry(cfg: ServeConfig):
@@ -93,6 +98,22 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+"""A web origin as browsers send it: scheme, host (a name, IPv4 or bracketed IPv6), port."""
+
+
+def check_origins(origins) -> list[str]:
+    """The --allowed-origins as CORS takes them: "*" or scheme://host[:port], as a browser sends
+    its Origin header (no path, no trailing slash); anything else is a ValueError."""
+    out = []
+    for origin in origins:
+        if origin != "*" and not ORIGIN_RE.fullmatch(origin):
+            raise ValueError(f"--allowed-origins takes origins such as https://app.example.com or http://localhost:3000 "
+                             f"(scheme, host and port, no path) or *, got {origin!r}")
+        out.append(origin)
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -130,7 +151,7 @@ def serve(cfg: ServeConfig) -> int:
     except BaseException:
         sock.close()
         raise
-    app = create_app(registry, cfg.api_keys, host=cfg.host)
+    app = create_app(registry, cfg.api_keys, host=cfg.host, allowed_origins=cfg.allowed_origins)
     url = url_of(sock)
     names = ", ".join(m.name for m in registry)
     print(f"camelid serve: {names} on {url}  (web chat: {url}/ , API: {url}/v1"

@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const ui = {
   model: $("model"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
-  maxTokens: $("max-tokens"), system: $("system"), apiKey: $("api-key"), settings: $("settings"),
+  maxTokens: $("max-tokens"), jsonMode: $("json-mode"), system: $("system"), apiKey: $("api-key"), settings: $("settings"),
   settingsToggle: $("settings-toggle"), newChat: $("new-chat"), messages: $("messages"), empty: $("empty"),
   form: $("form"), prompt: $("prompt"), send: $("send"), stop: $("stop"), status: $("status"),
 };
@@ -106,6 +106,8 @@ async function ask(question) {
     model: ui.model.value, messages, stream: true, stream_options: { include_usage: true },
     temperature: Number(ui.temperature.value), max_tokens: Number(ui.maxTokens.value) || undefined,
   };
+  // JSON toggle: the server constrains decoding to a JSON object (OpenAI's json mode).
+  if (ui.jsonMode.checked) body.response_format = { type: "json_object" };
   state.controller = new AbortController();
   setBusy(true);
   setStatus("generating...");
@@ -168,6 +170,7 @@ function init() {
   ui.maxTokens.value = saved("maxTokens", ui.maxTokens.value);
   ui.apiKey.value = saved("apiKey", "");
   ui.system.value = saved("system", "");
+  ui.jsonMode.checked = saved("json", "0") === "1";
   ui.temperatureValue.textContent = Number(ui.temperature.value).toFixed(2);
 
   ui.temperature.addEventListener("input", () => {
@@ -175,6 +178,7 @@ function init() {
     save("temperature", ui.temperature.value);
   });
   ui.maxTokens.addEventListener("change", () => save("maxTokens", ui.maxTokens.value));
+  ui.jsonMode.addEventListener("change", () => save("json", ui.jsonMode.checked ? "1" : "0"));
   ui.model.addEventListener("change", () => save("model", ui.model.value));
   ui.system.addEventListener("change", () => save("system", ui.system.value));
   ui.apiKey.addEventListener("change", () => { save("apiKey", ui.apiKey.value.trim()); loadModels(); });
