@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -92,6 +92,31 @@ class _Row:
     error: Exception | None = None
     matcher: object | None = None
     """The row's grammar state (`engine.grammar`), when its params carry a grammar."""
+
+
+def advance_row(row: Any, tok: int, lp: float, alt: list[tuple[int, float]] | None, eos_ids: Any) -> Delta:
+    """Append a sampled token to a row, turn it into text, decide whether the row finished: the
+    per-token finish logic of both backends (a row here or a `llamacpp._Row`: the same fields)."""
+    if row.matcher is not None:
+        grammar.advance(row.matcher, tok)
+    row.out.append(tok)
+    row.logprobs.append(lp)
+    if alt is not None:
+        row.top.append(alt)
+    text, finish = "", None
+    if (tok in eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids:
+        finish = "stop"
+        text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
+    else:
+        text, hit = row.stop_text.feed(row.decoder.push(tok))
+        if hit:
+            finish = "stop"
+        elif len(row.out) >= row.params.max_new_tokens:
+            text += row.stop_text.feed(row.decoder.flush())[0]
+            text += "" if row.stop_text.stopped else row.stop_text.finish()
+            finish = "stop" if row.stop_text.stopped else "length"
+    row.finish = finish
+    return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
 
 
 class Engine:
@@ -372,30 +397,9 @@ class Batch:
         return deltas
 
     def _advance(self, row: _Row, tok: int, lp: float, alt, hidden: torch.Tensor | None) -> Delta:
-        """Append a sampled token to a row, turn it into text, decide whether the row finished."""
-        if row.matcher is not None:
-            grammar.advance(row.matcher, tok)
-        row.out.append(tok)
         if hidden is not None:
             row.hidden.append(hidden.clone())
-        row.logprobs.append(lp)
-        if alt is not None:
-            row.top.append(alt)
-        text, finish = "", None
-        stop_tok = (tok in self.engine.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids
-        if stop_tok:
-            finish = "stop"
-            text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
-        else:
-            text, hit = row.stop_text.feed(row.decoder.push(tok))
-            if hit:
-                finish = "stop"
-            elif len(row.out) >= row.params.max_new_tokens:
-                text += row.stop_text.feed(row.decoder.flush())[0]
-                text += "" if row.stop_text.stopped else row.stop_text.finish()
-                finish = "stop" if row.stop_text.stopped else "length"
-        row.finish = finish
-        return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
+        return advance_row(row, tok, lp, alt, self.engine.eos_ids)
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if r.finish is None]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from camelid.engine import grammar
-from camelid.engine.engine import Completion, Delta, prompt_ids, raise_row_errors
+from camelid.engine.engine import Completion, Delta, advance_row, prompt_ids, raise_row_errors
 from camelid.engine.sampling import SamplingParams
 from camelid.engine.text import IncrementalDecoder, StopText
 from camelid.errors import CamelidError
@@ -393,27 +393,7 @@ class LlamaCppBatch:
         return deltas
 
     def _advance(self, row: _Row, tok: int, lp: float, alt: list[tuple[int, float]] | None) -> Delta:
-        """Append a token to a row and decide whether it finished (as engine.Batch._emit does)."""
-        if row.matcher is not None:
-            grammar.advance(row.matcher, tok)
-        row.out.append(tok)
-        row.logprobs.append(lp)
-        if alt is not None:
-            row.top.append(alt)
-        text, finish = "", None
-        if (tok in self.engine.eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids:
-            finish = "stop"
-            text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
-        else:
-            text, hit = row.stop_text.feed(row.decoder.push(tok))
-            if hit:
-                finish = "stop"
-            elif len(row.out) >= row.params.max_new_tokens:
-                text += row.stop_text.feed(row.decoder.flush())[0]
-                text += "" if row.stop_text.stopped else row.stop_text.finish()
-                finish = "stop" if row.stop_text.stopped else "length"
-        row.finish = finish
-        return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
+        return advance_row(row, tok, lp, alt, self.engine.eos_ids)
 
 
 def _sample(engine: LlamaCppEngine, rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list, list]:
