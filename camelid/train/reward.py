@@ -268,7 +268,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
     from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
     from camelid.train.tracking import Tracker
-    from camelid.utils import print0, seed_everything, world_size, write_json
+    from camelid.utils import seed_everything, status, world_size, write_json
 
     set_threads(cfg.num_threads)
     path = resolve_trained(cfg.model)
@@ -277,7 +277,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     tok = load_tokenizer(path)
     tj, tk, t_drop = _pair_data(cfg, cfg.train_split, cfg.max_train_samples, tok)
     ej, ek, e_drop = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
-    print0(f"reward: {len(tj)} train pairs ({t_drop} over {cfg.max_length} tokens dropped), "
+    status(f"reward: {len(tj)} train pairs ({t_drop} over {cfg.max_length} tokens dropped), "
            f"{len(ej)} eval pairs ({e_drop} dropped)")
     train_ds = datasets.Dataset.from_dict({"chosen_ids": tj, "rejected_ids": tk})
     eval_ds = datasets.Dataset.from_dict({"chosen_ids": ej, "rejected_ids": ek}) if cfg.eval_steps else None
