@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from camelid import logs
@@ -49,6 +50,16 @@ def add_output_flags(parser: argparse.ArgumentParser, default: object) -> None:
                    help="also debug lines, tracebacks, and other libraries' warnings and progress bars")
 
 
+def _add_output_flags_below(parser: argparse.ArgumentParser) -> None:
+    """The output flags on a command's parser and on its own subcommands' (`data stackexchange`),
+    defaulting to nothing so that a flag given before the command name is kept."""
+    add_output_flags(parser, default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
+                _add_output_flags_below(child)
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     from camelid import __version__
 
@@ -63,7 +74,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         if name == command:
             importlib.import_module(module).register(sub, name)
-            add_output_flags(sub.choices[name], default=argparse.SUPPRESS)  # keeps a flag given before the command
+            _add_output_flags_below(sub.choices[name])
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -90,6 +101,15 @@ def _fail(e: BaseException) -> int:
     return e.exit_code if isinstance(e, CamelidError) else EXIT_FAILURE
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (a test's capture)
+        pass
+
+
 def _run(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     command = command if command in COMMANDS else None
@@ -107,6 +127,9 @@ def _run(argv: list[str]) -> int:
         if missing is None:  # a base dependency: a broken install, shown with its traceback
             raise
         return _fail(missing)
+    except BrokenPipeError:  # stdout's reader left (`camelid models | head -1`): nothing to report
+        _silence_stdout()
+        return EXIT_FAILURE
     except (CamelidError, OSError) as e:
         return _fail(e)
     except KeyboardInterrupt:

@@ -152,6 +152,28 @@ def hub_download_bars() -> Iterator[None]:
             disable_progress_bars()
 
 
+@contextlib.contextmanager
+def library_tqdm_off(module: str) -> Iterator[None]:
+    """Below --verbose, no progress bar from `module`, a library module that calls tqdm itself with
+    no switch of its own (transformers' GGUF de-quantisation bar, for one), for the block."""
+    if _level == VERBOSE:
+        yield
+        return
+    import functools
+    import importlib
+
+    mod = importlib.import_module(module)
+    original = getattr(mod, "tqdm", None)
+    if original is None:  # the library changed: nothing to turn off
+        yield
+        return
+    mod.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        mod.tqdm = original
+
+
 def _set_level(value: int) -> None:
     global _level
     _level = value
@@ -164,14 +186,14 @@ def output_level(lvl: int) -> Iterator[None]:
         stack.callback(_set_level, _level)
         _set_level(lvl)
         _set_env(stack, ALWAYS_ENV)
+        if lvl == QUIET:  # tqdm reads it when first imported (below, by huggingface_hub)
+            _set_env(stack, {"TQDM_DISABLE": "1"}, force=True)
         if lvl < VERBOSE:
             _set_env(stack, THIRD_PARTY_QUIET_ENV)
             _hub_bars_off(stack)
             if not sys.warnoptions:  # `python -W ...` is the user's choice
                 stack.enter_context(warnings.catch_warnings())
                 warnings.simplefilter("ignore")
-        if lvl == QUIET:
-            _set_env(stack, {"TQDM_DISABLE": "1"}, force=True)
         root = logging.getLogger()
         handler = _StderrHandler(lvl)
         root.addHandler(handler)

@@ -123,9 +123,9 @@ def test_eval_cli_run_folder_and_bad_input(models, tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     assert set(result["models"]) == {"base"} and result["kl"] is None and result["win_rates"] == {}
     capsys.readouterr()
-    assert main(["eval", "--run", str(tmp_path / "nothing-here"), "--max-questions", "2"]) == 2
+    assert main(["eval", "--run", str(tmp_path / "nothing-here"), "--max-questions", "2"]) == 1
     assert main(["eval", "--data", str(models["data"]), "--base-model", str(models["base"]),
-                 "--reward-model", str(tmp_path / "no-rm"), "--sft-model", "", "--ppo-model", ""]) == 2
+                 "--reward-model", str(tmp_path / "no-rm"), "--sft-model", "", "--ppo-model", ""]) == 1
     assert main(["eval", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("camelid: error:") == 3 and "Traceback" not in err

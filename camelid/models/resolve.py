@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camelid.errors import CamelidError
-from camelid.logs import debug, hub_download_bars
+from camelid.logs import debug, hub_download_bars, library_tqdm_off
 from camelid.utils import atomic_dir, camelid_home, status
 
 
@@ -156,7 +156,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     status(f"converting {gguf.name} to safetensors in {out} (once; later loads take seconds)")
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with library_tqdm_off("transformers.modeling_gguf_pytorch_utils"):
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for a bad file
         raise CamelidError(f"cannot read {gguf}: {str(e).splitlines()[0]}; is it a complete llama GGUF file?") from None
     # The weights are now plain float tensors; drop the GGUF quantizer so they save normally.
