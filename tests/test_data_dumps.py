@@ -158,8 +158,8 @@ def test_cli_bad_dump_exits_1_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.7z"
     bad.write_bytes(b"not an archive")
     assert main(["data", "stackexchange", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("camelid: error:") and "7z" in err and "\n" not in err
+    *status, err = capsys.readouterr().err.strip().splitlines()
+    assert status == [f"reading {bad}"] and err.startswith("camelid: error:") and "7z" in err
 
 
 def test_cli_builds_sample(tmp_path, capsys):
