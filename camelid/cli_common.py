@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 
 
 def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -45,8 +45,11 @@ def sampling_from_args(args: argparse.Namespace, extra_stop: tuple[str, ...] = (
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
-    """Validate sampling flags before the (slow) model load."""
-    sampling_from_args(args)
+    """Validate sampling flags before the (slow) model load: a bad value is a UsageError."""
+    try:
+        sampling_from_args(args)
+    except CamelidError as e:
+        raise UsageError(str(e)) from None
 
 
 def load_engine(args: argparse.Namespace):
@@ -59,7 +62,7 @@ def load_engine(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if getattr(args, "backend", "torch") == "llama.cpp":
         if args.load_8bit:
-            raise CamelidError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
+            raise UsageError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
         try:
             from camelid.engine.llamacpp import load_llamacpp_engine
         except ImportError as e:

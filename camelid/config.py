@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from camelid.errors import CamelidError
+from camelid.errors import UsageError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 T = TypeVar("T")
@@ -40,13 +40,13 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise CamelidError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} or give a YAML file")
+        raise UsageError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} or give a YAML file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise CamelidError(f"preset {path} is not valid YAML: {e}".splitlines()[0]) from None
+        raise UsageError(f"preset {path} is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(data, dict):
-        raise CamelidError(f"preset {path} must be a mapping of stage name to settings")
+        raise UsageError(f"preset {path} must be a mapping of stage name to settings")
     return data
 
 
@@ -84,7 +84,7 @@ def _base_type(tp: Any) -> Any:
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Turn a YAML/CLI value into the field's type, or raise a one-line CamelidError."""
+    """Turn a YAML/CLI value into the field's type, or raise a one-line UsageError."""
     if value is None:
         return None
     tp = _base_type(tp)
@@ -112,22 +112,22 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError(value)
             return value
     except (TypeError, ValueError):
-        raise CamelidError(f"--{name.replace('_', '-')}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+        raise UsageError(f"--{name.replace('_', '-')}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     return value
 
 
 def build(cls: type[T], values: dict[str, Any], *, where: str = "config") -> T:
-    """cls(**values) with types coerced; unknown keys and failed checks become CamelidError."""
+    """cls(**values) with types coerced; unknown keys and failed checks become UsageError (exit 2)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
-        raise CamelidError(f"{where}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; see --help")
+        raise UsageError(f"{where}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; see --help")
     kwargs = {k: _coerce(k, hints[k], v) for k, v in values.items()}
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise CamelidError(f"{where}: {e}") from None
+        raise UsageError(f"{where}: {e}") from None
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 
 GB = 1e9
 METHODS = ("full", "lora", "lora-8bit", "inference", "inference-8bit")
@@ -96,7 +96,7 @@ def parse_params(text: str) -> float:
     """'7B' -> 7e9, '135M' -> 1.35e8, '6.7b' -> 6.7e9, '7e9' -> 7e9."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmbt]?)\s*", str(text), re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
-        raise CamelidError(f"--params {text!r}: give a parameter count like 7B, 13B, 135M or 7e9")
+        raise UsageError(f"--params {text!r}: give a parameter count like 7B, 13B, 135M or 7e9")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
     return float(m.group(1)) * scale
 
@@ -163,11 +163,11 @@ def estimate(params: float, method: str = "full", *, seq_len: int = 1024, batch:
     published llama shape nearest `params`).
     """
     if method not in METHODS:
-        raise CamelidError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+        raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if dtype not in DTYPE_BYTES:
-        raise CamelidError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
     if seq_len < 1 or batch < 1:
-        raise CamelidError("--seq-len and --batch must be positive integers")
+        raise UsageError("--seq-len and --batch must be positive integers")
     shape = shape or nearest_shape(params)
     w, billions = DTYPE_BYTES[dtype], params / 1e9
     act = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=checkpointing) / GB
@@ -296,7 +296,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.params and not args.model:
-        raise CamelidError("give --params (e.g. 7B) or --model NAME_OR_DIR")
+        raise UsageError("give --params (e.g. 7B) or --model NAME_OR_DIR")
     shape = None
     if args.model:
         from camelid.models.resolve import resolve_model

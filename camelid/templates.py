@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -98,7 +98,7 @@ def model_template(tokenizer) -> Template:
 def pick_template(name: str | None, tokenizer=None, model_path: str | Path | None = None) -> Template:
     if name and name != "model":
         if name not in TEMPLATES:
-            raise CamelidError(f"unknown conversation template {name!r}; choose one of {', '.join(NAMES)}")
+            raise UsageError(f"unknown conversation template {name!r}; choose one of {', '.join(NAMES)}")
         return TEMPLATES[name]
     if name is None and model_path is not None:
         meta = Path(model_path) / "camelid.json"

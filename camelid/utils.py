@@ -33,8 +33,12 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 def status(*args: Any) -> None:
     """A status line (what camelid is doing, not what the command answers): stderr, rank 0 only,
-    so a command's stdout holds only its answer (`camelid generate "..." > answer.txt`)."""
-    print0(*args, file=sys.stderr)
+    so a command's stdout holds only its answer (`camelid generate "..." > answer.txt`); none
+    under --quiet (camelid.logs has the output rules)."""
+    from camelid import logs
+
+    if logs.level() >= logs.NORMAL:
+        print0(*args, file=sys.stderr)
 
 
 def camelid_home() -> Path:

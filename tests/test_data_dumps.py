@@ -154,12 +154,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, case):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))  # nothing half-written
 
 
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+def test_cli_bad_dump_exits_1_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.7z"
     bad.write_bytes(b"not an archive")
-    assert main(["data", "stackexchange", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("camelid: error:") and "7z" in err and "\n" not in err
+    assert main(["data", "stackexchange", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    *status, err = capsys.readouterr().err.strip().splitlines()
+    assert status == [f"reading {bad}"] and err.startswith("camelid: error:") and "7z" in err
 
 
 def test_cli_builds_sample(tmp_path, capsys):

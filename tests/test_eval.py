@@ -150,9 +150,9 @@ def test_eval_cli_run_folder_and_bad_input(models, tmp_path, capsys):
     assert set(result["models"]) == {"base"} and result["kl"] == {} and result["comparisons"] == {}
     assert result["answers_per_question"] == 4 and set(result["judges"]) == {"training"}
     capsys.readouterr()
-    assert main(["eval", "--run", str(tmp_path / "nothing-here"), "--max-questions", "2"]) == 2
+    assert main(["eval", "--run", str(tmp_path / "nothing-here"), "--max-questions", "2"]) == 1
     assert main(["eval", "--data", str(models["data"]), "--base-model", str(models["base"]),
-                 "--reward-model", str(tmp_path / "no-rm"), "--sft-model", "", "--ppo-model", ""]) == 2
+                 "--reward-model", str(tmp_path / "no-rm"), "--sft-model", "", "--ppo-model", ""]) == 1
     assert main(["eval", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("camelid: error:") == 3 and "Traceback" not in err

@@ -57,12 +57,12 @@ def test_merge_reward_adapter_keeps_trained_score_head(tiny_model_dir, tmp_path)
 
 
 def test_merge_bad_inputs(tmp_path, tiny_model_dir, capsys):
-    assert main(["merge", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
+    assert main(["merge", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 1
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text("{not json")
-    assert main(["merge", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert main(["merge", str(bad), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("camelid: error:") and "not valid JSON" in err and "\n" not in err
     assert not (tmp_path / "x").exists()

@@ -89,7 +89,7 @@ def test_outputs_honour_the_umask(tmp_path):
 def test_merge_keeps_a_users_folder_unless_overwrite(tiny_model_dir, tmp_path, capsys):
     random_adapter(tiny_model_dir, tmp_path / "adapter", "causal_lm")
     models = users_folder(tmp_path / "models")
-    assert main(["merge", str(tmp_path / "adapter"), "--out", str(models)]) == 2
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(models)]) == 1
     err = capsys.readouterr().err
     assert "camelid did not write it" in err and "Traceback" not in err
     assert (models / "thesis.txt").is_file()
@@ -101,11 +101,11 @@ def test_merge_keeps_a_users_folder_unless_overwrite(tiny_model_dir, tmp_path, c
 
 def test_data_commands_keep_a_users_folder(tmp_path, capsys):
     out = users_folder(tmp_path / "x")
-    assert main(["data", "stackexchange", "sample", "--out", str(out), "--no-progress"]) == 2
+    assert main(["data", "stackexchange", "sample", "--out", str(out), "--no-progress"]) == 1
     assert "camelid did not write it" in capsys.readouterr().err
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-    assert main(["data", "import", str(pairs), "--out", str(out), "--no-progress"]) == 2
+    assert main(["data", "import", str(pairs), "--out", str(out), "--no-progress"]) == 1
     assert "camelid did not write it" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"]
 

@@ -291,10 +291,11 @@ def test_old_logprobs_from_the_rollout_equal_a_forward_pass(tmp_path, tiny_model
 # --- bad input: one-line errors -----------------------------------------------------------------
 
 
-def cli_error(argv: list[str], capsys) -> str:
+def cli_error(argv: list[str], capsys, code: int = 1) -> str:
+    """The one error line of a failed run; exit 1 (the work failed) or 2 (a usage error)."""
     from camelid.cli import main
 
-    assert main(argv) == 2
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err.strip().splitlines()[-1]
@@ -302,10 +303,10 @@ def cli_error(argv: list[str], capsys) -> str:
 
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir, data, capsys):
     base = ["ppo", "--policy", str(tiny_model_dir), "--data", str(data)]
-    assert "--reward-model is required" in cli_error([*base, "--out", str(tmp_path / "a")], capsys)
+    assert "--reward-model is required" in cli_error([*base, "--out", str(tmp_path / "a")], capsys, code=2)
     msg = cli_error([*base, "--reward-model", str(tiny_model_dir), "--out", str(tmp_path / "b")], capsys)
     assert "is not a reward model" in msg
-    msg = cli_error([*base, "--reward-model", str(tiny_model_dir), "--batch-size", "3", "--out", str(tmp_path / "c")], capsys)
+    msg = cli_error([*base, "--reward-model", str(tiny_model_dir), "--batch-size", "3", "--out", str(tmp_path / "c")], capsys, code=2)
     assert "multiple of mini_batch_size" in msg
     msg = cli_error([*base, "--reward-model", str(tiny_model_dir), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "d")], capsys)
     assert "does not exist" in msg

@@ -57,8 +57,9 @@ def fetch(model: str, cwd: Path, endpoint: str, offline: bool = False) -> subpro
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed fetch (exit 1: the command line is fine, the model is not there)."""
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("camelid: error: "), r.stderr[-3000:]
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("camelid: error: "), r.stderr[-3000:]
     return lines[0]
 
 

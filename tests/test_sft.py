@@ -157,10 +157,11 @@ def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
 # --- bad input: one-line errors before any training -------------------------------------------
 
 
-def cli_error(argv: list[str], capsys) -> str:
+def cli_error(argv: list[str], capsys, code: int = 1) -> str:
+    """The one error line of a failed run; exit 1 (the work failed) or 2 (a usage error)."""
     from camelid.cli import main
 
-    assert main(argv) == 2
+    assert main(argv) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -195,7 +196,7 @@ def test_unwritable_output_and_bad_flags(tmp_path, tiny_model_dir, data, capsys)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert "cannot write to output folder" in cli_error(cli_args(tiny_cfg(tiny_model_dir, data, blocker / "out")), capsys)
-    assert "lora_r" in cli_error(cli_args(tiny_cfg(tiny_model_dir, data, tmp_path / "o")) + ["--lora-r", "0"], capsys)
+    assert "lora_r" in cli_error(cli_args(tiny_cfg(tiny_model_dir, data, tmp_path / "o")) + ["--lora-r", "0"], capsys, code=2)
     err = cli_error(cli_args(tiny_cfg(tiny_model_dir, data, tmp_path / "o")) + ["--lora-target-modules", "nope_proj"], capsys)
     assert "match no layer" in err and "q_proj" in err
 

@@ -61,7 +61,7 @@ def test_report_to_parsing_and_missing_packages(tmp_path):
         parse_report_to("mlflow")
     for name in ("wandb", "trackio"):
         if importlib.util.find_spec(name) is None:
-            with pytest.raises(CamelidError, match=f"pip install {name}"):
+            with pytest.raises(CamelidError, match=rf"--report-to {name} needs the tracking extra .*pip install 'camelid\[tracking\]'"):
                 Tracker(tmp_path, report_to=name)
 
 

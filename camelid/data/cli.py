@@ -46,8 +46,10 @@ def run_stackexchange(args: argparse.Namespace) -> int:
     from camelid.config import from_args
     from camelid.data.stackexchange import StackExchangeConfig, run
 
+    from camelid.utils import status
+
     cfg = from_args(StackExchangeConfig, args, "data")
-    print(f"reading {cfg.input}")
+    status(f"reading {cfg.input}")
     _summary(run(cfg))
     return 0
 

@@ -97,9 +97,11 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool):
     """A tqdm bar; byte counts scale to KB/MB, and it redraws at most once a second."""
     from tqdm.auto import tqdm
 
+    from camelid.logs import bars_off
+
     scale = unit == "B"
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                disable=not enabled, mininterval=1.0, dynamic_ncols=True)
+                disable=bars_off(enabled), mininterval=1.0, dynamic_ncols=True)
 
 
 def inline_counts(d: dict[str, int]) -> str:

@@ -200,6 +200,8 @@ def write_gguf(src: Source, vocab: GgufVocab, quant: str, path: Path, name: str,
     from gguf import GGUFWriter, GGMLQuantizationType as Q, quants
     from tqdm import tqdm
 
+    from camelid.logs import bars_off
+
     shapes = {k: t.shape for k, t in src.tensors.items()}
     plan = plan_tensors(src, shapes, quant)
     writer = GGUFWriter(path, "llama")
@@ -214,7 +216,7 @@ def write_gguf(src: Source, vocab: GgufVocab, quant: str, path: Path, name: str,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in tqdm(plan, desc=f"export {quant}", unit="tensor", disable=not progress):
+        for t in tqdm(plan, desc=f"export {quant}", unit="tensor", disable=bars_off(progress)):
             data = rope_freqs(src.config) if t.hf_name is None else src.tensors[t.hf_name].load()
             writer.write_tensor_data(convert_tensor(t, data, src.config))
     finally:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from camelid.errors import CamelidError
 from camelid.models.lora import LoraSettings
-from camelid.utils import ensure_writable_dir, print0, rank, world_size
+from camelid.utils import ensure_writable_dir, rank, status, world_size
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_DONE = "checkpoint_done"
@@ -238,7 +238,7 @@ def prepare_run(cfg: TrainSettings, *, resume: bool, overwrite: bool) -> RunStat
     if rank() == 0:
         save_config(cfg, saved_path)
     if resume and ckpt is None:
-        print0(f"no checkpoint in {run_dir / CHECKPOINTS} yet; starting from the beginning")
+        status(f"no checkpoint in {run_dir / CHECKPOINTS} yet; starting from the beginning")
     return RunState(run_dir, ckpt if resume else None, checkpoint_step(ckpt) if (resume and ckpt) else None)
 
 
@@ -305,6 +305,7 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
+    from camelid.logs import bars_off
     from camelid.utils import peak_rss_mb
 
     class _Progress(TrainerCallback):
@@ -317,7 +318,8 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001 - HF signature
             self.t0, self.step0 = time.perf_counter(), state.global_step
             if state.is_world_process_zero:
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=prefix, unit="step", dynamic_ncols=True)
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=prefix, unit="step",
+                                dynamic_ncols=True, disable=bars_off())
 
         def rate(self, state) -> float:  # noqa: ANN001
             """Units per second over this session's training steps (frozen when training ends)."""
@@ -326,13 +328,18 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
             done = state.global_step - self.step0
             return done * (units_per_step or 0) / max(time.perf_counter() - self.t0, 1e-9)
 
+        def show(self, state, refresh: bool) -> None:  # noqa: ANN001
+            """The bar's figures: the last logged loss (none before the first log), the rates."""
+            post = {} if self.loss is None else {"loss": f"{self.loss:.4f}"}
+            post[f"{unit}/s"] = f"{self.rate(state):.1f}"
+            if self.tokens_per_s is not None:
+                post["tokens/s"] = f"{self.tokens_per_s:.0f}"
+            self.bar.set_postfix(post, refresh=refresh)
+
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
-                post = {"loss": "-" if self.loss is None else f"{self.loss:.4f}", f"{unit}/s": f"{self.rate(state):.1f}"}
-                if self.tokens_per_s is not None:
-                    post["tokens/s"] = f"{self.tokens_per_s:.0f}"
-                self.bar.set_postfix(post, refresh=False)
+                self.show(state, refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if not logs or "loss" not in logs:
@@ -346,6 +353,8 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
                 elif now > self.tok0[0]:
                     self.tokens_per_s = perf["perf/tokens_per_s"] = (n - self.tok0[1]) / (now - self.tok0[0])
             tracker.log(perf, state.global_step)
+            if self.bar is not None:  # a step's loss is logged after its on_step_end: show it now
+                self.show(state, refresh=True)
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
             self.final_rate = self.rate(state)

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from camelid.config import add_config_args, from_args
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 from camelid.train.ppo_config import PPOConfig
-from camelid.utils import print0
+from camelid.utils import print0, status
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(PPOConfig, args, "ppo")
     if not cfg.reward_model:
-        raise CamelidError("--reward-model is required: a `camelid reward train` output folder")
+        raise UsageError("--reward-model is required: a `camelid reward train` output folder")
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print0(f"ppo: {result.steps} steps, reward {result.reward_mean:+.3f}, KL {result.kl:.3f}; "
            f"adapter in {result.adapter_dir}" + (f", merged model in {result.model_dir}" if result.model_dir else ""))
@@ -374,7 +374,7 @@ def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwr
     if run.resume_from is not None:
         ppo_state.load_checkpoint(run.resume_from, policy, opt, state)
     if prompts.dropped:
-        print0(f"ppo: dropped {prompts.dropped} prompts longer than {cfg.max_prompt_tokens} tokens; {len(prompts)} left")
+        status(f"ppo: dropped {prompts.dropped} prompts longer than {cfg.max_prompt_tokens} tokens; {len(prompts)} left")
     from camelid.config import to_dict
 
     tracker = Tracker(run.run_dir, cfg.report_to, to_dict(cfg), resume_step=run.resume_step)

@@ -120,7 +120,9 @@ def progress(total: int, done: int, active: bool) -> Iterator[Any]:
     """A tqdm bar on rank 0 (rate and ETA included); a no-op object elsewhere."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=done, desc="ppo", unit="step", dynamic_ncols=True, disable=not active)
+    from camelid.logs import bars_off
+
+    bar = tqdm(total=total, initial=done, desc="ppo", unit="step", dynamic_ncols=True, disable=bars_off(active))
     try:
         yield bar
     finally:

@@ -284,7 +284,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
     from camelid.train.pairs import check_enough
     from camelid.train.tracking import Tracker
-    from camelid.utils import print0, seed_everything, world_size, write_json
+    from camelid.utils import seed_everything, status, world_size, write_json
 
     set_threads(cfg.num_threads)
     path = resolve_trained(cfg.model)
@@ -296,7 +296,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     eval_pairs = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
     (tj, tk), (ej, ek) = train_pairs.reward_ids(tok.eos_token_id), eval_pairs.reward_ids(tok.eos_token_id)
     t_drop, e_drop = train_pairs.dropped, eval_pairs.dropped
-    print0(f"reward: {len(tj)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
+    status(f"reward: {len(tj)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
            f"{t_drop} dropped), {len(ej)} eval pairs ({eval_pairs.truncated} cut, {e_drop} dropped)")
     train_ds = datasets.Dataset.from_dict({"chosen_ids": tj, "rejected_ids": tk})
     eval_ds = datasets.Dataset.from_dict({"chosen_ids": ej, "rejected_ids": ek}) if cfg.eval_steps else None

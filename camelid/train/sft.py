@@ -114,7 +114,7 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFT
     from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
     from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
     from camelid.train.tracking import Tracker
-    from camelid.utils import print0, seed_everything, world_size, write_json
+    from camelid.utils import seed_everything, status, world_size, write_json
 
     set_threads(cfg.num_threads)
     path = resolve_trained(cfg.model)
@@ -126,9 +126,9 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFT
         raise CamelidError(f"the training texts fill less than one block of {cfg.seq_length} tokens; lower --seq-length or add data")
     eval_ds = packed_dataset(sft_texts(cfg, cfg.eval_split, cfg.max_eval_samples), tok, cfg.seq_length)
     if len(eval_ds) == 0:
-        print0(f"warning: the {cfg.eval_split} texts fill less than one block; no evaluation")
+        status(f"warning: the {cfg.eval_split} texts fill less than one block; no evaluation")
         eval_ds = None
-    print0(f"sft: {len(train_ds)} train blocks, {len(eval_ds or [])} eval blocks of {cfg.seq_length} tokens")
+    status(f"sft: {len(train_ds)} train blocks, {len(eval_ds or [])} eval blocks of {cfg.seq_length} tokens")
 
     from camelid.config import to_dict
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from camelid.errors import CamelidError
+from camelid.errors import MissingExtra, UsageError
 from camelid.utils import atomic_write_text, rank
 
 BACKENDS = ("tensorboard", "wandb", "trackio")
@@ -48,7 +48,7 @@ def parse_report_to(value: str | Iterable[str] | None) -> tuple[str, ...]:
     names = tuple(s.strip().lower() for s in items if s.strip() and s.strip().lower() != "none")
     bad = [n for n in names if n not in BACKENDS]
     if bad:
-        raise CamelidError(f"--report-to: unknown backend(s) {', '.join(bad)}; choose from {', '.join(BACKENDS)} or none")
+        raise UsageError(f"--report-to: unknown backend(s) {', '.join(bad)}; choose from {', '.join(BACKENDS)} or none")
     return names
 
 
@@ -180,7 +180,7 @@ def _open_tensorboard(path: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise CamelidError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        raise MissingExtra("tracking", "--report-to tensorboard", "tensorboard") from None
     return SummaryWriter(log_dir=str(path))
 
 
@@ -188,7 +188,7 @@ def _open_wandb(run_dir: Path, project: str, name: str, config: dict[str, Any] |
     try:
         import wandb
     except ImportError:
-        raise CamelidError("--report-to wandb needs the wandb package: pip install wandb") from None
+        raise MissingExtra("tracking", "--report-to wandb", "wandb") from None
     # Offline by default: works without an account or network; `wandb sync` uploads later.
     mode = os.environ.get("WANDB_MODE", "offline")
     return wandb.init(project=project, name=name, config=config or {}, dir=str(run_dir), mode=mode)
@@ -198,7 +198,7 @@ def _open_trackio(project: str, name: str, config: dict[str, Any] | None) -> Any
     try:
         import trackio
     except ImportError:
-        raise CamelidError("--report-to trackio needs the trackio package: pip install trackio") from None
+        raise MissingExtra("tracking", "--report-to trackio", "trackio") from None
     trackio.init(project=project, name=name, config=config or {})
     return trackio
 
