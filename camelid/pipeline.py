@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 
 STAGES = ("data", "sft", "reward", "ppo", "dpo", "eval")
 METHODS = ("ppo", "dpo", "both")
@@ -259,7 +259,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     """Run one stage (resuming from its checkpoints when it was cut short with this config) and
     write its done marker last."""
     from camelid.config import to_dict
-    from camelid.utils import Timer, print0, write_json
+    from camelid.utils import Timer, print0, status, write_json
 
     sdir = run_dir / name
     started = _read_json(sdir / STARTED_FILE)
@@ -269,7 +269,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
         shutil.rmtree(sdir, ignore_errors=True)
     sdir.mkdir(parents=True, exist_ok=True)
     write_json(sdir / STARTED_FILE, {"stage": name, "config_hash": h, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    print0(f"\n[{index + 1}/{len(STAGES)}] {name}: {'resuming from its last checkpoint' if resume else 'running'} ({sdir})")
+    status(f"\n[{index + 1}/{len(STAGES)}] {name}: {'resuming from its last checkpoint' if resume else 'running'} ({sdir})")
     try:
         with Timer() as t, PeakMemory() as mem:
             result = RUNNERS[name](stage_cfg, resume)
@@ -279,7 +279,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     write_json(sdir / DONE_FILE, {"stage": name, "config_hash": h, "config": to_dict(stage_cfg), "seconds": t.seconds,
                                   "peak_mb": mem.mb, "peak_kind": mem.kind, "result": as_json(result),
                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    print0(f"[{index + 1}/{len(STAGES)}] {name}: done in {t.seconds:.0f} s, peak memory {mem.mb:,.0f} MB")
+    status(f"[{index + 1}/{len(STAGES)}] {name}: done in {t.seconds:.0f} s, peak memory {mem.mb:,.0f} MB")
 
 
 def _stage_marker(folder: Path, name: str) -> bool:
@@ -332,7 +332,7 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
 
     from camelid.config import to_dict
     from camelid.eval.report import build_report
-    from camelid.utils import atomic_write_text, ensure_writable_dir, print0
+    from camelid.utils import atomic_write_text, ensure_writable_dir, status
 
     run_dir = ensure_writable_dir(cfg.out)
     configs = stage_configs(cfg, preset, overrides or {})  # every config checked before any work
@@ -351,7 +351,7 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
         hashes[name] = h
         done = read_done(run_dir / name)
         if i < force_from and done is not None and done.get("config_hash") == h:
-            print0(f"[{i + 1}/{len(STAGES)}] {name}: complete with the same config ({h}); skipped")
+            status(f"[{i + 1}/{len(STAGES)}] {name}: complete with the same config ({h}); skipped")
             continue
         run_stage(name, i, configs[name], run_dir, h, fresh=i >= force_from)
         ran.append(name)
@@ -372,7 +372,7 @@ def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         stage, dot, field_name = key.partition(".")
         if not sep or not dot or stage not in STAGES or not field_name:
-            raise CamelidError(f"--set {item!r}: write STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
+            raise UsageError(f"--set {item!r}: write STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
         out.setdefault(stage, {})[field_name.replace("-", "_")] = yaml.safe_load(value) if value else value
     return out
 

@@ -85,8 +85,8 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     # 2. The same command resumes: complete stages are skipped, PPO continues from its checkpoint.
     monkeypatch.setattr(ppo_mod, "ppo_step", real_step)
     res = pipeline.run(cfg, preset)
-    out = capsys.readouterr().out
-    assert res.ran == ("ppo", "eval") and "ppo: resuming from its last checkpoint" in out
+    err = capsys.readouterr().err  # stage lines are status lines
+    assert res.ran == ("ppo", "eval") and "ppo: resuming from its last checkpoint" in err
     assert {k: v for k, v in _finished(run).items() if k in ("data", "sft", "reward")} == \
         {k: v for k, v in before.items() if k in ("data", "sft", "reward")}
     steps = [json.loads(x)["step"] for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()
@@ -121,10 +121,11 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["pipeline", "--preset", preset, "--data", cfg.data, "--model", cfg.model, "--out", cfg.out,
                  "--force", "reward", "--set", "eval.max_questions=2"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     after = _finished(run)
     assert [s for s in pipeline.STAGES if after[s] != mid[s]] == ["reward", "ppo", "eval"]
-    assert "ppo: running" in out and f"camelid chat --model {run / 'ppo' / 'model'}" in out and "report.html" in out
+    assert "ppo: running" in captured.err and f"camelid chat --model {run / 'ppo' / 'model'}" in out and "report.html" in out
 
     # 5. --method both adds DPO beside PPO: only dpo and eval run; eval compares both with SFT.
     res = pipeline.run(replace(cfg, method="both"), preset, parse_sets(["eval.max_questions=2"]))

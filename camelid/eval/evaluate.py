@@ -151,6 +151,8 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     `cfg.seed + SEED_STRIDE · MODELS.index(desc) + n`."""
     from tqdm.auto import tqdm
 
+    from camelid.logs import bars_off
+
     from camelid.engine import Engine, SamplingParams
     from camelid.train.common import qa_text
 
@@ -159,7 +161,7 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     tok = engine.tokenizer
     prompts = [list(tok(qa_text(q, ""))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
     out: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch",
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch", disable=bars_off(),
                       dynamic_ncols=True):
         chunk = prompts[start : start + cfg.batch_size]
         params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,

@@ -148,7 +148,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> D
     from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
     from camelid.train.pairs import check_enough
     from camelid.train.tracking import Tracker
-    from camelid.utils import print0, seed_everything, world_size, write_json
+    from camelid.utils import seed_everything, status, world_size, write_json
 
     set_threads(cfg.num_threads)
     path = resolve_trained(cfg.model)
@@ -158,7 +158,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> D
     train_pairs = pair_rows(cfg, cfg.train_split, cfg.max_train_samples, tok)
     check_enough(train_pairs, cfg.train_split, cfg.min_pairs, cfg.max_length)
     eval_pairs = pair_rows(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
-    print0(f"dpo: {len(train_pairs)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
+    status(f"dpo: {len(train_pairs)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
            f"{train_pairs.dropped} dropped), {len(eval_pairs)} eval pairs; {cfg.loss_type} loss, beta {cfg.beta}")
     eos = tok.eos_token_id
     train_ds = _dataset(train_pairs, eos)
