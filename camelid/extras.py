@@ -22,7 +22,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "trl": "train", "datasets": "train", "accelerate": "train", "pyarrow": "train", "duckdb": "train",
     "py7zr": "train", "markdownify": "train", "matplotlib": "train",
     "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "pydantic": "serve", "llguidance": "serve",
-    "jsonschema": "serve", "prometheus_client": "serve",
+    "jsonschema": "serve", "prometheus_client": "serve", "regex": "serve",
     "llama_cpp": "llamacpp",
     "bitsandbytes": "8bit",
     "tensorboard": "tracking", "wandb": "tracking", "trackio": "tracking",

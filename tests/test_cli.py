@@ -143,14 +143,19 @@ DIST_OF_MODULE = {"yaml": "pyyaml", "llama_cpp": "llama-cpp-python", "prompt_too
 
 
 def _names(requirements: list[str]) -> set[str]:
-    return {r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in requirements}
+    return {_norm(r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0]) for r in requirements}
+
+
+def _norm(name: str) -> str:
+    """A distribution name as PEP 503 compares them (prometheus_client == prometheus-client)."""
+    return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
 def test_every_imported_package_is_declared_in_base_or_its_extra():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base, extras = _names(project["dependencies"]), project["optional-dependencies"]
     for module in sorted(_third_party_imports()):
-        dist = DIST_OF_MODULE.get(module, module).lower()
+        dist = _norm(DIST_OF_MODULE.get(module, module))
         extra = EXTRA_OF_MODULE.get(module)
         if extra is None:
             assert dist in base, f"{module} is imported but neither a base dependency nor in camelid/extras.py"

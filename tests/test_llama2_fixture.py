@@ -176,7 +176,7 @@ def test_serve_answers_a_chat_request(llama2_model_dir):
 PRESET = """
 data: {splits: [0.25, 0.25, 0.25, 0.25], workers: 1, progress: false}
 sft: {max_steps: 2, batch_size: 2, seq_length: 64, save_steps: 2, logging_steps: 1}
-reward: {max_steps: 2, batch_size: 2, max_length: 160, save_steps: 2, logging_steps: 1}
+reward: {max_steps: 2, batch_size: 2, max_length: 160, save_steps: 2, logging_steps: 1, min_pairs: 1}
 ppo: {steps: 2, batch_size: 2, mini_batch_size: 1, ppo_epochs: 1, min_new_tokens: 3, max_new_tokens: 5,
       save_steps: 2, samples_every: 1, forward_batch_size: 2, reward_batch_size: 4}
 eval: {max_questions: 2, max_new_tokens: 5, batch_size: 4}

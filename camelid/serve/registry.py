@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, UsageError
 from camelid.serve.prompting import chat_ids
 from camelid.serve.protocol import APIError
 from camelid.serve.scheduler import Scheduler
@@ -140,5 +140,5 @@ def check_context(engine: Any, max_context: int | None) -> None:
     at startup."""
     positions = model_positions(engine)
     if max_context and positions and max_context > positions:
-        raise CamelidError(f"--max-context {max_context} is more than this model's {positions} positions; "
+        raise UsageError(f"--max-context {max_context} is more than this model's {positions} positions; "
                            f"pass at most {positions} (or 0 for the model's own)")
