@@ -1,0 +1,71 @@
+"""The GPU-only branches, exercised on a CPU: the fast path's CUDA attention form, the 8-bit
+inference backend's choice, DDP's trainer arguments, the training device and dtype on CUDA / mps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+# -- fast path: the attention form CUDA's fused kernels take ------------------------------------
+
+
+def _padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab - 1, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding of different lengths
+    mask[2, :7] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_attention_form_gives_the_cpu_forms_logits(tiny_model_dir, padded):
+    """Prefill, a decode step and a multi-token step after a cached prefix give the same logits
+    with SDPA in CUDA's form (is_causal / additive mask, SDPA decode) as with the CPU form
+    (boolean mask, batched-product decode), on a grouped-query model, padded or not."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from camelid.engine.fastllama import FastLlama
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    assert model.config.num_key_value_heads != model.config.num_attention_heads
+    fast = FastLlama(model)
+    ids, mask, pos = _padded_batch(model.config.vocab_size)
+    if not padded:
+        mask, pos = torch.ones_like(mask), torch.arange(ids.shape[1]).expand(3, -1)
+    real = mask.bool()
+    out = {}
+    for fused in (False, True):
+        cache, steps = DynamicCache(), []
+        steps.append(fast(ids, mask, pos, cache, fused=fused)[real])
+        m, p = mask, pos
+        for n in (1, 3):  # a decode step, then three tokens at once after the cached prefix
+            nxt = torch.full((3, n), 200)
+            m, p = torch.cat([m, torch.ones(3, n, dtype=m.dtype)], 1), p[:, -1:] + torch.arange(1, n + 1)
+            steps.append(fast(nxt, m, p, cache, fused=fused))
+        out[fused] = steps
+    for cpu_form, cuda_form in zip(out[False], out[True]):
+        torch.testing.assert_close(cuda_form, cpu_form, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_args_leave_out_the_mask_where_nothing_is_padded():
+    """No padding: prefill from an empty cache is is_causal with no mask (the flash kernel's
+    form), a decode step has no mask; padding or a cached prefix gives an additive float mask
+    with the dtype's minimum where a key is hidden."""
+    from camelid.engine.fastllama import fused_attention_args, visibility
+
+    full = torch.ones(2, 6, dtype=torch.long)
+    assert fused_attention_args(full, past=0, t=6, dtype=torch.bfloat16) == (None, True)
+    assert fused_attention_args(full, past=5, t=1, dtype=torch.bfloat16) == (None, False)
+    bias, causal = fused_attention_args(full, past=3, t=3, dtype=torch.bfloat16)
+    assert not causal and bias.dtype == torch.bfloat16 and bias.shape == (2, 1, 3, 6)
+    padded = full.clone()
+    padded[0, :2] = 0
+    for past, t in ((0, 6), (5, 1)):
+        bias, causal = fused_attention_args(padded[:, : past + t], past, t, torch.float16)
+        visible = visibility(padded[:, : past + t], past, t)
+        assert not causal and bias.dtype == torch.float16
+        assert torch.equal(bias == 0, visible)
+        assert (bias[~visible] == torch.finfo(torch.float16).min).all()
