@@ -69,3 +69,41 @@ def test_fused_attention_args_leave_out_the_mask_where_nothing_is_padded():
         assert not causal and bias.dtype == torch.float16
         assert torch.equal(bias == 0, visible)
         assert (bias[~visible] == torch.finfo(torch.float16).min).all()
+
+
+# -- --load-8bit: which backend on which device --------------------------------------------------
+
+
+def test_int8_backend_is_bitsandbytes_on_cuda_and_ours_elsewhere(monkeypatch, caplog):
+    """CUDA takes bitsandbytes' LLM.int8() where it is installed (this venv has it), CPU and mps
+    our weight-only int8; CUDA without bitsandbytes falls back to ours with a warning."""
+    from camelid.models import int8
+
+    assert int8.has_bitsandbytes()
+    assert int8.int8_backend("cuda") == int8.int8_backend(torch.device("cuda", 1)) == int8.BITSANDBYTES
+    assert int8.int8_backend("cpu") == int8.int8_backend("mps") == int8.int8_backend(None) == int8.WEIGHT_ONLY
+    monkeypatch.setattr(int8, "has_bitsandbytes", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert int8.int8_backend("cuda") == int8.WEIGHT_ONLY
+    assert "pip install bitsandbytes" in caplog.text
+
+
+def test_load_8bit_for_cuda_gives_llm_int8_layers(tiny_model_dir):
+    """The CUDA branch, run on a CPU: every linear layer but the head becomes bitsandbytes'
+    Linear8bitLt, quantised to int8 when the model is moved (here to the CPU, which bitsandbytes
+    also runs), and the logits stay close to the 16-bit model's."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from camelid.models.int8 import LLM_INT8_THRESHOLD, quantize_model_int8
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    quantize_model_int8(model, torch.bfloat16, "cuda").to("cpu")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()]
+    assert linears and all(type(m) is bnb.nn.Linear8bitLt for m in linears)
+    assert all(m.weight.dtype == torch.int8 and m.state.threshold == LLM_INT8_THRESHOLD for m in linears)
+    ids = torch.randint(100, 4000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()
+    assert (got - want).abs().mean() < 0.05 * want.abs().mean()
