@@ -107,3 +107,67 @@ def test_load_8bit_for_cuda_gives_llm_int8_layers(tiny_model_dir):
     with torch.no_grad():
         want, got = ref(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()
     assert (got - want).abs().mean() < 0.05 * want.abs().mean()
+
+
+# -- data parallel trainer arguments; the training device ----------------------------------------
+
+
+def _sft_arguments(tmp_path, **settings) -> dict:
+    """The keyword arguments trainer_arguments gives TRL's config class for an SFT run (built
+    into a dict: TrainingArguments itself would start the process group WORLD_SIZE names)."""
+    from camelid.train.common import RunState, trainer_arguments
+    from camelid.train.sft import SFTConfig
+
+    return trainer_arguments(SFTConfig(out=str(tmp_path), max_steps=2, **settings), dict, RunState(tmp_path, None, None))
+
+
+def test_data_parallel_arguments_skip_the_unused_parameter_search(tmp_path, monkeypatch):
+    """Under 2 processes DDP is told every parameter is used (LoRA on a checkpointed 8-bit base,
+    as StackLLaMA runs it) and, on CPUs, to talk over gloo; one process leaves both unset."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = _sft_arguments(tmp_path, load_8bit=True, gradient_checkpointing=True)
+    assert one["ddp_find_unused_parameters"] is None and one["ddp_backend"] is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = _sft_arguments(tmp_path, load_8bit=True, gradient_checkpointing=True)
+    assert two["ddp_find_unused_parameters"] is False
+    assert two["ddp_backend"] == "gloo" and two["use_cpu"]  # this machine has no GPU
+    from trl import SFTConfig as TRLSFTConfig
+
+    monkeypatch.delenv("WORLD_SIZE")
+    assert TRLSFTConfig(**_sft_arguments(tmp_path)).ddp_find_unused_parameters is None  # TRL takes the arguments
+
+
+def _devices(monkeypatch, cuda: bool, mps: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize(("cuda", "mps", "device", "dtype"), [
+    (True, True, "cuda:1", torch.bfloat16),
+    (False, True, "mps", torch.float32),
+    (False, False, "cpu", torch.float32),
+])
+def test_training_device_and_dtype(monkeypatch, cuda, mps, device, dtype):
+    """CUDA (this process's LOCAL_RANK), else mps, else the CPU; "auto" trains in bfloat16 on
+    CUDA and in float32 on mps (its bfloat16 is partial), even where the CPU has AMX."""
+    from camelid.models import cpu_train
+    from camelid.models.train_load import training_device, training_dtype
+
+    _devices(monkeypatch, cuda, mps)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(cpu_train, "native_bf16", lambda: False)
+    assert str(training_device()) == device
+    assert training_dtype("auto") == dtype
+    if mps:
+        monkeypatch.setattr(cpu_train, "native_bf16", lambda: True)
+        assert training_dtype("auto", cpu_bf16=True) == dtype
+    assert training_dtype("float16") == torch.float16  # an explicit dtype is kept
+
+
+def test_trainer_keeps_mps(tmp_path, monkeypatch):
+    """On a Mac the Trainer is not told to use the CPU (the model sits on mps) and trains in float32."""
+    _devices(monkeypatch, cuda=False, mps=True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = _sft_arguments(tmp_path)
+    assert args["use_cpu"] is False and args["bf16"] is False

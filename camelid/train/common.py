@@ -253,14 +253,21 @@ def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra
     """A TRL SFTConfig / RewardConfig (both TrainingArguments) from our settings.
 
     report_to="none": metrics go through our Tracker (one sink, see tracking.py) via a callback.
-    bf16/fp16 are set explicitly: bfloat16 only where the model trains in it (CUDA).
+    bf16/fp16 are set explicitly: bfloat16 only where the model trains in it (CUDA). The device
+    is `training_device()`'s (use_cpu only when that is the CPU, so mps is kept).
+    Data parallel (world size > 1): gloo on CPUs; `ddp_find_unused_parameters=False`, as
+    StackLLaMA sets it: with LoRA every trainable parameter is used in each step, so DDP's
+    per-step search of the graph for unused ones is wasted, and with reentrant gradient
+    checkpointing (peft's preparation of an 8-bit base) that search stops the run ("Expected to
+    mark a variable ready only once").
     """
     import torch
 
-    from camelid.models.train_load import training_dtype
+    from camelid.models.train_load import training_device, training_dtype
 
     dt = training_dtype(cfg.dtype)
-    cpu = not torch.cuda.is_available()
+    cpu = training_device().type == "cpu"
+    ddp = world_size() > 1
     return args_cls(
         output_dir=str(run.run_dir / CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
@@ -285,7 +292,8 @@ def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra
         report_to="none",
         disable_tqdm=True,
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu and world_size() > 1 else None,  # CPU data parallel: gloo
+        ddp_backend="gloo" if cpu and ddp else None,
+        ddp_find_unused_parameters=False if ddp else None,
         dataloader_num_workers=0,
         save_only_model=False,
         # TRL turns activation (gradient) checkpointing on by default; train_load sets it up
