@@ -3,8 +3,13 @@ inference backend's choice, DDP's trainer arguments, the training device and dty
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # -- fast path: the attention form CUDA's fused kernels take ------------------------------------
@@ -171,3 +176,73 @@ def test_trainer_keeps_mps(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = _sft_arguments(tmp_path)
     assert args["use_cpu"] is False and args["bf16"] is False
+
+
+# -- sharded launches: configs/accelerate/{fsdp,zero3}.yaml --------------------------------------
+
+CONFIGS = REPO / "configs" / "accelerate"
+
+
+def test_sharded_launch_is_refused_where_it_would_not_shard(tmp_path, monkeypatch):
+    """accelerate turns FSDP / DeepSpeed on only across GPUs: on a CPU the run would silently be
+    plain data parallel, so it stops with a one-line error; on CUDA an 8-bit base is refused
+    (neither partitions bitsandbytes int8 weights) and a 16-bit one goes ahead."""
+    from camelid.errors import CamelidError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        with monkeypatch.context() as m:
+            m.setenv(var, "true")
+            with pytest.raises(CamelidError, match=f"{name} shards a model across CUDA GPUs .* on cpu"):
+                _sft_arguments(tmp_path)
+            _devices(m, cuda=True, mps=False)
+            with pytest.raises(CamelidError, match="--no-load-8bit"):
+                _sft_arguments(tmp_path, load_8bit=True)
+            assert _sft_arguments(tmp_path, load_8bit=False)["bf16"] is True
+
+
+def test_accelerate_reads_the_fsdp_config(tmp_path, tiny_model_dir):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` starts two processes with
+    the FSDP settings in their environment (full shard, each LlamaDecoderLayer wrapped, original
+    parameters kept for LoRA), and `camelid sft` in them stops with the one-line error: this
+    machine has no GPU, so accelerate would not shard."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, os\nprint(json.dumps({k: v for k, v in os.environ.items() if 'FSDP' in k}))\n")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
+              "--num_processes", "2", "--main_process_port", str(29700 + os.getpid() % 200)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([*launch, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    assert rows[0]["ACCELERATE_USE_FSDP"] == "true" and rows[0]["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+    assert rows[0]["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert rows[0]["FSDP_TRANSFORMER_CLS_TO_WRAP"] == LlamaDecoderLayer.__name__
+    assert rows[0]["FSDP_USE_ORIG_PARAMS"] == "true"
+    from train_data import write_dataset
+
+    data = write_dataset(tmp_path / "data", n_pairs=8)
+    sft = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--seq-length", "32",
+           "--max-steps", "1", "--no-merge"]
+    res = subprocess.run([*launch, "-m", "camelid", *sft], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "camelid: error: FSDP shards a model across CUDA GPUs" in res.stderr
+
+
+def test_zero3_config_is_stage_3_with_cpu_offload():
+    """The DeepSpeed file as accelerate reads it: ZeRO stage 3, parameters and optimizer state
+    offloaded to CPU memory, the final model gathered in 16 bits."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(CONFIGS / "zero3.yaml"))
+    assert cfg.distributed_type.value == "DEEPSPEED" and cfg.mixed_precision == "bf16"
+    ds = cfg.deepspeed_config
+    assert ds["zero_stage"] == 3 and ds["offload_param_device"] == ds["offload_optimizer_device"] == "cpu"
+    assert ds["zero3_init_flag"] and ds["zero3_save_16bit_model"]
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml"))
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.fsdp_config["fsdp_use_orig_params"] is True
