@@ -246,3 +246,26 @@ def test_zero3_config_is_stage_3_with_cpu_offload():
     assert ds["zero3_init_flag"] and ds["zero3_save_16bit_model"]
     fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml"))
     assert fsdp.distributed_type.value == "FSDP" and fsdp.fsdp_config["fsdp_use_orig_params"] is True
+
+
+# -- bench/gpu_smoke.sh ---------------------------------------------------------------------------
+
+
+def test_gpu_smoke_parses_and_stops_at_once_without_a_gpu(tmp_path):
+    """The script is valid bash and, on a machine without nvidia-smi, exits 2 with one line that
+    says why, before building anything (its --cpu-dry-run runs every step on a CPU; too slow here)."""
+    import shutil
+    import subprocess
+
+    script = REPO / "bench" / "gpu_smoke.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    work = tmp_path / "work"
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "WORK": str(work), "PY": "python3"})
+    assert res.returncode == 2 and not work.exists()
+    assert res.stderr.strip() == ("gpu_smoke: no nvidia-smi: this script needs an NVIDIA GPU (CUDA); nothing was run "
+                                  "(--cpu-dry-run checks the script on a CPU)")
+    res = subprocess.run(["bash", str(script), "--gpu"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "usage: bench/gpu_smoke.sh [--cpu-dry-run]" in res.stderr
