@@ -1,30 +1,34 @@
-"""Rehearse StackLLaMA's 7B stages on a few decoder layers at LLaMA-7B's widths, and extrapolate
-each stage's peak memory to the whole model beside `camelid estimate`'s rule.
+"""Rehearse StackLLaMA's 7B/13B stages on a few decoder layers at LLaMA-7B's (or 13B's) widths,
+and extrapolate each stage's peak memory to the whole model beside `camelid estimate`'s figure.
 
-    .venv/bin/python bench/rehearse_7b.py [--layers 1 2] [--steps 2] [--shape 7b 13b] [--stages sft reward ppo]
+    .venv/bin/python bench/rehearse_7b.py --workdir DIR [--layers 1 2 3] [--shape 7b 13b] [--stages sft ...]
+    .venv/bin/python bench/rehearse_7b.py --workdir DIR --table   # the table from DIR's measurements
     .venv/bin/python bench/rehearse_7b.py --tiny     # the same code at hidden 64: checks the script works
 
 A random LlamaForCausalLM with LLaMA-7B's widths (hidden 4096, intermediate 11008, 32 heads, vocab
 32000; `--shape 13b`: 5120, 13824, 40 heads) and L decoder layers, in LLaMA-2's config shape with
 a SentencePiece tokenizer (tests/llama2_fixture.py: 1000 pieces, ids past them unused), runs
-each stage's own Python entry point (`sft.run`, `reward.train`, `ppo.train`) for `--steps`
-optimizer steps with the stackllama-7b preset's settings: SFT on an 8-bit base with LoRA r16
-and packed 1024-token blocks of 4, the reward model on a 16-bit base at 512 tokens and 4 pairs,
-PPO on an 8-bit base with batch 8, mini-batch 1, 4 epochs and 32-128 new tokens, all with
-gradient checkpointing where the preset has it. PPO's reward model is a random one-logit
-classifier of the same shape (its cost is a real one). The data is the bundled sample dump,
-through `camelid data` with the preset's settings.
+each stage's own Python entry point with the stackllama-7b preset's settings: SFT (`sft.run`, one
+optimizer step) on an 8-bit base with LoRA r16 and packed 1024-token blocks of 4, the reward model
+(`reward.train`, one step) on a 16-bit base at 512 tokens and 4 pairs, PPO (`ppo.train`, one step:
+rollout, scoring, optimisation) on an 8-bit base with batch 8, mini-batch 1, 4 epochs and 32-128
+new tokens, all with gradient checkpointing where the preset has it; then `camelid merge` of the
+SFT adapter and `camelid export gguf` (q8_0) of the merged model. PPO's reward model is a random
+one-logit classifier of the same shape (its cost is a real one). The data is the bundled sample
+dump, through `camelid data` with the preset's settings. Saving and evaluation are cut to a
+minimum (they do not change the training peak).
 
 Each (stage, L) runs in a fresh process and reports the stage's peak memory as the pipeline
 measures it (`camelid.pipeline.PeakMemory`: peak RSS on a CPU, peak CUDA memory allocated on a
-GPU). Memory grows by a fixed amount per decoder layer, so two or more layer counts give
-peak(L) = a + b L by least squares; the bench prints a, b, peak(32) (7B) or peak(40) (13B), and
-`camelid estimate`'s figure for the same setup (method, sequence length, batch, dtype,
-checkpointing) on the published shape, with their ratio. Saving, evaluation and merging are cut
-to a minimum (they do not change the training peak).
+GPU), with glibc's mmap threshold fixed (MMAP_THRESHOLD) so that RSS follows live tensors.
+Rows accumulate in DIR/measured.jsonl, so layer counts can be measured in separate runs (one,
+look at its peak, then more). Memory grows by a fixed amount per decoder layer, so two or more
+layer counts give peak(L) = a + b L by least squares; the bench prints a, b, peak(32) (7B) or
+peak(40) (13B), and `camelid estimate`'s figure for the same setup (method, sequence length,
+batch, dtype, checkpointing, LoRA rank) on the published shape, with their ratio.
 
-At full width each layer is ~200M parameters: a 2-layer model with its 32000-token embedding and
-head is ~0.7B parameters. On a CPU that is minutes per stage; on a GPU, seconds.
+At full width each 7B layer is ~200M parameters: a 2-layer model with its 32000-token embedding
+and head is ~0.9B parameters. On a CPU that is minutes per stage; on a GPU, seconds.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ WIDTHS = {
 STAGES = ("sft", "reward", "ppo", "merge", "gguf")
 GGUF_QUANT = "q8_0"
 MEASURED_FILE = "measured.jsonl"  # one JSON row per (shape, layers, stage) run, appended
+MMAP_THRESHOLD = 65536
+"""glibc's mmap threshold for the stage processes (MALLOC_MMAP_THRESHOLD_, unless set already):
+fixed, every tensor over 64 KiB is its own mapping and goes back to the system when freed, so
+peak RSS follows the peak of live tensors, as torch.cuda.max_memory_allocated does on a GPU.
+glibc's default threshold slides up to 32 MiB, freed tensors below it stay in its heaps, and
+the same run's peak then varied by ~0.2 GB: times 32 layers, more than the fit can stand."""
 PRESET = "stackllama-7b"
 NO_SAVE = 1_000_000  # save_steps past the run's end: no checkpoint is written mid-run
 EVAL_SAMPLES = 8  # the end-of-run evaluation on a handful of rows: its memory is at most training's
@@ -99,7 +109,8 @@ if cfg is not None:
     seq = {"sft": getattr(cfg, "seq_length", 0), "reward": getattr(cfg, "max_length", 0)}.get(stage) or cfg.max_prompt_tokens + cfg.max_new_tokens
     batch = {"sft": cfg.batch_size, "reward": 2 * cfg.batch_size}.get(stage) or cfg.mini_batch_size
     row.update(dtype=dt, load_8bit=bool(cfg.load_8bit), checkpointing=bool(cfg.gradient_checkpointing), seq_len=seq, batch=batch,
-               reward_load_8bit=bool(getattr(cfg, "reward_load_8bit", False)))
+               reward_load_8bit=bool(getattr(cfg, "reward_load_8bit", False)), lora_r=cfg.lora_r,
+               rollout_batch=getattr(cfg, "batch_size", 0))
 print(json.dumps(row))
 """ % {"preset": PRESET, "no_save": NO_SAVE, "eval": EVAL_SAMPLES, "quant": GGUF_QUANT}
 
@@ -137,7 +148,8 @@ def run_child(stage: str, model: Path, rm: Path, data: Path, out: Path, steps: i
     import os
 
     cmd = [sys.executable, "-c", CHILD, stage, str(model), str(rm), str(data), str(out), str(steps), dtype]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -176,16 +188,17 @@ def rule_gb(shape: str, stage: str, row: dict) -> tuple[float, float, str] | Non
         return est.total_low_gb, est.total_high_gb, "merge, bf16 weights"
     if stage not in ("sft", "reward", "ppo"):
         return None
-    method = "lora-8bit" if row["load_8bit"] else "lora"
+    method = ("ppo" if stage == "ppo" else "lora") + ("-8bit" if row["load_8bit"] else "")
     dtype = DTYPE_NAMES[row["dtype"]]
-    kwargs = {}
+    kwargs = {"task": "reward"} if stage == "reward" else {}
     if stage == "ppo":
-        method = "ppo-8bit" if row["load_8bit"] else "ppo"
-        kwargs["reward_8bit"] = row.get("reward_load_8bit", False)
+        kwargs.update(reward_8bit=row.get("reward_load_8bit", False), rollout_batch=row["rollout_batch"])
     est = estimate(published.params, method, seq_len=row["seq_len"], batch=row["batch"], dtype=dtype,
-                   checkpointing=row["checkpointing"], shape=published, **kwargs)
-    extra = ", 8-bit reward model" if kwargs.get("reward_8bit") else (f", {dtype} reward model" if stage == "ppo" else "")
-    return est.total_low_gb, est.total_high_gb, f"{method}, {dtype}{extra}, seq {row['seq_len']} x batch {row['batch']}"
+                   checkpointing=row["checkpointing"], shape=published, lora_r=row["lora_r"], **kwargs)
+    what = {"reward": ", reward model", "ppo": f", {'8-bit' if kwargs.get('reward_8bit') else dtype} reward model, "
+                                               f"rollout {row.get('rollout_batch')}"}.get(stage, "")
+    setup = f"{method} r{row['lora_r']}, {dtype}{what}, seq {row['seq_len']} x batch {row['batch']}"
+    return est.total_low_gb, est.total_high_gb, setup + (", checkpointed" if row["checkpointing"] else "")
 
 
 def table(measured: list[dict]) -> list[str]:
@@ -207,7 +220,8 @@ def table(measured: list[dict]) -> list[str]:
             est, ratio, setup = "-", "-", "no rule (tensors are streamed one at a time)"
         else:
             low, high = (x * 1e9 / 2**30 for x in rule[:2])  # the rule counts decimal GB
-            est, ratio, setup = f"{low:.1f}-{high:.1f}Gi", f"{at / ((low + high) / 2):.2f}x", rule[2]
+            est = f"{low:.1f}Gi" if low == high else f"{low:.1f}-{high:.1f}Gi"
+            ratio, setup = f"{at / ((low + high) / 2):.2f}x", rule[2]
         lines.append(f"{shape:<6} {stage:<7} {b:>8.2f}Gi {a:>8.2f}Gi {target:>5} {at:>11.1f}Gi {est:>15} {ratio:>7}  {setup}")
     return lines
 

@@ -275,9 +275,9 @@ def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra
     is `training_device()`'s (use_cpu only when that is the CPU, so mps is kept).
     Data parallel (world size > 1): gloo on CPUs; `ddp_find_unused_parameters=False`, as
     StackLLaMA sets it: with LoRA every trainable parameter is used in each step, so DDP's
-    per-step search of the graph for unused ones is wasted, and with reentrant gradient
-    checkpointing (peft's preparation of an 8-bit base) that search stops the run ("Expected to
-    mark a variable ready only once"). A sharded launch is checked first (`check_sharded_launch`).
+    per-step search of the graph for unused ones is wasted, and it does not combine with reentrant
+    gradient checkpointing (DDP stops: "Expected to mark a variable ready only once"). A sharded
+    launch is checked first (`check_sharded_launch`).
     """
     import torch
 
