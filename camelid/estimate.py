@@ -91,8 +91,9 @@ MEASURED: dict[str, dict[str, object]] = {
 
 @dataclass(frozen=True)
 class Estimate:
-    """One setup's memory: the rule's figure (a range for LoRA), the extra the rule leaves out
-    (activations, KV cache), and the line-by-line breakdown that is printed."""
+    """One setup's memory: StackLLaMA's figure (a range for LoRA and PPO), the extra it leaves out
+    (activations, KV cache), the total (rule + extra; for LoRA and PPO the itemised sum, the rule
+    only printed beside it), and the line-by-line breakdown that is printed."""
 
     method: str
     params: float
