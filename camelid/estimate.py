@@ -1,5 +1,5 @@
-"""`camelid estimate`: the memory a training or inference setup needs, by StackLLaMA's rules,
-beside the peak memory our own runs measured for the bundled model.
+"""`camelid estimate`: the memory a training or inference setup needs, itemised from a llama
+shape beside StackLLaMA's rules, and beside the peak memory our own runs measured.
 
 The rules are those of the StackLLaMA article (Beeching et al., "StackLLaMA: A hands-on guide
 to train LLaMA with RLHF", Hugging Face blog, 2023), with decimal gigabytes (1 GB = 1e9 bytes)
@@ -15,10 +15,16 @@ as the article counts them:
   13B to 28 GB with overhead), 4 bytes in fp32 (its CPU figures, 30 GB and 60 GB, are fp32 plus
   overhead), halved by 8-bit.
 
-Activations and the KV cache come from a llama shape (see `activation_bytes`, `kv_cache_bytes`).
-The rule for the bundled model is printed beside a measured peak (a run folder's done markers
-with `--run`, else `MEASURED`, recorded by `bench/memory.py`), so the rule is checked, not just
-printed. This module imports only the standard library: `camelid estimate` is instant.
+LoRA and PPO are itemised instead (`_lora`, `_ppo`): the base as training loads it (8-bit: int8
+linear layers, float32 embeddings and head), the adapters with their optimizer states, the
+activations and the loss's float32 logits; the article's overall rule is printed beside them.
+At StackLLaMA's SFT setup (seq 1024 x batch 4) the rule is ~40% under what a LLaMA-7B-wide
+rehearsal measured, layer by layer, mostly for the logits it leaves out (docs/rehearsal.md);
+the itemised totals are within 10% of it. Activations and the KV cache come from a llama shape
+(see `activation_bytes`, `kv_cache_bytes`). The estimate for the bundled model is printed beside
+a measured peak (a run folder's done markers with `--run`, else `MEASURED`, recorded by
+`bench/memory.py`), so it is checked, not just printed. This module imports only the standard
+library: `camelid estimate` is instant.
 """
 
 from __future__ import annotations
@@ -32,7 +38,17 @@ from pathlib import Path
 from camelid.errors import CamelidError, UsageError
 
 GB = 1e9
-METHODS = ("full", "lora", "lora-8bit", "inference", "inference-8bit")
+METHODS = ("full", "lora", "lora-8bit", "ppo", "ppo-8bit", "merge", "inference", "inference-8bit")
+TASKS = ("causal_lm", "reward")
+LORA_TARGETS = ("q_proj", "v_proj")
+"""The projections LoRA adapts (StackLLaMA's, and camelid's default)."""
+ADAPTER_STATE_BYTES = 16
+"""Per trainable parameter: its float32 weight, gradient and Adam's m and v."""
+LOSS_LOGITS_COPIES = 6
+"""float32 (seq x batch x vocab) buffers a causal-LM training step holds at its peak: the logits,
+the loss's log-softmax, their gradients and the trainer's own copies (TRL's shifted logits for
+its token accuracy). Measured: 6.2 (SFT at LLaMA-7B's widths, batch 1, 2 and 4 of 1024 tokens;
+docs/rehearsal.md)."""
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -75,8 +91,9 @@ MEASURED: dict[str, dict[str, object]] = {
 
 @dataclass(frozen=True)
 class Estimate:
-    """One setup's memory: the rule's figure (a range for LoRA), the extra the rule leaves out
-    (activations, KV cache), and the line-by-line breakdown that is printed."""
+    """One setup's memory: StackLLaMA's figure (a range for LoRA and PPO), the extra it leaves out
+    (activations, KV cache), the total (rule + extra; for LoRA and PPO the itemised sum, the rule
+    only printed beside it), and the line-by-line breakdown that is printed."""
 
     method: str
     params: float
@@ -123,8 +140,24 @@ def shape_from_config(config: dict) -> LlamaShape:
     return LlamaShape(str(config.get("_name_or_path") or "model"), float(params), L, h, heads, kv, i, V)
 
 
+def linear_params(shape: LlamaShape) -> float:
+    """Parameters of all decoder layers' linear projections (q, k, v, o and the SwiGLU MLP): the
+    ones bitsandbytes quantises. The rest (embeddings, LM head, norms) stays in 16/32 bits."""
+    d = shape.hidden // shape.heads
+    h, kv = shape.hidden, shape.kv_heads
+    return shape.layers * (2 * h * shape.heads * d + 2 * h * kv * d + 3 * h * shape.intermediate)
+
+
+def lora_params(shape: LlamaShape, r: int) -> float:
+    """LoRA's parameters at rank r on LORA_TARGETS (q_proj: h -> heads·d, v_proj: h -> kv·d):
+    r·(in + out) per adapted projection per layer."""
+    d = shape.hidden // shape.heads
+    h = shape.hidden
+    return shape.layers * r * ((h + shape.heads * d) + (h + shape.kv_heads * d))
+
+
 def activation_bytes(shape: LlamaShape, seq_len: int, batch: int, *, dtype_bytes: int = 2,
-                     checkpointing: bool = False, fused_attention: bool = True) -> float:
+                     checkpointing: bool = False, fused_attention: bool = True, logits_copies: int = 1) -> float:
     """Memory of the activations saved for the backward pass, in bytes.
 
     Per transformer layer, with 16-bit activations and no recomputation, Korthikanti et al. 2022
@@ -136,14 +169,15 @@ def activation_bytes(shape: LlamaShape, seq_len: int, batch: int, *, dtype_bytes
     unless `fused_attention=False`. Their block is GPT's (4h MLP, dropout); a llama block
     (SwiGLU MLP of width ≈ 2.7h, no dropout) stores a similar amount, so the formula is an
     estimate, not an account. Total: L layers, scaled by dtype_bytes/2 for fp32 activations,
-    plus the fp32 logits the loss upcasts to (4·s·b·V; transformers' ForCausalLMLoss calls
-    `logits.float()`). With gradient checkpointing only each layer's input (2·s·b·h, scaled)
-    is kept, plus one layer's full activations during its recomputation.
+    plus `logits_copies` float32 (s, b, V) buffers (4·s·b·V each: transformers' ForCausalLMLoss
+    calls `logits.float()`; a training step holds several, see LOSS_LOGITS_COPIES). With
+    gradient checkpointing only each layer's input (2·s·b·h, scaled) is kept, plus one layer's
+    full activations during its recomputation.
     """
     s, b, h, a = seq_len, batch, shape.hidden, shape.heads
     per_layer = s * b * h * (34 + (0 if fused_attention else 5 * a * s / h)) * dtype_bytes / 2
     layers = shape.layers * 2 * s * b * h * dtype_bytes / 2 + per_layer if checkpointing else shape.layers * per_layer
-    return layers + 4 * s * b * shape.vocab
+    return layers + logits_copies * 4 * s * b * shape.vocab
 
 
 def kv_cache_bytes(shape: LlamaShape, seq_len: int, batch: int, dtype_bytes: int = 2) -> float:
@@ -153,51 +187,59 @@ def kv_cache_bytes(shape: LlamaShape, seq_len: int, batch: int, dtype_bytes: int
     return 2 * shape.layers * seq_len * batch * shape.kv_heads * head_dim * dtype_bytes
 
 
-def estimate(params: float, method: str = "full", *, seq_len: int = 1024, batch: int = 1, dtype: str = "bf16",
-             checkpointing: bool = False, shape: LlamaShape | None = None) -> Estimate:
-    """The memory `method` needs for a model of `params` parameters, by StackLLaMA's rules.
+def base_weight_bytes(shape: LlamaShape, params: float, w: int, eight_bit: bool, task: str = "causal_lm") -> float:
+    """A frozen base as training loads it. 16-bit (or fp32): w bytes per parameter. 8-bit: one
+    byte per linear-layer parameter (bitsandbytes), and 4 bytes for the rest (embeddings, head,
+    norms), which peft's `prepare_model_for_kbit_training` casts to float32. A reward model
+    (task "reward") has a one-score head instead of the vocabulary's."""
+    other = params - linear_params(shape)
+    if task == "reward":
+        other -= shape.vocab * shape.hidden
+    return linear_params(shape) + 4 * other if eight_bit else w * (linear_params(shape) + other)
 
-    `dtype` is the weights' type where the method keeps 16-bit weights (full, lora, inference);
-    bf16 is the article's setting, fp32 what CPU runs use. Activations (training) or the KV cache
-    (inference) for `batch` sequences of `seq_len` tokens come from `shape` (default: the
-    published llama shape nearest `params`).
+
+def estimate(params: float, method: str = "full", *, seq_len: int = 1024, batch: int = 1, dtype: str = "bf16",
+             checkpointing: bool = False, shape: LlamaShape | None = None, lora_r: int = 16, task: str = "causal_lm",
+             reward_8bit: bool = False, rollout_batch: int = 8) -> Estimate:
+    """The memory `method` needs for a model of `params` parameters.
+
+    `dtype` is the weights' type where the method keeps 16-bit weights (full, lora, ppo, merge,
+    inference) and the activations'; bf16 is the article's setting, fp32 what CPU runs use.
+    Activations (training) or the KV cache (inference) for `batch` sequences of `seq_len` tokens
+    come from `shape` (default: the published llama shape nearest `params`). LoRA and PPO are
+    itemised (`_lora`, `_ppo`); StackLLaMA's overall rule is printed beside them.
     """
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if dtype not in DTYPE_BYTES:
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
-    if seq_len < 1 or batch < 1:
-        raise UsageError("--seq-len and --batch must be positive integers")
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    if seq_len < 1 or batch < 1 or lora_r < 1 or rollout_batch < 1:
+        raise UsageError("--seq-len, --batch, --lora-r and --rollout-batch must be positive integers")
     shape = shape or nearest_shape(params)
-    w, billions = DTYPE_BYTES[dtype], params / 1e9
-    act = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=checkpointing) / GB
+    w = DTYPE_BYTES[dtype]
+    if method in ("lora", "lora-8bit"):
+        return _lora(params, method, shape, seq_len, batch, dtype, checkpointing, lora_r, task)
+    if method in ("ppo", "ppo-8bit"):
+        return _ppo(params, method, shape, seq_len, batch, dtype, checkpointing, lora_r, reward_8bit, rollout_batch)
     lines: list[tuple[str, str]] = []
     notes: list[str] = []
     if method == "full":
+        act = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=checkpointing,
+                               logits_copies=LOSS_LOGITS_COPIES) / GB
         low = high = (w + 8) * params / GB
         lines += [(f"weights, {dtype}: {w} bytes x params", _gb(w * params / GB)),
                   ("Adam states, fp32 m and v: 8 bytes x params", _gb(8 * params / GB)),
                   (f"rule (StackLLaMA): ({w} + 8) bytes x params", _gb(low)),
-                  (f"activations, seq {seq_len} x batch {batch} (Korthikanti et al. 2022)", _gb(act))]
+                  (f"activations + loss, seq {seq_len} x batch {batch}", _gb(act))]
         extra = act
         notes.append(f"the rule leaves out the gradients ({w} bytes x params = {_gb(w * params / GB)}) and the fp32 "
                      "master weights mixed precision keeps (4 bytes x params); budget for them too")
-    elif method in ("lora", "lora-8bit"):
-        base = 1 if method == "lora-8bit" else w
-        low, high = (1.2 + base - 1) * billions, (1.4 + base - 1) * billions
-        label = "int8" if base == 1 else dtype
-        lines += [(f"frozen base weights, {label}: {base} byte{'s' if base > 1 else ''} x params", _gb(base * params / GB)),
-                  (f"rule (StackLLaMA): {1.2 + base - 1:.1f}-{1.4 + base - 1:.1f} GB per billion params, overall",
-                   _gb_range(low, high))]
+    elif method == "merge":
+        low = high = w * params / GB
+        lines.append((f"base in its saved dtype, {dtype}: {w} bytes x params (the adapter merged in place)", _gb(low)))
         extra = 0.0
-        ckpt = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=True) / GB
-        notes.append(f"the rule is overall (adapters, optimizer, activations at StackLLaMA's settings, which used "
-                     f"gradient checkpointing); the activation formula gives {_gb(act)} at seq {seq_len} x batch {batch}, "
-                     f"{_gb(ckpt)} with checkpointing: compare with the rule's margin above the weights, "
-                     f"{_gb_range(low - base * billions, high - base * billions)}")
-        if base != 1:
-            notes.append(f"1.2-1.4 GB per billion is the article's figure for an 8-bit base; a {dtype} base adds "
-                         f"{base - 1} byte(s) per parameter (our extension of the rule)")
     else:
         wb = 1 if method == "inference-8bit" else w
         low = high = wb * params / GB
@@ -215,6 +257,67 @@ def estimate(params: float, method: str = "full", *, seq_len: int = 1024, batch:
                     tuple(lines), tuple(notes))
 
 
+def _article_lora_rule(params: float, base: int) -> tuple[float, float]:
+    """StackLLaMA's overall LoRA figure: 1.2-1.4 GB per billion on an 8-bit base (base = 1 byte),
+    plus base - 1 bytes per parameter on a wider base (our extension of the rule)."""
+    billions = params / 1e9
+    return (1.2 + base - 1) * billions, (1.4 + base - 1) * billions
+
+
+def _lora(params: float, method: str, shape: LlamaShape, seq_len: int, batch: int, dtype: str, checkpointing: bool,
+          lora_r: int, task: str) -> Estimate:
+    """LoRA training, itemised: the frozen base as loaded, the adapters with their gradients and
+    Adam states, the activations and the loss's float32 logits (none for a reward model)."""
+    w, eight = DTYPE_BYTES[dtype], method == "lora-8bit"
+    base = base_weight_bytes(shape, params, w, eight, task) / GB
+    adapters = lora_params(shape, lora_r) * ADAPTER_STATE_BYTES / GB
+    act = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=checkpointing,
+                           logits_copies=LOSS_LOGITS_COPIES if task == "causal_lm" else 0) / GB
+    total = base + adapters + act
+    rule_low, rule_high = _article_lora_rule(params, 1 if eight else w)
+    label = "linear layers int8, the rest fp32" if eight else f"{dtype}: {w} bytes x params"
+    loss = " + loss" if task == "causal_lm" else ""
+    lines = [(f"frozen base{' (reward model)' if task == 'reward' else ''}, {label}", _gb(base)),
+             (f"LoRA r{lora_r} on {'/'.join(LORA_TARGETS)}: weights, gradients, Adam (16 bytes each)", _gb(adapters)),
+             (f"activations{' (checkpointed)' if checkpointing else ''}{loss}, seq {seq_len} x batch {batch}", _gb(act))]
+    notes = [f"StackLLaMA's overall rule gives {_gb_range(rule_low, rule_high)}"
+             + (f"; it leaves out the loss's float32 logits ({LOSS_LOGITS_COPIES} x 4 x seq x batch x vocab bytes at "
+                "a training step's peak), which dominate at long sequences and large batches" if loss else "")]
+    if not checkpointing:
+        notes.append("--gradient-checkpointing keeps only each layer's input: "
+                     f"{_gb(activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=True, logits_copies=0) / GB)} "
+                     "of layer activations instead of "
+                     f"{_gb(activation_bytes(shape, seq_len, batch, dtype_bytes=w, logits_copies=0) / GB)}")
+    return Estimate(method, params, shape, seq_len, batch, rule_low, rule_high, act, total, total, tuple(lines), tuple(notes))
+
+
+def _ppo(params: float, method: str, shape: LlamaShape, seq_len: int, batch: int, dtype: str, checkpointing: bool,
+         lora_r: int, reward_8bit: bool, rollout_batch: int) -> Estimate:
+    """PPO, itemised: the policy (LoRA on a frozen base, which with the adapter off is also the
+    reference), the reward model, and the larger of the rollout's KV cache (`rollout_batch`
+    sequences of `seq_len`) and a training mini-batch's activations (`batch` sequences)."""
+    w, eight = DTYPE_BYTES[dtype], method == "ppo-8bit"
+    policy = base_weight_bytes(shape, params, w, eight) / GB
+    reward = base_weight_bytes(shape, params, w, False, "reward") / GB
+    if reward_8bit:
+        reward = (linear_params(shape) + w * (params - linear_params(shape) - shape.vocab * shape.hidden)) / GB
+    adapters = (lora_params(shape, lora_r) + shape.hidden) * ADAPTER_STATE_BYTES / GB  # + the value head
+    kv = kv_cache_bytes(shape, seq_len, rollout_batch, dtype_bytes=w) / GB
+    act = activation_bytes(shape, seq_len, batch, dtype_bytes=w, checkpointing=checkpointing,
+                           logits_copies=LOSS_LOGITS_COPIES) / GB
+    total = policy + reward + adapters + max(kv, act)
+    rule_low, rule_high = _article_lora_rule(params, 1 if eight else w)
+    lines = [(f"policy base, {'linear layers int8, the rest fp32' if eight else dtype} (the reference: adapter off)",
+              _gb(policy)),
+             (f"reward model, {'int8 linear layers' if reward_8bit else dtype}", _gb(reward)),
+             (f"LoRA r{lora_r} + value head: weights, gradients, Adam", _gb(adapters)),
+             (f"the larger of the rollout's KV cache, {rollout_batch} x {seq_len} tokens", _gb(kv)),
+             (f"and a mini-batch's activations + loss, {batch} x {seq_len} tokens", _gb(act))]
+    notes = [f"StackLLaMA's LoRA rule covers the policy alone: {_gb_range(rule_low, rule_high)}"]
+    return Estimate(method, params, shape, seq_len, batch, rule_low, rule_high, max(kv, act), total, total,
+                    tuple(lines), tuple(notes))
+
+
 def _gb(x: float) -> str:
     return f"{x:.1f} GB" if x >= 1 else f"{x * 1000:.0f} MB"
 
@@ -227,7 +330,7 @@ def _gb_range(low: float, high: float) -> str:
 
 # -- measured peaks -------------------------------------------------------------------------------
 
-STAGE_METHOD = {"sft": "lora", "reward": "lora", "ppo": "lora", "eval": "inference"}
+STAGE_METHOD = {"sft": "lora", "reward": "lora", "ppo": "ppo", "eval": "inference"}
 
 
 def measured_from_run(run_dir: str | Path) -> dict[str, dict[str, object]]:
@@ -246,8 +349,8 @@ def measured_from_run(run_dir: str | Path) -> dict[str, dict[str, object]]:
         except (OSError, json.JSONDecodeError):
             continue
         cfg = marker.get("config") or {}
-        if method == "lora" and cfg.get("load_8bit"):
-            method = "lora-8bit"
+        if method in ("lora", "ppo") and cfg.get("load_8bit"):
+            method += "-8bit"
         if marker.get("peak_mb") and method not in found:
             on_gpu = "CUDA" in str(marker.get("peak_kind", ""))
             dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(cfg.get("dtype")),
@@ -289,6 +392,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
                    help="16/32-bit weights' type (default: bf16, the article's; CPU runs use fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each layer's input")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on q_proj and v_proj (default: 16, StackLLaMA's)")
+    p.add_argument("--task", choices=TASKS, default="causal_lm",
+                   help="lora: causal_lm (SFT) or reward (a one-score head: no vocabulary logits)")
+    p.add_argument("--rollout-batch", type=int, default=8,
+                   help="ppo: sequences sampled together (default: 8, StackLLaMA's); --batch is the mini-batch")
+    p.add_argument("--reward-8bit", action="store_true", help="ppo: the reward model in 8 bits (StackLLaMA's)")
     p.add_argument("--run", help="a pipeline run folder: compare with the peaks measured there")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=run)
@@ -305,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
         shape = replace(shape, name=str(args.model))
     params = parse_params(args.params) if args.params else shape.params  # type: ignore[union-attr]
     est = estimate(params, args.method, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
-                   checkpointing=args.gradient_checkpointing, shape=shape)
+                   checkpointing=args.gradient_checkpointing, shape=shape, lora_r=args.lora_r, task=args.task,
+                   reward_8bit=args.reward_8bit, rollout_batch=args.rollout_batch)
     measured = measured_from_run(args.run) if args.run else MEASURED
     if args.json:
         from dataclasses import asdict

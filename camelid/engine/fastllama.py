@@ -8,6 +8,11 @@ model's own weights (no copy) and runs the same math — RMSNorm in float32 as
 into the same `DynamicCache` the engine batches with. Anything it does not recognise (peft
 wrappers, other architectures, rope scaling types other than default/llama3 tables the model
 already computed) falls back to the model's own forward; tests pin its logits to HF's.
+
+Attention takes one of two forms by device. On a CPU: a boolean mask and, for a decode step,
+three small batched products (`_decode_attention`). On CUDA a boolean mask rules out the flash
+kernel, so there attention is SDPA throughout, with `is_causal=True` and no mask where nothing
+is padded and an additive float mask where something is (`fused_attention_args`).
 """
 
 from __future__ import annotations
@@ -104,6 +109,33 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.bmm(scores.softmax(-1), v.reshape(b * kv, s, d)).view(b, h, 1, d)
 
 
+def visibility(attention_mask: torch.Tensor, past: int, t: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: key j is visible to query i when it is a real token
+    (`attention_mask`, (B, S)) and not in the future (query i sits at column past + i)."""
+    s, device = attention_mask.shape[1], attention_mask.device
+    causal = torch.arange(s, device=device)[None, :] <= (past + torch.arange(t, device=device))[:, None]
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+def fused_attention_args(attention_mask: torch.Tensor, past: int, t: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for SDPA in the form CUDA's fused kernels take.
+
+    A boolean mask rules out the flash kernel, so without padding there is no mask at all: a
+    prefill from an empty cache is `is_causal=True` (SDPA aligns its causal diagonal top-left,
+    which is right only when queries and keys start together) and a decode step sees every key.
+    With padding, or a multi-token step after a cached prefix, the mask is additive (0 visible,
+    the dtype's minimum hidden, not -inf: a fully hidden padding row then gives finite values,
+    as in transformers), which the memory-efficient kernel takes."""
+    if bool(attention_mask.all()):
+        if t == 1:
+            return None, False
+        if past == 0:
+            return None, True
+    visible = visibility(attention_mask, past, t)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill_(~visible, torch.finfo(dtype).min), False
+
+
 def supports(model) -> bool:
     """True for a LlamaForCausalLM, bare or inside a peft wrapper (the fast path applies)."""
     model = unwrap(model)
@@ -140,21 +172,24 @@ class FastLlama:
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0,
-                 hidden: list | None = None) -> torch.Tensor:
+                 hidden: list | None = None, fused: bool | None = None) -> torch.Tensor:
         """Logits (B, T', V) for the last `logits_to_keep` positions (all when 0); with a list as
-        `hidden`, the LM head's input (B, T', H) is appended to it."""
+        `hidden`, the LM head's input (B, T', H) is appended to it.
+
+        `fused`: attention in the form CUDA's fused SDPA kernels take (`fused_attention_args`,
+        SDPA for decode too) instead of the CPU form (a boolean mask, `_decode_attention` for
+        decode); None picks by the model's device. Both compute the same attention."""
         bsz, t = input_ids.shape
         x = self.inner.embed_tokens(input_ids)
         cos = self.cos[position_ids][:, None]  # (B, 1, T, D)
         sin = self.sin[position_ids][:, None]
         past = cache.get_seq_length()
-        mask = None
-        if t > 1 or not bool(attention_mask.all()):
-            # Boolean (B, 1, T, S) mask: key j is visible to query i when it is a real token and
-            # not in the future (query i sits at column past + i).
-            s = attention_mask.shape[1]
-            causal = torch.arange(s, device=x.device)[None, :] <= (past + torch.arange(t, device=x.device))[:, None]
-            mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        if fused is None:
+            fused = x.device.type == "cuda"
+        if fused:
+            mask, causal = fused_attention_args(attention_mask, past, t, self.attn_dtype or x.dtype)
+        else:
+            mask, causal = (None if t == 1 and bool(attention_mask.all()) else visibility(attention_mask, past, t)), False
         gqa = self.kv_heads != self.heads
         for i, layer in enumerate(self.inner.layers):
             a = layer.self_attn
@@ -166,10 +201,10 @@ class FastLlama:
             if self.attn_dtype is not None:  # the cache holds float32 K/V: no per-step cast of it
                 q, k, v = q.to(self.attn_dtype), k.to(self.attn_dtype), v.to(self.attn_dtype)
             k, v = _append(cache, i, k, v)
-            if t == 1:
+            if t == 1 and not fused:
                 o = _decode_attention(q, k, v, mask).to(x.dtype)
             else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).to(x.dtype)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa).to(x.dtype)
             x = x + _linear(a.o_proj, o.transpose(1, 2).reshape(bsz, t, -1))
             h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp

@@ -1,17 +1,27 @@
-"""Weight-only int8 for inference (`--load-8bit`): int8 weights with one scale per output row.
+"""8-bit weights for inference (`--load-8bit`), by device.
 
-Symmetric per-channel quantisation (LLM.int8's vector-wise scheme without the outlier split,
-as in gpt-fast's `WeightOnlyInt8QuantHandler`). On CPU the matmul runs in
-`torch._weight_int8pack_mm`, which reads the int8 weights directly, so decode moves half the
-bytes of bfloat16 and is faster, not slower (bitsandbytes' 8-bit mode is ~3x slower than
-float32 on CPU). Elsewhere the weights are dequantised per call.
+On a CPU (and Apple mps): our weight-only int8, one scale per output row. Symmetric
+per-channel quantisation (LLM.int8's vector-wise scheme without the outlier split, as in
+gpt-fast's `WeightOnlyInt8QuantHandler`); the matmul runs in `torch._weight_int8pack_mm`, which
+reads the int8 weights directly, so decode moves half the bytes of bfloat16 and is faster, not
+slower (bitsandbytes' 8-bit mode is ~3x slower than float32 on CPU). Where that op is missing
+the weights are dequantised per call.
+
+On CUDA: bitsandbytes' LLM.int8() (`Linear8bitLt`, Dettmers et al. 2022, arXiv:2208.07339),
+what `load_in_8bit` gives FastChat and StackLLaMA users: its int8 kernels read the int8 weights
+and keep outlier features in 16 bits; the weights are quantised when the model moves to the GPU.
+The output head and embeddings stay 16-bit, as transformers leaves them. Without bitsandbytes,
+CUDA takes our weight-only int8 (dequantised per call: the same memory, slower), with a warning.
 
 The tied input embedding / output head of small models is a large share of their weights
-(28M of SmolLM2-135M's 135M), so it is quantised too: one int8 table serves both the lookup
-(rows dequantised on the fly) and the output projection.
+(28M of SmolLM2-135M's 135M), so our int8 quantises it too: one int8 table serves both the
+lookup (rows dequantised on the fly) and the output projection.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import logging
 
 import torch
 from torch import nn
@@ -87,8 +97,57 @@ class Int8TiedHead(nn.Module):
         return int8_matmul(x, e.qweight, e.scale)
 
 
-def quantize_model_int8(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Replace every nn.Linear and the input embedding (and a tied head) with int8 versions."""
+WEIGHT_ONLY, BITSANDBYTES = "weight-only", "bitsandbytes"
+LLM_INT8_THRESHOLD = 6.0
+"""LLM.int8()'s outlier threshold: input features above it are multiplied in 16 bits
+(the paper's value and transformers' `BitsAndBytesConfig` default)."""
+
+
+def has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def int8_backend(device: torch.device | str | None) -> str:
+    """The 8-bit backend for a model that will run on `device`: bitsandbytes on CUDA where it is
+    installed, else our weight-only int8 (see the module docstring)."""
+    if device is not None and torch.device(device).type == "cuda":
+        if has_bitsandbytes():
+            return BITSANDBYTES
+        logging.getLogger(__name__).warning(
+            "--load-8bit on CUDA without bitsandbytes: int8 weights are dequantised per call (slower); "
+            "pip install bitsandbytes for LLM.int8() kernels")
+    return WEIGHT_ONLY
+
+
+def quantize_model_int8(model: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Module:
+    """8-bit weights for a model (still on the CPU) that will run on `device` (default: the CPU),
+    by `int8_backend`; returns the model, changed in place."""
+    if int8_backend(device) == BITSANDBYTES:
+        return to_bitsandbytes(model)
+    return quantize_weight_only(model, dtype)
+
+
+def to_bitsandbytes(model: nn.Module) -> nn.Module:
+    """Every nn.Linear but the output head becomes a bitsandbytes `Linear8bitLt` holding its
+    16-bit weights; they are quantised to int8 when the model is moved to a device (`.to`)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                    has_fp16_weights=False, threshold=LLM_INT8_THRESHOLD, device="meta")
+            q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, q)
+    return model
+
+
+def quantize_weight_only(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every nn.Linear and the input embedding (and a tied head) with our int8 versions."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child is not model.get_output_embeddings():

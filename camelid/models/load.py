@@ -119,6 +119,6 @@ def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dt
     if load_8bit:
         from camelid.models.int8 import quantize_model_int8
 
-        quantize_model_int8(lm, dt)
+        quantize_model_int8(lm, dt, dev)
     lm.to(dev)
     return lm, tok, path

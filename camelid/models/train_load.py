@@ -12,7 +12,9 @@ Used by SFT, the reward model and PPO's policy. The public functions:
   SFT and the reward model stay float32 on every CPU (see docs/architecture.md). Without
   native bf16 arithmetic (AVX2 only), bf16 training measured 14-38x slower than float32.
 - `training_device()`: cuda:<LOCAL_RANK> when CUDA is present (one GPU per process under
-  accelerate/torchrun), else cpu.
+  accelerate/torchrun), else Apple's mps when present, else cpu. On mps "auto" trains in
+  float32: bfloat16 there is partial (missing ops, and none before macOS 14), and float16
+  training needs loss scaling.
 - `check_model_for_task(path, task, seq_length)`: one-line CamelidError when the model cannot do
   the task (no causal-LM / sequence-classification class for its architecture, a classifier
   with more than one output, a context shorter than the sequence length) - before weights load.
@@ -50,16 +52,21 @@ def training_dtype(name: str = "auto", cpu_bf16: bool = False) -> Any:
         return getattr(torch, name)
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if training_device().type == "mps":
+        return torch.float32
     from camelid.models.cpu_train import native_bf16
 
     return torch.bfloat16 if cpu_bf16 and native_bf16() else torch.float32
 
 
 def training_device() -> Any:
+    """The device to train on; the module docstring gives the rule."""
     import torch
 
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
 

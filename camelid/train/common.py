@@ -249,18 +249,45 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+"""The variables `accelerate launch --config_file` sets for a sharded run, and its name."""
+
+
+def check_sharded_launch(cfg: TrainSettings, device_type: str) -> None:
+    """One-line errors for a sharded launch (configs/accelerate/fsdp.yaml, zero3.yaml) that would
+    not shard: accelerate turns FSDP and DeepSpeed on only across GPUs (on CPU processes it runs
+    plain data parallel and ignores the config), and neither partitions bitsandbytes int8 weights."""
+    for var, name in SHARDED_LAUNCHES.items():
+        if os.environ.get(var, "false").lower() != "true":
+            continue
+        if device_type != "cuda":
+            raise CamelidError(f"{name} shards a model across CUDA GPUs and this machine trains on {device_type}; "
+                               "for data parallel here launch without the config (accelerate launch --multi_gpu --num_processes N)")
+        if cfg.load_8bit:
+            raise CamelidError(f"{name} cannot shard an 8-bit (bitsandbytes) base; train the 16-bit base with --no-load-8bit")
+
+
 def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra: Any) -> Any:
     """A TRL SFTConfig / RewardConfig (both TrainingArguments) from our settings.
 
     report_to="none": metrics go through our Tracker (one sink, see tracking.py) via a callback.
-    bf16/fp16 are set explicitly: bfloat16 only where the model trains in it (CUDA).
+    bf16/fp16 are set explicitly: bfloat16 only where the model trains in it (CUDA). The device
+    is `training_device()`'s (use_cpu only when that is the CPU, so mps is kept).
+    Data parallel (world size > 1): gloo on CPUs; `ddp_find_unused_parameters=False`, as
+    StackLLaMA sets it: with LoRA every trainable parameter is used in each step, so DDP's
+    per-step search of the graph for unused ones is wasted, and it does not combine with reentrant
+    gradient checkpointing (DDP stops: "Expected to mark a variable ready only once"). A sharded
+    launch is checked first (`check_sharded_launch`).
     """
     import torch
 
-    from camelid.models.train_load import training_dtype
+    from camelid.models.train_load import training_device, training_dtype
 
     dt = training_dtype(cfg.dtype)
-    cpu = not torch.cuda.is_available()
+    device_type = training_device().type
+    check_sharded_launch(cfg, device_type)
+    cpu = device_type == "cpu"
+    ddp = world_size() > 1
     return args_cls(
         output_dir=str(run.run_dir / CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size,
@@ -285,7 +312,8 @@ def trainer_arguments(cfg: TrainSettings, args_cls: type, run: RunState, **extra
         report_to="none",
         disable_tqdm=True,
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu and world_size() > 1 else None,  # CPU data parallel: gloo
+        ddp_backend="gloo" if cpu and ddp else None,
+        ddp_find_unused_parameters=False if ddp else None,
         dataloader_num_workers=0,
         save_only_model=False,
         # TRL turns activation (gradient) checkpointing on by default; train_load sets it up

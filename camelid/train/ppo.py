@@ -352,6 +352,7 @@ def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwr
     from accelerate import Accelerator
 
     from camelid.engine import Engine
+    from camelid.models.train_load import training_device
     from camelid.train import ppo_state
     from camelid.train.common import prepare_run
     from camelid.train.ppo_model import FunctionScorer, RewardModelScorer, build_policy, load_reference
@@ -361,7 +362,7 @@ def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwr
         raise CamelidError("give a reward model (--reward-model) or, from Python, a reward function")
     run = prepare_run(cfg, resume=resume, overwrite=overwrite)
     ppo_state.set_threads(cfg.num_threads)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=training_device().type == "cpu")  # the policy's device: CUDA, mps or the CPU
     torch.manual_seed(cfg.seed)  # the same fresh adapter and value head on every process
     questions = read_questions(cfg)  # bad data and a bad reward model fail before the policy loads
     scorer = FunctionScorer(reward_fn) if reward_fn is not None else RewardModelScorer(cfg.reward_model, cfg.dtype, cfg.reward_batch_size, cfg.reward_load_8bit)
