@@ -327,7 +327,7 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
     """A TrainerCallback: a tqdm bar (rank 0) with the loss, `unit`/s and ETA, and perf/* metrics.
 
     `units_per_step`: fixed work per optimizer step over all processes (tokens for packed SFT,
-    pairs for the reward model); throughput counts only steps run in this session, so a
+    pairs for the reward model); throughput counts only steps run by this process, so a
     resumed run reports its own speed.
     """
     from tqdm.auto import tqdm
@@ -350,7 +350,7 @@ def make_progress_callback(tracker: Any, prefix: str, unit: str, units_per_step:
                                 dynamic_ncols=True, disable=bars_off())
 
         def rate(self, state) -> float:  # noqa: ANN001
-            """Units per second over this session's training steps (frozen when training ends)."""
+            """Units per second over the training steps this process ran (frozen when training ends)."""
             if self.final_rate is not None:
                 return self.final_rate
             done = state.global_step - self.step0
