@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camelid.errors import CamelidError, UsageError
+from camelid.errors import UsageError
 from camelid.serve.prompting import chat_ids
 from camelid.serve.protocol import APIError
 from camelid.serve.scheduler import Scheduler
