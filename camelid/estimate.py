@@ -20,7 +20,7 @@ linear layers, float32 embeddings and head), the adapters with their optimizer s
 activations and the loss's float32 logits; the article's overall rule is printed beside them.
 At StackLLaMA's SFT setup (seq 1024 x batch 4) the rule is ~40% under what a LLaMA-7B-wide
 rehearsal measured, layer by layer, mostly for the logits it leaves out (docs/rehearsal.md);
-the itemised totals are within 10% of it. Activations and the KV cache come from a llama shape
+the itemised totals are within 11% of it at 7B and 13B. Activations and the KV cache come from a llama shape
 (see `activation_bytes`, `kv_cache_bytes`). The estimate for the bundled model is printed beside
 a measured peak (a run folder's done markers with `--run`, else `MEASURED`, recorded by
 `bench/memory.py`), so it is checked, not just printed. This module imports only the standard

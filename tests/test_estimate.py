@@ -69,13 +69,15 @@ def test_lora_8bit_is_itemised_by_hand():
 
 # Peak memory at the published depth, extrapolated layer by layer from LLaMA-7B / 13B-wide
 # rehearsals on 1-3 decoder layers (bench/rehearse_7b.py; the table in docs/rehearsal.md):
-# (method, setup, GiB). CPU, float32 training (bfloat16 PPO), peak RSS.
+# (shape, method, setup, GiB). CPU, float32 training (bfloat16 PPO), peak RSS.
 SFT = dict(seq_len=1024, batch=4, dtype="fp32", checkpointing=True, lora_r=16)
 REWARD = dict(seq_len=512, batch=8, dtype="fp32", checkpointing=True, lora_r=8, task="reward")
 PPO = dict(seq_len=639, batch=1, dtype="bf16", lora_r=16, rollout_batch=8)
 REHEARSED = [
     ("7b", "lora-8bit", SFT, 13.8), ("7b", "lora", REWARD, 26.8), ("7b", "ppo-8bit", PPO, 21.7),
     ("7b", "merge", dict(dtype="bf16"), 13.0),
+    ("13b", "lora-8bit", SFT, 19.2), ("13b", "lora", REWARD, 48.8), ("13b", "ppo-8bit", PPO, 37.2),
+    ("13b", "merge", dict(dtype="bf16"), 23.5),
 ]
 
 
