@@ -48,9 +48,9 @@ setup-test: $(VENV)/.stamp-test
 
 # The main job: bundled sample dump -> data -> sft -> reward -> ppo -> eval -> report, into
 # runs/tiny (resumable: run it again after an interruption). It prints the report's path and
-# the command to chat with the aligned model.
+# the command to chat with the aligned model. `make run SEED=1`: one seed for every stage.
 run: setup
-	$(CAMELID) pipeline
+	$(CAMELID) pipeline $(if $(SEED),--seed $(SEED) --out runs/tiny-seed$(SEED))
 
 chat: setup
 	$(CAMELID) chat

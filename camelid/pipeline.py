@@ -45,6 +45,8 @@ from camelid.errors import CamelidError, UsageError
 STAGES = ("data", "sft", "reward", "ppo", "dpo", "eval")
 METHODS = ("ppo", "dpo", "both")
 METHOD_STAGES = ("ppo", "dpo")
+SEEDED = ("sft", "reward", "ppo", "dpo", "eval")
+"""Stages `--seed` sets; the data stage keeps its split seed, so every seed is judged on the same questions."""
 """The alignment stages `--method` chooses between; neither depends on the other."""
 NOT_RUN = "not run"
 """A stage's hash in its successors' when the method leaves it out."""
@@ -88,6 +90,8 @@ class PipelineConfig:
     """Rerun from this stage on (data, sft, reward, ppo, dpo, eval), even if it is complete."""
     method: str = "ppo"
     """Alignment after the reward stage: ppo, dpo, or both (eval then compares each with SFT)."""
+    seed: int | None = None
+    """One seed for every stage's randomness (training, sampling, evaluation); unset: each stage's preset seed."""
 
     def __post_init__(self) -> None:
         if self.force and self.force not in STAGES:
@@ -160,7 +164,9 @@ def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, 
                               "judge_model": str(run / "reward" / JUDGE_DIR) if judged else "",
                               "out": str(run / "eval"), "overwrite": True}),
     }
-    return {name: build(cls, {**DEFAULTS.get(name, {}), **(sections.get(name) or {}), **overrides.get(name, {}), **wired},
+    seeded = {} if cfg.seed is None else {"seed": cfg.seed}
+    return {name: build(cls, {**DEFAULTS.get(name, {}), **(sections.get(name) or {}),
+                              **(seeded if name in SEEDED else {}), **overrides.get(name, {}), **wired},
                         where=f"pipeline: {name} config")
             for name, (cls, wired) in wiring.items()}
 

@@ -181,3 +181,17 @@ def test_one_rule_for_what_may_change_without_a_rerun():
     b = replace(a, learning_rate=a.learning_rate * 2)
     assert config_differences(a, b) == ["learning_rate"]
     assert pipeline._portable(to_dict(a), run) != pipeline._portable(to_dict(b), run)
+
+
+def test_one_seed_reaches_every_stage_but_the_split(tmp_path):
+    """`--seed` sets training, sampling and evaluation seeds; the data split stays the preset's (every
+    seed is judged on the same questions), and an explicit --set still wins."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text(PRESET)
+    base = pipeline.stage_configs(PipelineConfig(out=str(tmp_path / "r")), str(preset), {})
+    seeded = pipeline.stage_configs(PipelineConfig(out=str(tmp_path / "r"), seed=7), str(preset),
+                                    {"eval": {"seed": 3}})
+    assert {n: seeded[n].seed for n in ("sft", "reward", "ppo", "dpo", "eval")} == \
+        {"sft": 7, "reward": 7, "ppo": 7, "dpo": 7, "eval": 3}
+    assert seeded["data"].seed == base["data"].seed
+    assert base["sft"].seed != 7

@@ -39,6 +39,25 @@ def test_top_k_and_top_p_filter():
     assert torch.isfinite(out[1, 0]) and torch.isinf(out[1, 1:]).all()
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.05])  # peaked rows (nucleus among the candidates), flat rows (past them)
+def test_nucleus_among_candidates_matches_the_full_sort(monkeypatch, scale):
+    """The candidate shortcut keeps exactly the tokens a sort of the whole vocabulary keeps, for
+    mixed rows: top-p only, top-k only, both, neither, and k past the candidates."""
+    from camelid.engine import sampling
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 4 * scale
+    top_k = torch.tensor([0, 40, 0, 30, 0, 2000])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.8, 1.0, 0.95])
+    fast = top_k_top_p_filter(logits, top_k, top_p)
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 10**9)  # the reference: always the full sort
+    full = top_k_top_p_filter(logits, top_k, top_p)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(full))
+    assert torch.equal(fast[torch.isfinite(fast)], logits[torch.isfinite(full)])
+    kept = torch.isfinite(full).sum(-1)
+    assert kept[4] == 5000 and kept[1] == 40 and 1 <= kept[2] <= kept[0]
+
+
 def test_repetition_penalty_divides_positive_multiplies_negative():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     seen = torch.tensor([[True, True, False]])

@@ -172,24 +172,46 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
     return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
 
 
+NUCLEUS_CANDIDATES = 1024
+"""Top-k / top-p first look among each row's most likely tokens: a full sort of a 49k vocabulary
+for every row of a batch costs more than the rest of sampling together."""
+
+
 def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every logit outside each row's top-k and nucleus (top-p). logits (B, V).
 
     top_k (B,) long, 0 = off; top_p (B,) float in (0, 1]. Nucleus per Holtzman et al. 2019:
     keep the smallest prefix of the sorted distribution whose mass reaches p (always >= 1 token:
     the most likely one stays even where p is so small it reads 0 in float32).
+
+    The prefix is looked for among the NUCLEUS_CANDIDATES most likely tokens first; only when some
+    row's nucleus or top-k reaches past them is the whole vocabulary sorted. Same result either way.
     """
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
+    unfiltered = (k[:, 0] >= vocab) & (top_p >= 1.0)  # rows that keep every token
+    out = None
+    if vocab > NUCLEUS_CANDIDATES:
+        top_logits, top_ids = torch.topk(logits, NUCLEUS_CANDIDATES, dim=-1)  # sorted, descending
+        probs = torch.exp(top_logits.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True))
+        if bool(((k[:, 0] <= NUCLEUS_CANDIDATES) | (probs.sum(-1) >= top_p.float()) | unfiltered).all()):
+            kept = _nucleus_prefix(top_logits, probs, k, top_p)
+            out = torch.full_like(logits, float("-inf")).scatter_(-1, top_ids, kept)
+    if out is None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        out = torch.empty_like(logits).scatter_(-1, order, _nucleus_prefix(sorted_logits, probs, k, top_p))
+    return torch.where(unfiltered[:, None], logits, out) if bool(unfiltered.any()) else out
+
+
+def _nucleus_prefix(sorted_logits: torch.Tensor, probs: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Descending logits with -inf past each row's top-k and past its nucleus (probs: their
+    probabilities under the whole row)."""
+    ranks = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)[None, :]
     remove = ranks >= k
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    remove |= mass_before >= top_p[:, None].float()
+    remove |= (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None].float()
     remove[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return sorted_logits.masked_fill(remove, float("-inf"))
 
 
 class Sampled(NamedTuple):

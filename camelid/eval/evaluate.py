@@ -50,6 +50,8 @@ class EvalConfig:
     """Dataset folder from `camelid data` (its evaluation split holds the held-out questions)."""
     base_model: str = "smollm2-135m"
     """The model before any training: bundled name or model folder."""
+    include_base: bool = True
+    """Answer with the base model too (the SFT-vs-base view); off, the evaluation costs a third less."""
     sft_model: str = "runs/sft"
     """The SFT model: a `camelid sft` run folder or model folder ('' to skip)."""
     ppo_model: str = "runs/ppo"
@@ -112,7 +114,8 @@ class EvalConfig:
 
     def models(self) -> dict[str, str]:
         """The models to compare, by role, skipping the empty ones."""
-        return {m: getattr(self, f"{m}_model") for m in MODELS if getattr(self, f"{m}_model")}
+        return {m: getattr(self, f"{m}_model") for m in MODELS
+                if getattr(self, f"{m}_model") and (m != "base" or self.include_base)}
 
     def judges(self) -> dict[str, str]:
         return {k: v for k, v in (("training", self.reward_model), ("second", self.judge_model)) if v}
