@@ -312,11 +312,14 @@ def test_second_judge_trains_on_questions_the_training_judge_never_saw(tmp_path,
     from camelid.data.output import split_path
     from camelid.train.reward import JUDGE_DIR, TRAIN_QUESTIONS, train_judges
 
-    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "rm", max_steps=2, save_steps=2, merge=False, judge_split="rl")
+    cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "rm", max_steps=2, save_steps=2, merge=False, judge_split="rl",
+                   judge_steps=1)
     r = train_judges(cfg)
     judge = tmp_path / "rm" / JUDGE_DIR
     assert r.train_split == "reward" and (judge / "adapter" / "adapter_config.json").is_file()
     assert json.loads((judge / "result.json").read_text())["train_split"] == "rl"
+    assert (judge / "checkpoints" / "checkpoint-1").is_dir() and not (judge / "checkpoints" / "checkpoint-2").exists()
+    assert (tmp_path / "rm" / "checkpoints" / "checkpoint-2").is_dir()  # judge_steps: the second judge's only
     ours, theirs = (json.loads((d / TRAIN_QUESTIONS).read_text()) for d in (tmp_path / "rm", judge))
     assert (ours["split"], theirs["split"]) == ("reward", "rl")
     assert ours["qids"] and theirs["qids"] and not set(ours["qids"]) & set(theirs["qids"])

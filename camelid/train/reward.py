@@ -54,13 +54,15 @@ class RewardConfig(TrainSettings):
     """Split for accuracy, margin and the longer-answer baseline."""
     judge_split: str = ""
     """Also train a second judge on this split's pairs (questions disjoint from train_split) into OUT/judge ('' = none)."""
+    judge_steps: int = 0
+    """The second judge's optimizer steps (0: max_steps). It only has to rank answers, not give PPO a margin to climb."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
-        if self.min_pairs < 1 or self.max_prompt_length < 0:
-            raise ValueError("need min_pairs >= 1 and max_prompt_length >= 0")
+        if self.min_pairs < 1 or self.max_prompt_length < 0 or self.judge_steps < 0:
+            raise ValueError("need min_pairs >= 1, max_prompt_length >= 0 and judge_steps >= 0")
         if self.judge_split and self.judge_split in (self.train_split, self.eval_split):
             raise ValueError(f"judge_split must differ from train_split and eval_split, got {self.judge_split!r}")
 
@@ -338,10 +340,13 @@ JUDGE_DIR = "judge"
 
 
 def judge_config(cfg: RewardConfig) -> RewardConfig:
-    """The second judge's settings: the training judge's, on `judge_split`, into OUT/judge."""
+    """The second judge's settings: the training judge's, on `judge_split`, into OUT/judge, for
+    `judge_steps` steps when set (checkpoints no further apart than in the training judge's run)."""
     from dataclasses import replace
 
-    return replace(cfg, train_split=cfg.judge_split, judge_split="", out=str(Path(cfg.out) / JUDGE_DIR))
+    steps = cfg.judge_steps or cfg.max_steps
+    return replace(cfg, train_split=cfg.judge_split, judge_split="", judge_steps=0, max_steps=steps,
+                   save_steps=min(cfg.save_steps, steps) if steps else cfg.save_steps, out=str(Path(cfg.out) / JUDGE_DIR))
 
 
 def check_disjoint(data: str, split_a: str, split_b: str) -> None:
