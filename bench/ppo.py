@@ -231,7 +231,7 @@ def main() -> int:
         ap.error("--rounds must be >= 1")
 
     from camelid.models.resolve import resolve_model
-    from camelid.train.ppo_model import ppo_dtype
+    from camelid.train.ppo_policy import ppo_dtype
 
     dtype = ppo_dtype(args.dtype)
     ours_runs, peer_runs = [], []

@@ -104,7 +104,7 @@ with PeakMemory() as mem:
 row = {"peak_mb": mem.mb, "peak_kind": mem.kind, "seconds": seconds, "value": loss}
 if cfg is not None:
     from camelid.models.train_load import training_dtype
-    from camelid.train.ppo_model import ppo_dtype
+    from camelid.train.ppo_policy import ppo_dtype
     dt = ppo_dtype(cfg.dtype) if stage == "ppo" else str(training_dtype(cfg.dtype)).removeprefix("torch.")
     seq = {"sft": getattr(cfg, "seq_length", 0), "reward": getattr(cfg, "max_length", 0)}.get(stage) or cfg.max_prompt_tokens + cfg.max_new_tokens
     batch = {"sft": cfg.batch_size, "reward": 2 * cfg.batch_size}.get(stage) or cfg.mini_batch_size

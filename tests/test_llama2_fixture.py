@@ -393,7 +393,7 @@ def test_ppo_reward_model_in_8_bits(pipeline_run, tmp_path):
 
     from camelid.train.ppo import train
     from camelid.train.ppo_config import PPOConfig
-    from camelid.train.ppo_model import RewardModelScorer
+    from camelid.train.ppo_scorers import RewardModelScorer
 
     scorer = RewardModelScorer(str(pipeline_run / "reward"), "float32", 4, load_8bit=True)
     assert any(isinstance(m, Linear8bitLt) for m in scorer.model.modules())

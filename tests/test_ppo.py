@@ -96,7 +96,7 @@ def test_run_writes_outputs_and_logs_every_step(trained):
 def test_only_adapter_and_value_head_change_reference_stays(trained, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from camelid.models.cpu_train import speed_up
+    from camelid import cpu
 
     cfg, result = trained
     policy = result.policy
@@ -113,7 +113,7 @@ def test_only_adapter_and_value_head_change_reference_stays(trained, tiny_model_
     # The reference (adapter off) computes exactly the original model; the policy does not.
     ids = torch.tensor([[1, 520, 2114, 30, 216, 3327]])
     with torch.no_grad():
-        ref_logits = speed_up(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype))(ids).logits
+        ref_logits = cpu.prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype))(ids).logits
         with policy.lm.disable_adapter():
             assert torch.allclose(policy.lm(input_ids=ids).logits, ref_logits, atol=1e-6)
         assert not torch.allclose(policy.lm(input_ids=ids).logits, ref_logits, atol=1e-4)
@@ -268,7 +268,7 @@ def test_old_logprobs_from_the_rollout_equal_a_forward_pass(tmp_path, tiny_model
 
     from camelid.engine import Engine
     from camelid.train.ppo import PromptSet, make_experience, read_questions, rollout
-    from camelid.train.ppo_model import build_policy
+    from camelid.train.ppo_policy import build_policy
 
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "a", dtype="float32", stop_at_eos=False)
     torch.manual_seed(0)

@@ -204,7 +204,7 @@ def test_scores_through_the_cpu_pass_equal_the_models_own_forward(trained):
     """score_ids runs the CPU training pass's decoder and the score head at the token transformers
     pools (the rightmost non-padding one): against the model's forward with its padding mask, on
     rows of different lengths, one of them ending in the padding id (EOS is padding here)."""
-    from camelid.models.llama_train import decoder_hidden
+    from camelid.cpu.llama_train import decoder_hidden
     from camelid.train.reward import _scores
 
     cfg, _ = trained

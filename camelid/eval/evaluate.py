@@ -180,7 +180,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
     import torch
 
     from camelid.models.load import load_for_inference
-    from camelid.train.ppo_model import pack, reference_logprobs
+    from camelid.train.ppo_batch import pack, response_logprobs
 
     lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=cfg.dtype)
     device = next(lm.parameters()).device
@@ -191,7 +191,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
             sb = pack([a["prompt_ids"] for a in part], [a["response_ids"] or [tok.eos_token_id] for a in part],
                       tok.pad_token_id or 0, device)
             # The LM head runs on the answer positions only, not on every prompt token.
-            lp = reference_logprobs(lm, sb) * sb.mask
+            lp = response_logprobs(lm, sb) * sb.mask
             sums += lp.sum(1).float().cpu().tolist()
     del lm
     gc.collect()
