@@ -181,3 +181,15 @@ def test_one_rule_for_what_may_change_without_a_rerun():
     b = replace(a, learning_rate=a.learning_rate * 2)
     assert config_differences(a, b) == ["learning_rate"]
     assert pipeline._portable(to_dict(a), run) != pipeline._portable(to_dict(b), run)
+
+
+def test_every_stage_is_run_cfg_resume_overwrite():
+    """Each stage's entry point is `run(cfg, *, resume=False, overwrite=False)` in its own module
+    (PPO adds `reward_fn` after them), which is what the pipeline calls."""
+    import inspect
+
+    for name in pipeline.STAGES:
+        params = list(inspect.signature(pipeline.stage_function(name)).parameters.values())
+        assert [p.name for p in params[:3]] == ["cfg", "resume", "overwrite"], name
+        assert all(p.kind is p.KEYWORD_ONLY and p.default is False for p in params[1:3]), name
+        assert all(p.default is not p.empty for p in params[1:]), name

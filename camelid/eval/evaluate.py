@@ -28,7 +28,7 @@ settings read it as the log-ratio on the answers the user would actually get.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +294,11 @@ def check_inputs(cfg: EvalConfig) -> dict[str, str]:
     return paths
 
 
-def run(cfg: EvalConfig) -> EvalResult:
-    """Answer, score, compare; write OUT/result.json, samples.jsonl and config.yaml (atomically)."""
+def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> EvalResult:
+    """Answer, score, compare; write OUT/result.json, samples.jsonl and config.yaml (atomically).
+
+    The stages' common signature: `overwrite` as `cfg.overwrite`; `resume` changes nothing (the
+    folder is written whole or not at all, so a cut-short evaluation starts over)."""
     import json
 
     from camelid.config import save_config, to_dict
@@ -303,6 +306,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     from camelid.train.reward import load_reward_model
     from camelid.utils import Timer, atomic_dir, check_replaceable, ensure_writable_dir, print0, write_json
 
+    cfg = replace(cfg, overwrite=cfg.overwrite or overwrite)
     set_threads(cfg.num_threads)
     ensure_writable_dir(Path(cfg.out).parent)
     check_replaceable(cfg.out, cfg.overwrite)

@@ -47,14 +47,14 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     add_config_args(p, PPOConfig)
-    p.set_defaults(func=run)
+    p.set_defaults(func=_cli)
 
 
-def run(args: argparse.Namespace) -> int:
+def _cli(args: argparse.Namespace) -> int:
     cfg = from_args(PPOConfig, args, "ppo")
     if not cfg.reward_model:
         raise UsageError("--reward-model is required: a `camelid reward train` output folder")
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print0(f"ppo: {result.steps} steps, reward {result.reward_mean:+.3f}, KL {result.kl:.3f}; "
            f"adapter in {result.adapter_dir}" + (f", merged model in {result.model_dir}" if result.model_dir else ""))
     return 0
@@ -347,8 +347,9 @@ def step_metrics(exp: Experience, raw_scores: Any, train: dict[str, float], roll
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwrite: bool = False) -> PPOResult:
-    """Run PPO; `reward_fn(queries, responses, response_ids) -> scores` replaces the reward model."""
+def run(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, reward_fn: Any = None) -> PPOResult:
+    """Run PPO; from Python, `reward_fn(queries, responses, response_ids) -> scores` (ppo_scorers.RewardFn)
+    replaces the reward model."""
     import torch
     from accelerate import Accelerator
 

@@ -270,8 +270,8 @@ def _bucketed(trainer_cls: type) -> type:
     return Bucketed
 
 
-def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
-    """Train the reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
+def train_model(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
+    """Train one reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
     import datasets
 
     from camelid.config import to_dict
@@ -351,14 +351,15 @@ def check_disjoint(data: str, split_a: str, split_b: str) -> None:
                            "--judge-split or rebuild the dataset")
 
 
-def train_judges(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
-    """The training judge (`train`) and, with `judge_split`, the second judge in OUT/judge; returns
-    the training judge's result (the second judge's is in OUT/judge/result.json)."""
+def run(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
+    """The reward stage: the training judge (`train_model`) and, with `judge_split`, the second
+    judge in OUT/judge; returns the training judge's result (the second judge's is in
+    OUT/judge/result.json)."""
     if cfg.judge_split:
         check_disjoint(cfg.data, cfg.train_split, cfg.judge_split)
-    result = train(cfg, resume=resume, overwrite=overwrite)
+    result = train_model(cfg, resume=resume, overwrite=overwrite)
     if cfg.judge_split:
-        train(judge_config(cfg), resume=resume, overwrite=overwrite)
+        train_model(judge_config(cfg), resume=resume, overwrite=overwrite)
     return result
 
 
@@ -418,7 +419,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     from camelid.utils import print0
 
     cfg = from_args(RewardConfig, args, "reward")
-    r = train_judges(cfg, resume=args.resume, overwrite=args.overwrite)
+    r = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print0(f"reward: {r.steps} steps, train loss {r.train_loss:.4f}, {r.pairs_per_s:.2f} pairs/s")
     if r.eval is not None:
         print0(f"eval on {r.eval.pairs} pairs: accuracy {r.eval.accuracy:.3f}, mean margin {r.eval.mean_margin:.3f}, "
