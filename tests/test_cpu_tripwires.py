@@ -237,3 +237,31 @@ def test_switch_off_says_so_and_runs_the_libraries_code(monkeypatch, caplog, fre
     q8 = Int8Linear(linear)
     x = torch.randn(3, 64).bfloat16()
     assert not q8.packed and torch.equal(q8(x), F.linear(x, q8.qweight.to(x.dtype)) * q8.scale)
+
+
+STAGES = ("camelid.train", "camelid.eval", "camelid.serve", "camelid.pipeline", "camelid.cli", "camelid.chat", "camelid.data")
+
+
+def test_the_kit_imports_no_stage_and_callers_only_its_interface():
+    """camelid/cpu imports no stage; outside it, code imports `camelid.cpu` itself, never a module
+    inside it (tests and benchmarks may)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(cpu.__file__).parent.parent
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    for path in (root / "cpu").glob("*.py"):
+        assert not [n for n in imported(path) if n.startswith(STAGES)], path
+    for path in root.rglob("*.py"):
+        if path.parent.name != "cpu":
+            inner = [n for n in imported(path) if n.startswith("camelid.cpu.") and (root / "cpu" / f"{n.split('.')[2]}.py").exists()]
+            assert not inner, (path, inner)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from camelid import cpu
 from camelid.models.lora import unwrap
 from camelid.train import rl
 
@@ -71,8 +72,6 @@ def response_hidden(lm: nn.Module, input_ids: torch.Tensor, gather_idx: torch.Te
     skips the masked half) and no (B, 1, L, L) mask is built. Positions 0..L-1 are right without
     position_ids.
     """
-    from camelid import cpu
-
     hidden = cpu.decoder_hidden(lm, input_ids)  # None where the CPU pass does not apply
     if hidden is None:
         hidden = unwrap(lm).get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -84,8 +83,6 @@ def head_logprobs(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ent
     """log softmax(head(hidden))[labels] (B, T), and the entropy (B, T) if asked, without a
     gradient; the (rows x vocabulary) float32 logits and their log-softmax exist a chunk of
     `rows` positions at a time (a PPO batch's whole [B*T, V] would be the step's largest buffer)."""
-    from camelid import cpu
-
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     lps, ents = [], []
     for i in range(0, h.shape[0], rows):

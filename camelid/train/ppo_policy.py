@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from camelid import cpu
 from camelid.train import ppo_batch, ppo_value
 
 
@@ -37,8 +38,6 @@ class PolicyWithValue(nn.Module):
     def heads(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits (B, T, V) and values (B, T) of final hidden states (B, T, H): the LM head's
         input, from a forward pass or from the rollout (`Completion.hidden`)."""
-        from camelid import cpu
-
         return cpu.head_logits(self.lm, hidden, labels), ppo_value.values(self.v_head, hidden)
 
     def response_hidden(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
