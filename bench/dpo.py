@@ -8,7 +8,7 @@ TRL's, then both again, keeping each side's faster run (load elsewhere on the ma
 whichever run it lands on). Throughput is timed from the end of the first optimizer step to the
 end of the last (the first step pays one-time costs).
 
-- ours: camelid.train.dpo.train, the command's function (the reward split cut by our length
+- ours: camelid.train.dpo.run, the command's function (the reward split cut by our length
   strategy, pre-tokenized, our loader, reference = adapter off, Tracker, checkpoints off).
 - TRL:  DPOTrainer given the model path, a prompt/chosen/rejected text dataset of the same pairs
   and a peft LoraConfig, as TRL's docs show; TRL tokenizes and truncates at max_length itself.
@@ -36,12 +36,12 @@ LEARNING_RATE = 5e-4
 
 
 def child_ours(a: argparse.Namespace, out: Path) -> dict:
-    from camelid.train.dpo import DPOConfig, train
+    from camelid.train.dpo import DPOConfig, run
 
     cfg = DPOConfig(model=a.model, data=a.data, out=str(out), max_length=a.max_length, batch_size=a.batch_size,
                     max_steps=a.steps, logging_steps=1, save_steps=10_000, learning_rate=LEARNING_RATE, beta=BETA,
                     lora_dropout=0.0, max_eval_samples=2, min_pairs=1, merge=False, dtype="float32")
-    train(cfg)
+    run(cfg)
     return rates(metrics_points(out, "dpo", "pairs", a.batch_size), a.batch_size)
 
 

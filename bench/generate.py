@@ -39,7 +39,7 @@ def measure(mode: str, tokens: int, threads: int, rounds: int) -> dict:
 
     torch.set_num_threads(threads)
     from camelid.engine import Engine, SamplingParams
-    from camelid.models.int8 import weight_bytes
+    from camelid.cpu.int8 import weight_bytes
 
     dtype, eight = MODES[mode]
     engine = Engine.load("smollm2-135m", device="cpu", dtype=dtype, load_8bit=eight)

@@ -168,12 +168,12 @@ def run_ours_here(root: Path, steps: int, threads: int, dtype: str) -> None:
     """The child process's job: camelid ppo on the bench inputs; prints one JSON line."""
     import shutil
 
-    from camelid.train.ppo import train
+    from camelid.train.ppo import run
     from camelid.train.tracking import read_metrics
     from camelid.utils import peak_rss_mb
 
     shutil.rmtree(root / "run", ignore_errors=True)
-    train(ppo_config(root, steps, threads, dtype))
+    run(ppo_config(root, steps, threads, dtype))
     rows = read_metrics(root / "run")  # all steps, as the peer prints them; _means drops the first
     print(json.dumps({"steps": [{k: r[f"time/{k}"] for k in ("rollout", "score", "optimize")} for r in rows],
                       "peak_gb": peak_rss_mb() / 1024}))
@@ -231,7 +231,7 @@ def main() -> int:
         ap.error("--rounds must be >= 1")
 
     from camelid.models.resolve import resolve_model
-    from camelid.train.ppo_model import ppo_dtype
+    from camelid.train.ppo_policy import ppo_dtype
 
     dtype = ppo_dtype(args.dtype)
     ours_runs, peer_runs = [], []

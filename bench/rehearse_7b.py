@@ -10,7 +10,7 @@ A random LlamaForCausalLM with LLaMA-7B's widths (hidden 4096, intermediate 1100
 a SentencePiece tokenizer (tests/llama2_fixture.py: 1000 pieces, ids past them unused), runs
 each stage's own Python entry point with the stackllama-7b preset's settings: SFT (`sft.run`, one
 optimizer step) on an 8-bit base with LoRA r16 and packed 1024-token blocks of 4, the reward model
-(`reward.train`, one step) on a 16-bit base at 512 tokens and 4 pairs, PPO (`ppo.train`, one step:
+(`reward.train_model`, one step: the training judge) on a 16-bit base at 512 tokens and 4 pairs, PPO (`ppo.run`, one step:
 rollout, scoring, optimisation) on an 8-bit base with batch 8, mini-batch 1, 4 epochs and 32-128
 new tokens, all with gradient checkpointing where the preset has it; then `camelid merge` of the
 SFT adapter and `camelid export gguf` (q8_0) of the merged model. PPO's reward model is a random
@@ -80,17 +80,17 @@ with PeakMemory() as mem:
         r = run(cfg, overwrite=True)
         loss = r.train_loss
     elif stage == "reward":
-        from camelid.train.reward import RewardConfig, train
+        from camelid.train.reward import RewardConfig, train_model
         cfg = build(RewardConfig, {**preset["reward"], **common, "model": model, "max_steps": int(steps),
                                    "save_steps": %(no_save)d, "eval_steps": 0, "max_eval_samples": %(eval)d})
-        r = train(cfg, overwrite=True)
+        r = train_model(cfg, overwrite=True)
         loss = r.train_loss
     elif stage == "ppo":
-        from camelid.train.ppo import train
+        from camelid.train.ppo import run
         from camelid.train.ppo_config import PPOConfig
         cfg = build(PPOConfig, {**preset["ppo"], **common, "policy": model, "reward_model": reward, "steps": int(steps),
                                 "save_steps": %(no_save)d, "samples_every": %(no_save)d})
-        r = train(cfg, overwrite=True)
+        r = run(cfg, overwrite=True)
         loss = r.reward_mean
     elif stage == "merge":  # model: the SFT run's adapter
         from camelid.models.merge import merge_adapter
@@ -104,7 +104,7 @@ with PeakMemory() as mem:
 row = {"peak_mb": mem.mb, "peak_kind": mem.kind, "seconds": seconds, "value": loss}
 if cfg is not None:
     from camelid.models.train_load import training_dtype
-    from camelid.train.ppo_model import ppo_dtype
+    from camelid.train.ppo_policy import ppo_dtype
     dt = ppo_dtype(cfg.dtype) if stage == "ppo" else str(training_dtype(cfg.dtype)).removeprefix("torch.")
     seq = {"sft": getattr(cfg, "seq_length", 0), "reward": getattr(cfg, "max_length", 0)}.get(stage) or cfg.max_prompt_tokens + cfg.max_new_tokens
     batch = {"sft": cfg.batch_size, "reward": 2 * cfg.batch_size}.get(stage) or cfg.mini_batch_size

@@ -8,7 +8,7 @@ and the bundled sample dump, in this order: ours, then plain TRL, for SFT and fo
 model, so load on the machine affects both sides alike. Throughput is timed from the end of
 the first optimizer step to the end of the last (the first step pays one-time costs).
 
-- ours:  camelid.train.sft.run / camelid.train.reward.train, the real commands' functions
+- ours:  camelid.train.sft.run / camelid.train.reward.run, the real commands' functions
          (our packing, pre-tokenized data, our loader, Tracker, progress bar, checkpoints).
 - TRL:   SFTTrainer / RewardTrainer given the model path, a text dataset and a peft LoraConfig,
          as TRL's docs show, with the same LoRA, batch, lr, length, float32, no checkpointing.
@@ -108,12 +108,12 @@ def child_trl_sft(a: argparse.Namespace, out: Path) -> dict:
 
 
 def child_ours_reward(a: argparse.Namespace, out: Path) -> dict:
-    from camelid.train.reward import RewardConfig, train
+    from camelid.train.reward import RewardConfig, run
 
     cfg = RewardConfig(model="smollm2-135m", data=a.data, out=str(out), max_length=a.max_length, batch_size=a.batch_size,
                        max_steps=a.steps, logging_steps=1, save_steps=10_000, max_eval_samples=4, load_8bit=a.load_8bit,
                        merge=False)
-    train(cfg)
+    run(cfg)
     return rates(metrics_points(out, "reward", "pairs", a.batch_size), a.batch_size)
 
 

@@ -173,44 +173,19 @@ def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, 
 
 # -- stage calls: each stage's own Python function, never a subprocess ---------------------------
 
-def _data(c: Any, resume: bool) -> Any:
-    from camelid.data.stackexchange import run
-
-    return run(c)
-
-
-def _sft(c: Any, resume: bool) -> Any:
-    from camelid.train.sft import run
-
-    return run(c, resume=resume)
+STAGE_MODULES = {"data": "camelid.data.stackexchange", "sft": "camelid.train.sft", "reward": "camelid.train.reward",
+                 "ppo": "camelid.train.ppo", "dpo": "camelid.train.dpo", "eval": "camelid.eval.evaluate"}
+"""Each stage's module; its `run(cfg, *, resume=False, overwrite=False) -> result` is the stage,
+imported when the stage runs (a stage's libraries load only for it)."""
 
 
-def _reward(c: Any, resume: bool) -> Any:
-    from camelid.train.reward import train_judges
+def stage_function(name: str) -> Callable[..., Any]:
+    """The `run` function of stage `name`."""
+    import importlib
 
-    return train_judges(c, resume=resume)
-
-
-def _ppo(c: Any, resume: bool) -> Any:
-    from camelid.train.ppo import train
-
-    return train(c, resume=resume)
+    return importlib.import_module(STAGE_MODULES[name]).run
 
 
-def _dpo(c: Any, resume: bool) -> Any:
-    from camelid.train.dpo import train
-
-    return train(c, resume=resume)
-
-
-def _eval(c: Any, resume: bool) -> Any:
-    from camelid.eval.evaluate import run
-
-    return run(c)
-
-
-RUNNERS: dict[str, Callable[[Any, bool], Any]] = {"data": _data, "sft": _sft, "reward": _reward, "ppo": _ppo,
-                                                  "dpo": _dpo, "eval": _eval}
 RESUMABLE = frozenset({"sft", "reward", "ppo", "dpo"})
 """Stages with checkpoints: an interrupted one continues from its last checkpoint."""
 STARTED_FILE = "started.json"
@@ -278,7 +253,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     status(f"\n[{index + 1}/{len(STAGES)}] {name}: {'resuming from its last checkpoint' if resume else 'running'} ({sdir})")
     try:
         with Timer() as t, PeakMemory() as mem:
-            result = RUNNERS[name](stage_cfg, resume)
+            result = stage_function(name)(stage_cfg, resume=resume)
     except KeyboardInterrupt:
         print0(f"\ninterrupted during {name}; run the same command again to resume from there", file=sys.stderr)
         raise

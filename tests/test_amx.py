@@ -1,4 +1,4 @@
-"""The AMX kernel for decode's few-row bfloat16 products (camelid/models/amx.py): its sums are
+"""The AMX kernel for decode's few-row bfloat16 products (camelid/cpu/amx.py): its sums are
 torch's AMX product's to the bit on the bundled model's shapes and every row count, `linear` routes to it only
 where it applies, decode through it draws the same tokens, and where it cannot be built or is
 switched off everything falls back to torch's product."""
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from camelid.models import amx, llama_train
+from camelid.cpu import amx, llama_train
 
 pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
 
@@ -96,7 +96,7 @@ def test_decode_through_the_kernel_draws_the_same_tokens(bundled_dir):
 
 
 def _kernel_in_child(env: dict[str, str]) -> str:
-    code = "from camelid.models import amx; print(amx.kernel() is not None)"
+    code = "from camelid.cpu import amx; print(amx.kernel() is not None)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()

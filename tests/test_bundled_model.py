@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from camelid.engine import Engine, SamplingParams
-from camelid.models.int8 import weight_bytes
+from camelid.cpu.int8 import weight_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -1,4 +1,4 @@
-"""CPU training speed-ups (camelid.models.cpu_train) and PPO's float32 head: same math as the
+"""CPU training speed-ups (camelid.cpu.training) and PPO's float32 head: same math as the
 libraries' own paths, checked against them on the tiny random Llama."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from camelid.models import cpu_train
+from camelid import cpu
+from camelid.cpu import training
 from camelid.models.lora import LoraSettings, unwrap
 from camelid.models.train_load import load_for_training, training_dtype
 
@@ -15,18 +16,18 @@ pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: te
 
 
 def test_ppo_auto_dtype_follows_the_cpus_bf16_hardware_sft_and_reward_stay_float32():
-    from camelid.train.ppo_model import ppo_dtype
+    from camelid.train.ppo_policy import ppo_dtype
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine decides by its GPU")
-    assert ppo_dtype("auto") == ("bfloat16" if cpu_train.native_bf16() else "float32")
+    assert ppo_dtype("auto") == ("bfloat16" if cpu.native_bf16() else "float32")
     assert training_dtype("auto") == torch.float32
     assert ppo_dtype("float32") == "float32" and training_dtype("bfloat16", cpu_bf16=True) == torch.bfloat16
 
 
 def test_fast_dropout_drops_p_and_keeps_the_mean():
     # 0.05 * 65536 = 3276.8 -> 3277 lanes of 65536 drop: p = 0.0500031; kept values x 1/(1-p).
-    d = cpu_train.FastLoraDropout(0.05).train()
+    d = training.FastLoraDropout(0.05).train()
     torch.manual_seed(0)
     y = d(torch.ones(2000, 1000))
     dropped = (y == 0).float().mean().item()
@@ -42,7 +43,7 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
 
 
 def test_fast_dropout_is_seeded_identity_in_eval_and_passes_the_masked_gradient():
-    d = cpu_train.FastLoraDropout(0.3)
+    d = training.FastLoraDropout(0.3)
     x = torch.randn(7, 33, requires_grad=True)
     torch.manual_seed(5)
     a = d(x)
@@ -51,7 +52,7 @@ def test_fast_dropout_is_seeded_identity_in_eval_and_passes_the_masked_gradient(
     a.sum().backward()
     assert torch.equal(x.grad, (a != 0).float() * d.scale)
     assert d.eval()(x) is x
-    assert cpu_train.FastLoraDropout(0.0).train()(x) is x
+    assert training.FastLoraDropout(0.0).train()(x) is x
 
 
 def lora_model(tiny_model_dir, dtype: str):
@@ -67,9 +68,9 @@ def test_speed_up_swaps_lora_dropout_and_16bit_attention(tiny_model_dir):
     bf16 = lora_model(tiny_model_dir, "bfloat16")
     for model in (fp32, bf16):
         drops = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict) for d in m.lora_dropout.values()]
-        assert drops and all(isinstance(d, cpu_train.FastLoraDropout) and d.p == 0.1 for d in drops)
+        assert drops and all(isinstance(d, training.FastLoraDropout) and d.p == 0.1 for d in drops)
     assert unwrap(fp32).config._attn_implementation == "sdpa"
-    assert unwrap(bf16).config._attn_implementation == cpu_train.FLOAT32_ATTENTION
+    assert unwrap(bf16).config._attn_implementation == training.FLOAT32_ATTENTION
 
 
 def test_float32_attention_gives_the_sdpa_outputs(tiny_model_dir):
@@ -84,13 +85,13 @@ def test_float32_attention_gives_the_sdpa_outputs(tiny_model_dir):
     theirs = model(input_ids=ids, attention_mask=mask).logits.float()
     real = mask.bool()
     assert (ours - theirs)[real].abs().max() <= 0.05 * theirs[real].abs().max()
-    unwrap(model).set_attn_implementation(cpu_train.FLOAT32_ATTENTION)
+    unwrap(model).set_attn_implementation(training.FLOAT32_ATTENTION)
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits.float(), ours)
 
 
 def test_ppo_head_is_float32_where_it_counts_and_16bit_backward(tiny_model_dir):
     from camelid.train import rl
-    from camelid.train.ppo_model import EXACT_TOP, head_logits
+    from camelid.cpu.lm_head import EXACT_TOP, head_logits
 
     model = lora_model(tiny_model_dir, "bfloat16")
     head = unwrap(model).get_output_embeddings()
@@ -127,7 +128,8 @@ def test_ppo_head_is_float32_where_it_counts_and_16bit_backward(tiny_model_dir):
 def test_right_padded_rows_need_no_padding_mask(tiny_model_dir):
     """PPO's forward passes no padding mask (right padding, causal attention): each row's
     log-probs and values equal those of the row run alone."""
-    from camelid.train.ppo_model import PolicyWithValue, pack
+    from camelid.train.ppo_batch import pack
+    from camelid.train.ppo_policy import PolicyWithValue
 
     policy = PolicyWithValue(lora_model(tiny_model_dir, "float32")).eval()
     nn.init.normal_(policy.v_head.weight, std=0.1)
@@ -147,7 +149,7 @@ def test_two_stage_top_indices_equal_topk():
     """The head's selection of each row's largest logits (block maxima first) against torch.topk,
     on random rows, on rows whose largest values crowd into one block, and on a vocabulary that
     is not a multiple of the block (plain topk then)."""
-    from camelid.train.ppo_model import _top_indices
+    from camelid.cpu.lm_head import _top_indices
 
     torch.manual_seed(0)
     z = torch.randn(37, 49152)

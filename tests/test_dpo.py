@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from camelid.cli import main
 from camelid.config import save_config
 from camelid.errors import CamelidError
-from camelid.train.dpo import DPOConfig, train
+from camelid.train.dpo import DPOConfig, run
 from camelid.train.tracking import read_metrics
 from train_data import write_dataset
 
@@ -126,8 +126,8 @@ def test_resume_from_a_checkpoint_ends_where_the_whole_run_ends(trained, tmp_pat
     cfg = replace(trained, out=str(cut))
     save_config(cfg, cut / "config.yaml")  # the copy's own folder, as if it had been run there
     with pytest.raises(CamelidError, match="--resume"):
-        train(cfg)
-    r = train(cfg, resume=True)
+        run(cfg)
+    r = run(cfg, resume=True)
     assert r.steps == 4
     assert [row["step"] for row in read_metrics(cut) if "dpo/loss" in row] == [1, 2, 3, 4]
     a = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
@@ -138,7 +138,7 @@ def test_resume_from_a_checkpoint_ends_where_the_whole_run_ends(trained, tmp_pat
 
 def test_two_processes_equal_one_process_with_double_batch(tiny_model_dir, data, tmp_path):
     """Data parallel (torchrun, gloo on CPU): 2 processes x batch 2 end with the adapter of 1 x batch 4."""
-    one = train(tiny_cfg(tiny_model_dir, data, tmp_path / "one", max_steps=3, merge=False))
+    one = run(tiny_cfg(tiny_model_dir, data, tmp_path / "one", max_steps=3, merge=False))
     args = ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "two"), "--max-length", "40",
             "--batch-size", "2", "--max-steps", "3", "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "0.01",
             "--seed", "1", "--max-eval-samples", "8", "--min-pairs", "8", "--no-merge"]
@@ -155,7 +155,7 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_model_dir, data,
 
 def test_8bit_base_trains_in_float32(tiny_model_dir, data, tmp_path):
     pytest.importorskip("bitsandbytes")
-    r = train(tiny_cfg(tiny_model_dir, data, tmp_path / "q", max_steps=2, load_8bit=True, merge=False))
+    r = run(tiny_cfg(tiny_model_dir, data, tmp_path / "q", max_steps=2, load_8bit=True, merge=False))
     assert r.steps == 2 and math.isfinite(r.train_loss) and math.isfinite(r.eval["loss"])
     adapter = load_file(str(r.adapter_dir / "adapter_model.safetensors"))
     assert all(v.dtype == torch.float32 for v in adapter.values())
@@ -163,9 +163,9 @@ def test_8bit_base_trains_in_float32(tiny_model_dir, data, tmp_path):
 
 def test_bad_inputs(tiny_model_dir, data, tmp_path, capsys):
     with pytest.raises(CamelidError, match="min_pairs=50"):
-        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", min_pairs=50))
+        run(tiny_cfg(tiny_model_dir, data, tmp_path / "o", min_pairs=50))
     with pytest.raises(CamelidError, match="raise --max-length"):
-        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=12))
+        run(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=12))
     assert main(["dpo", "--loss-type", "hinge", "--out", str(tmp_path / "o")]) == 2
     assert main(["dpo", "--beta", "0", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

@@ -254,8 +254,8 @@ def test_fast_path_attends_in_float32_when_the_model_does(tiny_model_dir):
     attention on the fast path too, so that its rollout computes what its training forward does."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from camelid.engine.fastllama import FastLlama
-    from camelid.models.cpu_train import float32_attention
+    from camelid.cpu.fastllama import FastLlama
+    from camelid.cpu.training import float32_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     ids = torch.randint(100, 4000, (2, 96), generator=torch.Generator().manual_seed(0))
@@ -277,7 +277,7 @@ def test_fast_path_decodes_bfloat16_like_the_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from camelid.engine.engine import _cache_kwarg
-    from camelid.engine.fastllama import FastLlama
+    from camelid.cpu.fastllama import FastLlama
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     kw = _cache_kwarg(model)

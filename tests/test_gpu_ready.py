@@ -32,7 +32,7 @@ def test_fused_attention_form_gives_the_cpu_forms_logits(tiny_model_dir, padded)
     (boolean mask, batched-product decode), on a grouped-query model, padded or not."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from camelid.engine.fastllama import FastLlama
+    from camelid.cpu.fastllama import FastLlama
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert model.config.num_key_value_heads != model.config.num_attention_heads
@@ -59,7 +59,7 @@ def test_fused_attention_args_leave_out_the_mask_where_nothing_is_padded():
     """No padding: prefill from an empty cache is is_causal with no mask (the flash kernel's
     form), a decode step has no mask; padding or a cached prefix gives an additive float mask
     with the dtype's minimum where a key is hidden."""
-    from camelid.engine.fastllama import fused_attention_args, visibility
+    from camelid.cpu.fastllama import fused_attention_args, visibility
 
     full = torch.ones(2, 6, dtype=torch.long)
     assert fused_attention_args(full, past=0, t=6, dtype=torch.bfloat16) == (None, True)
@@ -82,7 +82,7 @@ def test_fused_attention_args_leave_out_the_mask_where_nothing_is_padded():
 def test_int8_backend_is_bitsandbytes_on_cuda_and_ours_elsewhere(monkeypatch, caplog):
     """CUDA takes bitsandbytes' LLM.int8() where it is installed (this venv has it), CPU and mps
     our weight-only int8; CUDA without bitsandbytes falls back to ours with a warning."""
-    from camelid.models import int8
+    from camelid.cpu import int8
 
     assert int8.has_bitsandbytes()
     assert int8.int8_backend("cuda") == int8.int8_backend(torch.device("cuda", 1)) == int8.BITSANDBYTES
@@ -100,7 +100,7 @@ def test_load_8bit_for_cuda_gives_llm_int8_layers(tiny_model_dir):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from camelid.models.int8 import LLM_INT8_THRESHOLD, quantize_model_int8
+    from camelid.cpu.int8 import LLM_INT8_THRESHOLD, quantize_model_int8
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
@@ -156,16 +156,16 @@ def _devices(monkeypatch, cuda: bool, mps: bool) -> None:
 def test_training_device_and_dtype(monkeypatch, cuda, mps, device, dtype):
     """CUDA (this process's LOCAL_RANK), else mps, else the CPU; "auto" trains in bfloat16 on
     CUDA and in float32 on mps (its bfloat16 is partial), even where the CPU has AMX."""
-    from camelid.models import cpu_train
+    from camelid import cpu
     from camelid.models.train_load import training_device, training_dtype
 
     _devices(monkeypatch, cuda, mps)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(cpu_train, "native_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
     assert str(training_device()) == device
     assert training_dtype("auto") == dtype
     if mps:
-        monkeypatch.setattr(cpu_train, "native_bf16", lambda: True)
+        monkeypatch.setattr(cpu, "native_bf16", lambda: True)
         assert training_dtype("auto", cpu_bf16=True) == dtype
     assert training_dtype("float16") == torch.float16  # an explicit dtype is kept
 

@@ -391,9 +391,9 @@ def test_ppo_reward_model_in_8_bits(pipeline_run, tmp_path):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear8bitLt
 
-    from camelid.train.ppo import train
+    from camelid.train.ppo import run
     from camelid.train.ppo_config import PPOConfig
-    from camelid.train.ppo_model import RewardModelScorer
+    from camelid.train.ppo_scorers import RewardModelScorer
 
     scorer = RewardModelScorer(str(pipeline_run / "reward"), "float32", 4, load_8bit=True)
     assert any(isinstance(m, Linear8bitLt) for m in scorer.model.modules())
@@ -403,5 +403,5 @@ def test_ppo_reward_model_in_8_bits(pipeline_run, tmp_path):
     cfg = PPOConfig(policy=str(pipeline_run / "sft"), reward_model=str(pipeline_run / "reward"), reward_load_8bit=True,
                     data=str(pipeline_run / "data"), out=str(tmp_path / "ppo"), steps=1, batch_size=2, mini_batch_size=1,
                     ppo_epochs=1, min_new_tokens=2, max_new_tokens=4, num_threads=1, merge=False)
-    result = train(cfg)
+    result = run(cfg)
     assert result.steps == 1 and (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").is_file()

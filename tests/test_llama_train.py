@@ -1,4 +1,4 @@
-"""The CPU training pass (camelid.models.llama_train) against transformers + peft's own forward
+"""The CPU training pass (camelid.cpu.llama_train) against transformers + peft's own forward
 and autograd backward on the tiny random Llama: the same hidden states, the same dropout masks,
 the same adapter gradients."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from camelid.models import llama_train
+from camelid.cpu import llama_train
 from camelid.models.lora import LoraSettings, unwrap
 from camelid.models.train_load import load_for_training
 

@@ -195,3 +195,15 @@ def test_one_seed_reaches_every_stage_but_the_split(tmp_path):
         {"sft": 7, "reward": 7, "ppo": 7, "dpo": 7, "eval": 3}
     assert seeded["data"].seed == base["data"].seed
     assert base["sft"].seed != 7
+
+
+def test_every_stage_is_run_cfg_resume_overwrite():
+    """Each stage's entry point is `run(cfg, *, resume=False, overwrite=False)` in its own module
+    (PPO adds `reward_fn` after them), which is what the pipeline calls."""
+    import inspect
+
+    for name in pipeline.STAGES:
+        params = list(inspect.signature(pipeline.stage_function(name)).parameters.values())
+        assert [p.name for p in params[:3]] == ["cfg", "resume", "overwrite"], name
+        assert all(p.kind is p.KEYWORD_ONLY and p.default is False for p in params[1:3]), name
+        assert all(p.default is not p.empty for p in params[1:]), name

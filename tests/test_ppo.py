@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from camelid.train.ppo import train
+from camelid.train.ppo import run
 from camelid.train.ppo_config import PPOConfig
 from camelid.train.tracking import read_metrics
 from train_data import write_dataset
@@ -69,7 +69,7 @@ def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, data):
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path_factory.mktemp("ppo") / "run")
-    return cfg, train(cfg, reward_fn=low_ids)
+    return cfg, run(cfg, reward_fn=low_ids)
 
 
 def test_run_writes_outputs_and_logs_every_step(trained):
@@ -96,7 +96,7 @@ def test_run_writes_outputs_and_logs_every_step(trained):
 def test_only_adapter_and_value_head_change_reference_stays(trained, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from camelid.models.cpu_train import speed_up
+    from camelid import cpu
 
     cfg, result = trained
     policy = result.policy
@@ -113,7 +113,7 @@ def test_only_adapter_and_value_head_change_reference_stays(trained, tiny_model_
     # The reference (adapter off) computes exactly the original model; the policy does not.
     ids = torch.tensor([[1, 520, 2114, 30, 216, 3327]])
     with torch.no_grad():
-        ref_logits = speed_up(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype))(ids).logits
+        ref_logits = cpu.prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype))(ids).logits
         with policy.lm.disable_adapter():
             assert torch.allclose(policy.lm(input_ids=ids).logits, ref_logits, atol=1e-6)
         assert not torch.allclose(policy.lm(input_ids=ids).logits, ref_logits, atol=1e-4)
@@ -141,8 +141,8 @@ def test_resume_after_crash_repeats_the_uninterrupted_run(trained, tmp_path, tin
         return base_fn(q, r, ids)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(crash_cfg, reward_fn=crashing)
-    train(crash_cfg, reward_fn=base_fn, resume=True)
+        run(crash_cfg, reward_fn=crashing)
+    run(crash_cfg, reward_fn=base_fn, resume=True)
     straight, resumed = read_metrics(cfg.out), read_metrics(crash_cfg.out)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed):
@@ -198,7 +198,7 @@ def test_learning_reward_rises_with_finite_kl(chaseable_model, data, tmp_path):
                        ppo_epochs=4, min_new_tokens=8, max_new_tokens=8, lora_r=8, lora_alpha=16,
                        learning_rate=1e-2, lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
                        init_kl_coef=0.01, save_steps=100, samples_every=100, merge=False, seed=seed)
-        train(cfg, reward_fn=share_chosen)
+        run(cfg, reward_fn=share_chosen)
         rows = read_metrics(cfg.out)
         rewards = [r["env/reward_mean"] for r in rows]
         assert rewards[0] < 0.3, rewards  # a random model starts on the prompt's side
@@ -245,7 +245,7 @@ def test_8bit_base_with_a_separate_reference_and_a_reward_model(tmp_path, tiny_m
     pytest.importorskip("bitsandbytes")
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "q", steps=2, load_8bit=True, ref_model=str(tiny_model_dir),
                    reward_model=str(reward_model), save_steps=10, merge=False)
-    result = train(cfg)
+    result = run(cfg)
     rows = read_metrics(Path(cfg.out))
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(v) for r in rows for v in r.values())
@@ -268,7 +268,7 @@ def test_old_logprobs_from_the_rollout_equal_a_forward_pass(tmp_path, tiny_model
 
     from camelid.engine import Engine
     from camelid.train.ppo import PromptSet, make_experience, read_questions, rollout
-    from camelid.train.ppo_model import build_policy
+    from camelid.train.ppo_policy import build_policy
 
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "a", dtype="float32", stop_at_eos=False)
     torch.manual_seed(0)

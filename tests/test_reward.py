@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from camelid.errors import CamelidError
 from camelid.train.common import qa_text
-from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, score_texts, tokenize_pairs, train
+from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, run, score_texts, tokenize_pairs
 from camelid.train.tracking import read_metrics
 from train_data import MARKER, write_dataset
 
@@ -124,7 +124,7 @@ def tiny_cfg(model: Path, data: Path, out: Path, **kw) -> RewardConfig:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, data):
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path_factory.mktemp("rm") / "run")
-    return cfg, train(cfg)
+    return cfg, run(cfg)
 
 
 def test_learns_the_toy_preference_beyond_the_length_baseline(trained):
@@ -204,7 +204,7 @@ def test_scores_through_the_cpu_pass_equal_the_models_own_forward(trained):
     """score_ids runs the CPU training pass's decoder and the score head at the token transformers
     pools (the rightmost non-padding one): against the model's forward with its padding mask, on
     rows of different lengths, one of them ending in the padding id (EOS is padding here)."""
-    from camelid.models.llama_train import decoder_hidden
+    from camelid.cpu.llama_train import decoder_hidden
     from camelid.train.reward import _scores
 
     cfg, _ = trained
@@ -224,7 +224,7 @@ def test_scores_through_the_cpu_pass_equal_the_models_own_forward(trained):
 def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
     cfg, _ = trained
     cfg1 = replace(cfg, out=str(tmp_path / "one"), max_steps=3, batch_size=4, merge=False)
-    r1 = train(cfg1)
+    r1 = run(cfg1)
     args = ["reward", "train", "--model", cfg.model, "--data", cfg.data, "--out", str(tmp_path / "two"),
             "--max-length", str(cfg.max_length), "--max-prompt-length", str(cfg.max_prompt_length), "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1",
             "--learning-rate", str(cfg.learning_rate), "--lora-dropout", "0", "--seed", str(cfg.seed), "--no-merge"]
@@ -245,24 +245,24 @@ def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
     vit = tmp_path / "vit"
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(vit)
     with pytest.raises(CamelidError, match="cannot be trained as a sequence classifier"):
-        train(tiny_cfg(vit, data, tmp_path / "o"))
+        run(tiny_cfg(vit, data, tmp_path / "o"))
     three = tmp_path / "three"
     LlamaConfig(architectures=["LlamaForSequenceClassification"], num_labels=3).save_pretrained(three)
     with pytest.raises(CamelidError, match="3 outputs"):
-        train(tiny_cfg(three, data, tmp_path / "o"))
+        run(tiny_cfg(three, data, tmp_path / "o"))
     no_reward = write_dataset(tmp_path / "d1", n_pairs=4, splits=("finetune", "evaluation"))
     with pytest.raises(CamelidError, match="no reward split"):
-        train(tiny_cfg(tiny_model_dir, no_reward, tmp_path / "o"))
+        run(tiny_cfg(tiny_model_dir, no_reward, tmp_path / "o"))
     no_k = write_dataset(tmp_path / "d2", n_pairs=4, drop_columns=("response_k",))
     with pytest.raises(CamelidError, match="response_k"):
-        train(tiny_cfg(tiny_model_dir, no_k, tmp_path / "o"))
+        run(tiny_cfg(tiny_model_dir, no_k, tmp_path / "o"))
     with pytest.raises(CamelidError, match="raise --max-length"):
-        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8))
+        run(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8))
     with pytest.raises(CamelidError, match="min_pairs=200"):
-        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", min_pairs=200))
+        run(tiny_cfg(tiny_model_dir, data, tmp_path / "o", min_pairs=200))
     cfg, _ = trained
     with pytest.raises(CamelidError, match="another config"):
-        train(replace(cfg, max_length=48), resume=True)
+        run(replace(cfg, max_length=48), resume=True)
     with pytest.raises(CamelidError, match="not a reward model"):
         load_reward_model(str(tiny_model_dir))
     assert not (tmp_path / "o" / "checkpoints").exists()
@@ -285,7 +285,7 @@ def test_8bit_base_trains_with_float32_head(tmp_path, tiny_model_dir, data):
     """TRL casts a quantized model's trainable weights to bf16; ours stay float32 and train."""
     pytest.importorskip("bitsandbytes")
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "q", max_steps=2, save_steps=2, load_8bit=True, max_eval_samples=8)
-    r = train(cfg)
+    r = run(cfg)
     assert r.steps == 2 and math.isfinite(r.train_loss) and math.isfinite(r.eval.loss)
     ad = load_file(str(r.adapter_dir / "adapter_model.safetensors"))
     assert all(v.dtype == torch.float32 for v in ad.values())
@@ -310,11 +310,11 @@ def test_second_judge_trains_on_questions_the_training_judge_never_saw(tmp_path,
     import pyarrow.parquet as pq
 
     from camelid.data.output import split_path
-    from camelid.train.reward import JUDGE_DIR, TRAIN_QUESTIONS, train_judges
+    from camelid.train.reward import JUDGE_DIR, TRAIN_QUESTIONS
 
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "rm", max_steps=2, save_steps=2, merge=False, judge_split="rl",
                    judge_steps=1)
-    r = train_judges(cfg)
+    r = run(cfg)
     judge = tmp_path / "rm" / JUDGE_DIR
     assert r.train_split == "reward" and (judge / "adapter" / "adapter_config.json").is_file()
     assert json.loads((judge / "result.json").read_text())["train_split"] == "rl"
@@ -330,7 +330,7 @@ def test_second_judge_trains_on_questions_the_training_judge_never_saw(tmp_path,
     shared = pq.read_table(split_path(overlap, "reward")).column("qid")
     pq.write_table(rl.set_column(rl.schema.get_field_index("qid"), "qid", shared), split_path(overlap, "rl"))
     with pytest.raises(CamelidError, match="share 8 question"):
-        train_judges(replace(cfg, data=str(overlap), out=str(tmp_path / "o2")))
+        run(replace(cfg, data=str(overlap), out=str(tmp_path / "o2")))
     with pytest.raises(CamelidError, match="judge_split must differ"):
         from camelid.config import build
 

@@ -20,7 +20,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -320,11 +320,15 @@ def _resolve_input(name: str) -> str:
     return name
 
 
-def run(cfg: StackExchangeConfig) -> DataResult:
-    """Build the dataset folder `cfg.out` from the dump `cfg.input`; see the module docstring."""
+def run(cfg: StackExchangeConfig, *, resume: bool = False, overwrite: bool = False) -> DataResult:
+    """Build the dataset folder `cfg.out` from the dump `cfg.input`; see the module docstring.
+
+    The stages' common signature: `overwrite` as `cfg.overwrite`; `resume` changes nothing (the
+    folder is written whole or not at all, so a cut-short build starts over)."""
     from camelid.config import save_config
     from camelid.utils import atomic_dir, ensure_writable_dir, write_json
 
+    cfg = replace(cfg, overwrite=cfg.overwrite or overwrite)
     start = time.perf_counter()
     out = Path(cfg.out)
     ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))

@@ -133,9 +133,9 @@ class Engine:
         self.cache_kw = _cache_kwarg(model)
         self.fast = None
         if os.environ.get("CAMELID_FAST_PATH", "1") != "0":
-            from camelid.engine import fastllama
+            from camelid import cpu
 
-            self.fast = fastllama.FastLlama(model) if fastllama.supports(model) else None
+            self.fast = cpu.fast_forward(model)
 
     @classmethod
     def load(cls, model=None, device: str = "auto", dtype: str = "auto", load_8bit: bool = False, max_context: int | None = None) -> "Engine":

@@ -28,7 +28,7 @@ settings read it as the log-ratio on the answers the user would actually get.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
     import torch
 
     from camelid.models.load import load_for_inference
-    from camelid.train.ppo_model import pack, reference_logprobs
+    from camelid.train.ppo_batch import pack, response_logprobs
 
     lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=cfg.dtype)
     device = next(lm.parameters()).device
@@ -194,7 +194,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
             sb = pack([a["prompt_ids"] for a in part], [a["response_ids"] or [tok.eos_token_id] for a in part],
                       tok.pad_token_id or 0, device)
             # The LM head runs on the answer positions only, not on every prompt token.
-            lp = reference_logprobs(lm, sb) * sb.mask
+            lp = response_logprobs(lm, sb) * sb.mask
             sums += lp.sum(1).float().cpu().tolist()
     del lm
     gc.collect()
@@ -297,8 +297,11 @@ def check_inputs(cfg: EvalConfig) -> dict[str, str]:
     return paths
 
 
-def run(cfg: EvalConfig) -> EvalResult:
-    """Answer, score, compare; write OUT/result.json, samples.jsonl and config.yaml (atomically)."""
+def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> EvalResult:
+    """Answer, score, compare; write OUT/result.json, samples.jsonl and config.yaml (atomically).
+
+    The stages' common signature: `overwrite` as `cfg.overwrite`; `resume` changes nothing (the
+    folder is written whole or not at all, so a cut-short evaluation starts over)."""
     import json
 
     from camelid.config import save_config, to_dict
@@ -306,6 +309,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     from camelid.train.reward import load_reward_model
     from camelid.utils import Timer, atomic_dir, check_replaceable, ensure_writable_dir, print0, write_json
 
+    cfg = replace(cfg, overwrite=cfg.overwrite or overwrite)
     set_threads(cfg.num_threads)
     ensure_writable_dir(Path(cfg.out).parent)
     check_replaceable(cfg.out, cfg.overwrite)

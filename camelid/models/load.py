@@ -117,8 +117,8 @@ def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dt
     tok = load_tokenizer(tok_path)
     lm.eval().requires_grad_(False)
     if load_8bit:
-        from camelid.models.int8 import quantize_model_int8
+        from camelid import cpu
 
-        quantize_model_int8(lm, dt, dev)
+        cpu.quantize_int8(lm, dt, dev)
     lm.to(dev)
     return lm, tok, path

@@ -8,7 +8,7 @@ Used by SFT, the reward model and PPO's policy. The public functions:
 
 - `training_dtype(name, cpu_bf16=False)`: "auto" -> bfloat16 on a CUDA GPU that supports it,
   else float32; with `cpu_bf16`, also bfloat16 on a CPU that multiplies bfloat16 in hardware
-  (AMX: `cpu_train.native_bf16`). PPO asks for that (1.6-1.8x faster there, its quality bar met);
+  (AMX: `camelid.cpu.native_bf16`). PPO asks for that (1.6-1.8x faster there, its quality bar met);
   SFT and the reward model stay float32 on every CPU (see docs/architecture.md). Without
   native bf16 arithmetic (AVX2 only), bf16 training measured 14-38x slower than float32.
 - `training_device()`: cuda:<LOCAL_RANK> when CUDA is present (one GPU per process under
@@ -54,9 +54,9 @@ def training_dtype(name: str = "auto", cpu_bf16: bool = False) -> Any:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if training_device().type == "mps":
         return torch.float32
-    from camelid.models.cpu_train import native_bf16
+    from camelid import cpu
 
-    return torch.bfloat16 if cpu_bf16 and native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16 and cpu.native_bf16() else torch.float32
 
 
 def training_device() -> Any:
@@ -248,9 +248,9 @@ def load_for_training(
         base.enable_input_require_grads()
     if gradient_checkpointing:
         base.config.use_cache = False
-    from camelid.models.cpu_train import speed_up
+    from camelid import cpu
 
-    return speed_up(attach_lora(base, lora, task)), tok, path
+    return cpu.prepare_for_training(attach_lora(base, lora, task)), tok, path
 
 
 def weight_bytes(model: Any) -> int:

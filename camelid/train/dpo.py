@@ -141,7 +141,7 @@ def _dataset(pairs: PairTokens, eos: int) -> Any:
     return datasets.Dataset.from_dict(pairs.dpo_rows(eos))
 
 
-def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> DPOResult:
+def run(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> DPOResult:
     """Train, evaluate, save adapter (+ merged model); see the module docstring."""
     from camelid.config import to_dict
     from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
@@ -209,7 +209,7 @@ def _cli(args: argparse.Namespace) -> int:
     from camelid.config import from_args
     from camelid.utils import print0
 
-    r = train(from_args(DPOConfig, args, "dpo"), resume=args.resume, overwrite=args.overwrite)
+    r = run(from_args(DPOConfig, args, "dpo"), resume=args.resume, overwrite=args.overwrite)
     print0(f"dpo: {r.steps} steps, train loss {r.train_loss:.4f}, {r.pairs_per_s:.2f} pairs/s")
     if r.eval:
         print0(f"eval on {r.eval_pairs} pairs: loss {r.eval.get('loss', float('nan')):.4f}, "

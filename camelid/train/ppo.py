@@ -9,7 +9,8 @@ Each step reads as its phases (cleanrl's layout):
     optimise    PPO epochs over shuffled mini-batches (clipped policy and value losses)
     log         metrics.jsonl (+ TensorBoard / W&B / trackio), samples.jsonl, progress bar
 
-The math lives in camelid/train/rl.py, the models in ppo_model.py, the settings in
+The math lives in camelid/train/rl.py, the policy and its reference in ppo_policy.py (value head
+ppo_value.py, rows and log-probabilities ppo_batch.py, scorers ppo_scorers.py), the settings in
 ppo_config.py, checkpoints in ppo_state.py. Under `accelerate launch --num_processes N` every
 process rolls out its own prompts; whitening, the KL controller and the logged figures use
 statistics summed over all processes.
@@ -46,14 +47,14 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
     add_config_args(p, PPOConfig)
-    p.set_defaults(func=run)
+    p.set_defaults(func=_cli)
 
 
-def run(args: argparse.Namespace) -> int:
+def _cli(args: argparse.Namespace) -> int:
     cfg = from_args(PPOConfig, args, "ppo")
     if not cfg.reward_model:
         raise UsageError("--reward-model is required: a `camelid reward train` output folder")
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    result = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print0(f"ppo: {result.steps} steps, reward {result.reward_mean:+.3f}, KL {result.kl:.3f}; "
            f"adapter in {result.adapter_dir}" + (f", merged model in {result.model_dir}" if result.model_dir else ""))
     return 0
@@ -181,7 +182,7 @@ def shape_scores(raw: Any, state: Any, cfg: PPOConfig, acc: Any) -> Any:
 
 @dataclass
 class Experience:
-    batch: Any  # ppo_model.SeqBatch of the whole local batch
+    batch: Any  # ppo_batch.SeqBatch of the whole local batch
     logprobs: Any
     ref_logprobs: Any
     values: Any
@@ -199,7 +200,7 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
     import torch
 
     from camelid.train import rl
-    from camelid.train.ppo_model import pack, reference_logprobs
+    from camelid.train.ppo_batch import pack, response_logprobs
 
     sb = pack(roll.prompt_ids, roll.response_ids, policy.lm.config.pad_token_id or 0, acc.device)
     hidden = None
@@ -222,7 +223,7 @@ def make_experience(policy: Any, ref: Any, roll: Rollout, scores: Any, kl_coef: 
             parts["values"].append(values)
             del h
             with policy.as_reference() if ref is None else contextlib.nullcontext(ref) as reference:
-                parts["ref"].append(reference_logprobs(reference, part))
+                parts["ref"].append(response_logprobs(reference, part))
     back = order.argsort()
     logprobs, entropy, values, ref_lp = (torch.cat(parts[k])[back] * sb.mask for k in ("logprobs", "entropy", "values", "ref"))
     kl = rl.kl_penalty(logprobs, ref_lp, cfg.kl_penalty)
@@ -346,8 +347,9 @@ def step_metrics(exp: Experience, raw_scores: Any, train: dict[str, float], roll
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwrite: bool = False) -> PPOResult:
-    """Run PPO; `reward_fn(queries, responses, response_ids) -> scores` replaces the reward model."""
+def run(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, reward_fn: Any = None) -> PPOResult:
+    """Run PPO; from Python, `reward_fn(queries, responses, response_ids) -> scores` (ppo_scorers.RewardFn)
+    replaces the reward model."""
     import torch
     from accelerate import Accelerator
 
@@ -355,7 +357,8 @@ def train(cfg: PPOConfig, *, reward_fn: Any = None, resume: bool = False, overwr
     from camelid.models.train_load import training_device
     from camelid.train import ppo_state
     from camelid.train.common import prepare_run
-    from camelid.train.ppo_model import FunctionScorer, RewardModelScorer, build_policy, load_reference
+    from camelid.train.ppo_policy import build_policy, load_reference
+    from camelid.train.ppo_scorers import FunctionScorer, RewardModelScorer
     from camelid.train.tracking import Tracker
 
     if reward_fn is None and not cfg.reward_model:

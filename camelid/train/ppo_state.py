@@ -52,14 +52,14 @@ def save_checkpoint(run_dir: Path, cfg: Any, policy: Any, opt: Any, state: PPOSt
     import torch
 
     from camelid.train.common import CHECKPOINTS, checkpoint_step, fsync_path, seal_checkpoint
-    from camelid.train.ppo_model import save_value_head
+    from camelid.train.ppo_value import save_value_head
 
     final = run_dir / CHECKPOINTS / f"checkpoint-{state.step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
         with atomic_dir(final, overwrite=True) as tmp:  # inside the run folder
             policy.lm.save_pretrained(tmp / "adapter")
-            save_value_head(policy, tmp)
+            save_value_head(policy.v_head, tmp)
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save({"lengths": state.lengths.state_dict()}, tmp / "rng.pt")
             write_json(tmp / STATE_FILE, {
@@ -79,10 +79,11 @@ def load_checkpoint(path: Path, policy: Any, opt: Any, state: PPOState) -> None:
     """Restore adapter, value head, optimizer and state from checkpoint folder `path`."""
     import torch
 
-    from camelid.train.ppo_model import load_adapter_weights, load_value_head
+    from camelid.train.ppo_policy import load_adapter_weights
+    from camelid.train.ppo_value import load_value_head
 
     load_adapter_weights(policy, path / "adapter")
-    load_value_head(policy, path)
+    load_value_head(policy.v_head, path)
     opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     saved = json.loads((path / STATE_FILE).read_text())
     state.step = int(saved["step"])
@@ -143,7 +144,7 @@ def set_threads(n: int) -> None:
 
 def save_final(run_dir: Path, cfg: Any, policy: Any, tok: Any, acc: Any, dropped: int, last: dict[str, float]) -> tuple[Path, Path | None]:
     """adapter/ (+ value head + tokenizer), model/ merged into a fresh copy of the base, result.json."""
-    from camelid.train.ppo_model import save_value_head
+    from camelid.train.ppo_value import save_value_head
 
     adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if cfg.merge else None)
     acc.wait_for_everyone()
@@ -151,7 +152,7 @@ def save_final(run_dir: Path, cfg: Any, policy: Any, tok: Any, acc: Any, dropped
         with atomic_dir(adapter_dir, overwrite=True) as tmp:
             policy.lm.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            save_value_head(policy, tmp)
+            save_value_head(policy.v_head, tmp)
         if model_dir is not None:
             from camelid.models.merge import merge_adapter
 

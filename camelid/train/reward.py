@@ -141,17 +141,17 @@ def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: in
 
 def _scores(model: Any, input_ids: Any, mask: Any) -> Any:
     """The score head's output (B, 1) for right-padded rows: the model's forward, or on a CPU the
-    training pass's decoder (`llama_train.decoder_hidden`, which needs no padding mask for
+    training pass's decoder (`camelid.cpu.decoder_hidden`, which needs no padding mask for
     right-padded rows) and the head at the token transformers' sequence classifier pools, the
     rightmost one that is not the padding id (the same numbers, in fewer operations)."""
     import torch
 
-    from camelid.models.llama_train import decoder_hidden
+    from camelid import cpu
     from camelid.models.lora import unwrap
 
     inner = unwrap(model)
     pad = getattr(inner.config, "pad_token_id", None)
-    hidden = decoder_hidden(model, input_ids) if pad is not None and hasattr(inner, "score") else None
+    hidden = cpu.decoder_hidden(model, input_ids) if pad is not None and hasattr(inner, "score") else None
     if hidden is None:
         return model(input_ids=input_ids, attention_mask=mask).logits
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -186,9 +186,9 @@ def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -
     """(model, tokenizer) of a trained reward model, in eval mode, on the training device.
 
     `name`: a reward run folder (its merged model/), a merged model folder, or an adapter/ folder
-    (merged on load, so not in 8 bits)."""
-    import torch
-
+    (merged on load, so not in 8 bits). On a CPU in 16 bits, attention runs in float32, as PPO's
+    policy has it: the scoring path (score_ids) then runs the CPU pass, and the model's own
+    forward computes the same (`camelid.cpu.prepare_for_scoring`)."""
     from camelid.models.merge import load_merged
     from camelid.models.resolve import is_adapter_dir, is_hf_dir
     from camelid.models.train_load import load_base, resolve_trained
@@ -203,14 +203,9 @@ def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -
         archs = getattr(model.config, "architectures", None) or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise CamelidError(f"{path} is not a reward model (it has no trained score head); give the output of `camelid reward train`")
-    weight = model.get_input_embeddings().weight
-    if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
-        # Attention in float32, as PPO's policy has it on a CPU: the scoring path (score_ids) then
-        # runs the CPU pass, and the model's own forward computes the same.
-        from camelid.models.cpu_train import float32_attention
+    from camelid import cpu
 
-        float32_attention(model)
-    return model.eval(), tok
+    return cpu.prepare_for_scoring(model).eval(), tok
 
 
 def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> PairTokens:
@@ -277,8 +272,8 @@ def _bucketed(trainer_cls: type) -> type:
     return Bucketed
 
 
-def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
-    """Train the reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
+def train_model(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
+    """Train one reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
     import datasets
 
     from camelid.config import to_dict
@@ -361,14 +356,15 @@ def check_disjoint(data: str, split_a: str, split_b: str) -> None:
                            "--judge-split or rebuild the dataset")
 
 
-def train_judges(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
-    """The training judge (`train`) and, with `judge_split`, the second judge in OUT/judge; returns
-    the training judge's result (the second judge's is in OUT/judge/result.json)."""
+def run(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -> RewardResult:
+    """The reward stage: the training judge (`train_model`) and, with `judge_split`, the second
+    judge in OUT/judge; returns the training judge's result (the second judge's is in
+    OUT/judge/result.json)."""
     if cfg.judge_split:
         check_disjoint(cfg.data, cfg.train_split, cfg.judge_split)
-    result = train(cfg, resume=resume, overwrite=overwrite)
+    result = train_model(cfg, resume=resume, overwrite=overwrite)
     if cfg.judge_split:
-        train(judge_config(cfg), resume=resume, overwrite=overwrite)
+        train_model(judge_config(cfg), resume=resume, overwrite=overwrite)
     return result
 
 
@@ -428,7 +424,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     from camelid.utils import print0
 
     cfg = from_args(RewardConfig, args, "reward")
-    r = train_judges(cfg, resume=args.resume, overwrite=args.overwrite)
+    r = run(cfg, resume=args.resume, overwrite=args.overwrite)
     print0(f"reward: {r.steps} steps, train loss {r.train_loss:.4f}, {r.pairs_per_s:.2f} pairs/s")
     if r.eval is not None:
         print0(f"eval on {r.eval.pairs} pairs: accuracy {r.eval.accuracy:.3f}, mean margin {r.eval.mean_margin:.3f}, "

@@ -18,7 +18,7 @@ training mode too the two paths compute the same function (tests compare them).
 apply — anything but a plain Llama with nn.Linear projections (each bare or under one vanilla
 LoRA adapter with `FastLoraDropout` or no dropout), on a CPU, in float32 or in a 16-bit dtype with
 float32 attention, without gradient checkpointing; callers then run the model's own forward.
-Rows are taken as right-padded and unmasked (see `ppo_model._response_hidden`). Llama causal LMs
+Rows are taken as right-padded and unmasked (see `train.ppo_batch.response_hidden`). Llama causal LMs
 and sequence classifiers (reward models: `reward.score_ids`) both have this decoder.
 """
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from camelid.models import amx
-from camelid.models.cpu_train import FLOAT32_ATTENTION, FastLoraDropout, draw_seed, keep_mask, keep_masks
+from camelid.cpu import amx
+from camelid.cpu.training import FLOAT32_ATTENTION, FastLoraDropout, draw_seed, keep_mask, keep_masks
 from camelid.models.lora import unwrap
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -163,7 +163,7 @@ def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | Non
 def _dropout_masks(plan: _Plan, rows: int, device: torch.device) -> list[list[torch.Tensor | None]]:
     """Per layer, per projection: its adapter's dropout mask (rows, in_features) for this pass, or
     None. The seeds are drawn in the order peft's modules draw them (layer by layer, q before v),
-    then the masks of one shape and threshold are computed together (`cpu_train.keep_masks`)."""
+    then the masks of one shape and threshold are computed together (`training.keep_masks`)."""
     out: list[list[torch.Tensor | None]] = [[None] * len(projs) for projs, _ in plan.layers]
     wanted = [(i, j, p) for i, (projs, _) in enumerate(plan.layers) for j, p in enumerate(projs) if p.drop_threshold is not None]
     seeds = [draw_seed() for _ in wanted]

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from camelid.models.llama_train import as_projection, linear, projection_forward, rope, signed_sin
+from camelid.cpu.llama_train import as_projection, linear, projection_forward, rope, signed_sin
+from camelid.cpu.training import FLOAT32_ATTENTION
 from camelid.models.lora import unwrap
 
 
@@ -159,11 +160,9 @@ class FastLlama:
         positions = torch.arange(cfg.max_position_embeddings, device=device)[None, :]
         cos, sin = rot(torch.zeros(1, dtype=dtype, device=device), positions)  # (1, P, D), HF's own math
         self.cos, self.sin = cos[0], signed_sin(sin[0])  # rotary as the training pass does it (`llama_train.rope`)
-        # A model set to float32 attention (cpu_train.float32_attention: PPO's policy in a 16-bit
+        # A model set to float32 attention (training.float32_attention: PPO's policy in a 16-bit
         # CPU run) attends in float32 here too, so the rollout's hidden states are the ones its
         # training forward computes, up to the products' rounding.
-        from camelid.models.cpu_train import FLOAT32_ATTENTION
-
         self.attn_dtype = torch.float32 if getattr(cfg, "_attn_implementation", None) == FLOAT32_ATTENTION else None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-/* y = x @ w^T for a few rows of bfloat16 on Intel AMX: decode's products (camelid/models/amx.py).
+/* y = x @ w^T for a few rows of bfloat16 on Intel AMX: decode's products (camelid/cpu/amx.py).
  *
  * x (R x K, row stride ldx), w (N x K, contiguous), y (R x N, row stride ldy), all bfloat16;
  * 1 <= R <= 32, K % 32 == 0, N % 16 == 0. Float32 accumulation, rounded once to bfloat16 (to

@@ -10,7 +10,8 @@ row-major rows on every bundled shape); at one row torch picks another kernel fo
 layouts, so a long greedy text can part from torch's at a near-tie.
 
 Used only where it is sure to work: Linux on x86-64, a CPU with AMX bfloat16 tiles (torch's own
-probe), a C compiler (`$CC`, else cc) that takes -mamx-tile, and CAMELID_AMX not "0". It is
+probe), a C compiler (`$CC`, else cc) that takes -mamx-tile, and neither CAMELID_AMX nor
+CAMELID_CPU_FAST "0" (`switches.native_bf16`). It is
 built once into $CAMELID_HOME/kernels/ and tried in a child process against torch's product
 before any process loads it (a virtual machine that advertises AMX and then faults kills the
 child, not the caller); the verdict is kept beside the library. Anywhere else `kernel()` is
@@ -66,15 +67,28 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def kernel() -> Callable | None:
     """The loaded C function, or None where it does not apply (see the module's docstring)."""
-    from camelid.models.cpu_train import native_bf16
-
-    if sys.platform != "linux" or platform.machine() != "x86_64" or not native_bf16():
+    if not _platform_fits():
         return None
     try:
         path = _checked_library()
         return None if path is None else _load(path)
     except OSError:  # an unwritable cache folder, a library that does not load: torch's product then
         return None
+
+
+def _platform_fits() -> bool:
+    from camelid.cpu.switches import native_bf16
+
+    return sys.platform == "linux" and platform.machine() == "x86_64" and native_bf16()
+
+
+def expected() -> bool:
+    """Whether `kernel()` gives the kernel, or would on first use, without building it: the
+    platform fits, a compiler is there and no earlier build or self-test failed."""
+    if kernel.cache_info().currsize:
+        return kernel() is not None
+    cc = _platform_fits() and _compiler()
+    return bool(cc) and not _verdict_paths(cc)[2].is_file()
 
 
 def _load(path: Path) -> Callable | None:
@@ -94,15 +108,11 @@ def _compiler() -> str | None:
 
 def _checked_library() -> Path | None:
     """The built and child-tested library, building and testing it on first use; None if that failed."""
-    from camelid.utils import camelid_home
-
     cc = _compiler()
     if cc is None:
         return None
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    folder = camelid_home() / "kernels"
-    lib, ok, failed = (folder / f"amx_linear-{tag}{suffix}" for suffix in (".so", ".ok", ".failed"))
+    lib, ok, failed = _verdict_paths(cc)
+    folder = lib.parent
     if ok.is_file() and lib.is_file():
         return lib
     if failed.is_file():
@@ -114,6 +124,15 @@ def _checked_library() -> Path | None:
         f.write(verdict or "ok\n")
     os.replace(f.name, target)
     return None if verdict else lib
+
+
+def _verdict_paths(cc: str) -> tuple[Path, Path, Path]:
+    """(library, ok verdict, failed verdict) for this source, compiler and flags."""
+    from camelid.utils import camelid_home
+
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    folder = camelid_home() / "kernels"
+    return tuple(folder / f"amx_linear-{tag}{suffix}" for suffix in (".so", ".ok", ".failed"))
 
 
 def _build(cc: str, lib: Path) -> str | None:
@@ -135,7 +154,7 @@ def _build(cc: str, lib: Path) -> str | None:
 
 def _child_check(lib: Path) -> str | None:
     """Run `self_test` in a child process; an error message, or None when it passed."""
-    code = f"from camelid.models.amx import self_test; self_test({str(lib)!r})"
+    code = f"from camelid.cpu.amx import self_test; self_test({str(lib)!r})"
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:

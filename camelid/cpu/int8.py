@@ -5,7 +5,8 @@ per-channel quantisation (LLM.int8's vector-wise scheme without the outlier spli
 gpt-fast's `WeightOnlyInt8QuantHandler`); the matmul runs in `torch._weight_int8pack_mm`, which
 reads the int8 weights directly, so decode moves half the bytes of bfloat16 and is faster, not
 slower (bitsandbytes' 8-bit mode is ~3x slower than float32 on CPU). Where that op is missing
-the weights are dequantised per call.
+(reported once: `internals.broken`), or with CAMELID_CPU_FAST=0, the weights are dequantised per
+call, the library's plain product.
 
 On CUDA: bitsandbytes' LLM.int8() (`Linear8bitLt`, Dettmers et al. 2022, arXiv:2208.07339),
 what `load_in_8bit` gives FastChat and StackLLaMA users: its int8 kernels read the int8 weights
@@ -41,11 +42,20 @@ INT8PACK_K_MULTIPLE = 8
 exception) on other widths; such layers take the dequantising product."""
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ dequant(q)(N, K)^T -> (..., N) in x's dtype."""
+def packed_product() -> bool:
+    """Whether new int8 layers take `torch._weight_int8pack_mm`: the kit on and the op present."""
+    from camelid.cpu import internals
+    from camelid.cpu.switches import enabled
+
+    return enabled() and not internals.broken("int8-matmul")
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, packed: bool = True) -> torch.Tensor:
+    """x (..., K) @ dequant(q)(N, K)^T -> (..., N) in x's dtype; with `packed`, through the
+    weight-packed int8 product where it applies, else the dequantised weights' F.linear."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    packed_ok = shape[-1] % INT8PACK_K_MULTIPLE == 0
+    packed_ok = packed and shape[-1] % INT8PACK_K_MULTIPLE == 0
     if packed_ok and (x.device.type in ("cpu", "mps") or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8)):
         try:
             y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
@@ -56,8 +66,11 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 class Int8Linear(nn.Module):
+    """An nn.Linear stored as int8 rows and one scale per row (`packed`: `packed_product()` when made)."""
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.packed = packed_product()
         q, scale = quantize_rows(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", q)
@@ -65,7 +78,7 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.qweight, self.scale)
+        y = int8_matmul(x, self.qweight, self.scale, self.packed)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -91,10 +104,11 @@ class Int8TiedHead(nn.Module):
     def __init__(self, emb: Int8Embedding):
         super().__init__()
         self.emb = [emb]  # a list, so the table is not registered (and counted) twice
+        self.packed = packed_product()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.emb[0]
-        return int8_matmul(x, e.qweight, e.scale)
+        return int8_matmul(x, e.qweight, e.scale, self.packed)
 
 
 WEIGHT_ONLY, BITSANDBYTES = "weight-only", "bitsandbytes"

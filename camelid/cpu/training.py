@@ -1,9 +1,5 @@
 """Training on a CPU: what the libraries leave slow there, done faster with the same math.
 
-- `native_bf16()`: the CPU multiplies bfloat16 matrices in hardware (Intel AMX). There a
-  bfloat16 GEMM of a training pass's shapes runs several times float32's rate; without it
-  bfloat16 training is many times *slower* than float32.
-  `train_load.training_dtype("auto", cpu_bf16=True)` asks this (PPO does).
 - `FastLoraDropout`: LoRA's input dropout with a cheaper mask. `nn.Dropout` on a CPU draws one
   random number per element, sixty times per forward pass of a 30-layer model with LoRA on
   q/v. Here one draw from torch's generator seeds SplitMix64 (Steele, Lea & Flood 2014) over a
@@ -16,38 +12,18 @@
   is small next to the projections, so q, k, v are cast up, attended, and the output cast back. Registered as a transformers attention
   implementation, so the model's own forward calls it.
 
-`speed_up(model)` applies the last two where they apply (CPU; bfloat16/float16 for attention).
+`camelid.cpu.prepare_for_training` applies both on a CPU (attention in 16-bit models only).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
 FLOAT32_ATTENTION = "camelid_sdpa_float32"
-
-
-AMX_SWITCH = "CAMELID_AMX"
-"""Set to 0 to run as on a CPU without AMX: training's dtype "auto" becomes float32 and decode's
-AMX kernel stays off (torch's product runs). CI runs the numerics- and learning-sensitive tests
-under both settings on a machine with AMX, so a result that only holds on one kind of CPU shows."""
-
-
-def amx_switched_off() -> bool:
-    return os.environ.get(AMX_SWITCH, "1") == "0"
-
-
-def native_bf16() -> bool:
-    """True when this CPU has AMX bfloat16 tiles (matrix multiply in hardware) and CAMELID_AMX is not 0."""
-    if amx_switched_off():
-        return False
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe and bf16 and probe() and bf16())
 
 
 class FastLoraDropout(nn.Module):
@@ -141,24 +117,31 @@ def float32_attention(model: nn.Module) -> None:
     model.set_attn_implementation(_register())
 
 
-def speed_up(model: nn.Module) -> nn.Module:
-    """On CPU: FastLoraDropout for every LoRA dropout; float32 attention in a 16-bit model.
-
-    `model`: a peft model (or a plain transformers model, which gets the attention change only).
-    Elsewhere (CUDA, MPS) the model is returned unchanged: their kernels have no such costs.
-    """
+def on_cpu(model: nn.Module) -> bool:
+    """Whether a transformers or peft model's weights are on the CPU (the kit's changes apply
+    there only: CUDA's and mps's kernels have no such costs)."""
     from camelid.models.lora import unwrap
 
-    base = unwrap(model)
-    weights = base.get_input_embeddings().weight
-    if weights.device.type != "cpu":
-        return model
+    return unwrap(model).get_input_embeddings().weight.device.type == "cpu"
+
+
+def fast_lora_dropout(model: nn.Module) -> nn.Module:
+    """Every LoRA dropout of a peft model (an nn.Dropout in a `lora_dropout` ModuleDict) becomes a
+    FastLoraDropout of the same p; returns the model, changed in place."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, nn.ModuleDict):
             for name, d in dropouts.items():
                 if isinstance(d, nn.Dropout):
                     dropouts[name] = FastLoraDropout(d.p)
-    if weights.dtype in (torch.bfloat16, torch.float16) and getattr(base.config, "_attn_implementation", None) == "sdpa":
-        float32_attention(base)
     return model
+
+
+def float32_attention_if_16bit(model: nn.Module) -> None:
+    """`float32_attention` for a 16-bit model (peft wrapper or not) that attends with SDPA."""
+    from camelid.models.lora import unwrap
+
+    base = unwrap(model)
+    dtype = base.get_input_embeddings().weight.dtype
+    if dtype in (torch.bfloat16, torch.float16) and getattr(base.config, "_attn_implementation", None) == "sdpa":
+        float32_attention(base)
