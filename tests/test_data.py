@@ -7,7 +7,8 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from camelid.data import SPLITS, load_split, sample_dump_path, split_path
+from camelid.data import SPLITS, sample_dump_path, split_path
+from camelid.qa import load_split
 from camelid.data.markdown import html_to_markdown
 from camelid.data.scoring import answer_score, make_pairs, split_bounds
 from camelid.data.stackexchange import StackExchangeConfig, run

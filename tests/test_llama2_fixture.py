@@ -78,7 +78,8 @@ def test_sft_and_reward_batches_train_on_eos_never_on_pad(llama2_model_dir, tmp_
     from camelid.models.lora import LoraSettings
     from camelid.models.train_load import load_for_training
     from camelid.train import reward, sft
-    from camelid.train.common import RunState, qa_text
+    from camelid.qa import qa_text
+    from camelid.train.common import RunState
 
     run = RunState(tmp_path, None, None)
     texts = [qa_text(f"How long do I boil egg {i}?", "About nine minutes." * (i + 1)) for i in range(6)]

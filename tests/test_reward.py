@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from camelid.errors import CamelidError
-from camelid.train.common import qa_text
+from camelid.qa import qa_text
 from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, score_texts, tokenize_pairs, train
 from camelid.train.tracking import read_metrics
 from train_data import MARKER, write_dataset
@@ -152,7 +152,7 @@ def test_long_pairs_cut_not_dropped_and_baseline_counted_independently(trained, 
     sides = {}
     for split in ("reward", "evaluation"):
         t = pq.read_table(split_path(cfg.data, split)).to_pylist()
-        ids = lambda q, a: tok(f"Question: {q}\n\nAnswer: {a}")["input_ids"]
+        ids = lambda q, a: tok(qa_text(q, a))["input_ids"]  # noqa: E731
         full = [(ids(x["question"], x["response_j"]), ids(x["question"], x["response_k"])) for x in t]
         over = sum(max(len(a), len(b)) + 1 > cfg.max_length for a, b in full)
         cut = [(a[: cfg.max_length - 1] + [tok.eos_token_id], b[: cfg.max_length - 1] + [tok.eos_token_id]) for a, b in full]

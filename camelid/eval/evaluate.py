@@ -127,7 +127,7 @@ class EvalResult:
 
 def held_out_questions(cfg: EvalConfig) -> list[str]:
     """The distinct questions of the evaluation split, in the split's order (deterministic)."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     ds = load_split(cfg.data, cfg.split, ("question",))
     questions = list(dict.fromkeys(ds["question"]))
@@ -154,12 +154,12 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     from camelid.logs import bars_off
 
     from camelid.engine import Engine, SamplingParams
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
 
     first = cfg.seed + SEED_STRIDE * MODELS.index(desc)
     engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=cfg.dtype)
     tok = engine.tokenizer
-    prompts = [list(tok(qa_text(q, ""))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
+    prompts = [list(tok(qa_text(q))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch", disable=bars_off(),
                       dynamic_ncols=True):
@@ -199,7 +199,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
 
 
 def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], batch_size: int) -> list[float]:
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
     from camelid.train.reward import score_texts
 
     return score_texts(rm, tok, [qa_text(q, a) for q, a in zip(questions, texts)], batch_size)
@@ -208,7 +208,7 @@ def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], bat
 def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig) -> dict[str, Any]:
     """The judge's accuracy on the split's pairs (cut to max_length as in training) beside the
     longer-answer baseline."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
     from camelid.train.reward import evaluate_pairs, tokenize_pairs
 
     ds = load_split(cfg.data, cfg.split, ("question", "response_j", "response_k"), limit=cfg.max_pairs, seed=cfg.seed)

@@ -1,5 +1,5 @@
 """What SFT and reward training share: settings, the run folder, checkpoints and resume, the
-progress bar, trainer arguments, data reading and the final adapter + merged model.
+progress bar, trainer arguments and the final adapter + merged model.
 
 A run folder (`--out`) holds:
 
@@ -16,14 +16,13 @@ Heavy imports (torch, transformers) happen inside functions.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.models.lora import LoraSettings
@@ -40,11 +39,6 @@ OUTPUT_ONLY = frozenset({"progress", "workers", "memory_limit", "report_to", "lo
 """Settings that change what is printed, logged, kept or where it may go, never what a stage
 computes. One list for both rules: a change in them alone neither reruns a pipeline stage (they
 are left out of its config hash) nor blocks `--resume`."""
-
-
-def qa_text(question: str, answer: str) -> str:
-    """The prompt template of every RLHF stage (StackLLaMA's): `Question: <q>\\n\\nAnswer: <a>`."""
-    return f"Question: {question}\n\nAnswer: {answer}"
 
 
 @dataclass(frozen=True)
@@ -416,38 +410,6 @@ def quiet_trainer(trainer: Any) -> Any:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
-
-
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """No `datasets` map/filter progress bars (TRL maps our already-tokenized data: instant, noisy)."""
-    from datasets.utils import logging as ds_logging
-
-    was = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            ds_logging.enable_progress_bar()
-
-
-def load_split(data_dir: str, split: str, columns: tuple[str, ...], limit: int = 0, seed: int = 0) -> Any:
-    """A dataset split (camelid.data's reader: one-line errors for a missing folder/split/column)."""
-    from camelid.data import load_split as _load
-
-    if not Path(data_dir).is_dir():
-        raise CamelidError(f"dataset folder {data_dir} does not exist; build it with `camelid data stackexchange` or pass --data")
-    with quiet_datasets():
-        ds = _load(data_dir, split)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise CamelidError(f"the {split} split of {data_dir} lacks column(s) {', '.join(missing)}")
-    if len(ds) == 0:
-        raise CamelidError(f"the {split} split of {data_dir} is empty; build a bigger dataset or choose another split")
-    if limit and len(ds) > limit:
-        ds = ds.shuffle(seed=seed).select(range(limit))
-    return ds
 
 
 def save_final(trainer: Any, tok: Any, run_dir: Path, merge: bool) -> tuple[Path, Path | None]:

@@ -88,7 +88,7 @@ class DPOResult:
 
 def pair_rows(cfg: DPOConfig, split: str, limit: int, tok: Any) -> PairTokens:
     """The split's pairs as token ids, cut by the length strategy."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
     from camelid.train.pairs import tokenize_split
 
     ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
@@ -122,8 +122,8 @@ def build_trainer(cfg: DPOConfig, run: Any, model: Any, tok: Any, train_ds: Any,
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
-                                      trainer_arguments)
+    from camelid.logs import quiet_datasets
+    from camelid.train.common import keep_trainable_dtype, quiet_trainer, seal_trainer_checkpoints, trainer_arguments
 
     # disable_dropout=False: our lora_dropout setting decides (0 by default).
     args = trainer_arguments(cfg, TRLDPOConfig, run, max_length=cfg.max_length, beta=cfg.beta,

@@ -89,12 +89,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def fit_question(tok: Any, question: str, max_prompt: int) -> str:
     """`question`, cut at its end so that the prompt `Question: <q>\\n\\nAnswer: ` takes at most
     `max_prompt` tokens (the whole question when it fits)."""
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
 
-    need = len(tok(qa_text(question, ""))["input_ids"])
+    need = len(tok(qa_text(question))["input_ids"])
     if need <= max_prompt:
         return question
-    template = len(tok(qa_text("", ""))["input_ids"])
+    template = len(tok(qa_text(""))["input_ids"])
     if template > max_prompt:
         raise CamelidError(f"the prompt template alone takes {template} tokens, over the prompt cap of {max_prompt}; "
                            "raise --max-length (or --max-prompt-length)")
@@ -102,7 +102,7 @@ def fit_question(tok: Any, question: str, max_prompt: int) -> str:
     keep = max(len(q_ids) - (need - max_prompt), 0)
     for _ in range(QUESTION_CUT_TRIES):
         cut = tok.decode(q_ids[:keep]).rstrip()
-        over = len(tok(qa_text(cut, ""))["input_ids"]) - max_prompt
+        over = len(tok(qa_text(cut))["input_ids"]) - max_prompt
         if over <= 0:
             return cut
         keep = max(keep - over, 0)
@@ -112,17 +112,17 @@ def fit_question(tok: Any, question: str, max_prompt: int) -> str:
 def tokenize_pairs(questions: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], tok: Any,
                    max_length: int, max_prompt: int = 0, qids: Sequence[Any] | None = None) -> PairTokens:
     """The pairs cut to `max_length` tokens by the module's length strategy (`max_prompt` 0: half)."""
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
 
     max_prompt = max_prompt or default_max_prompt(max_length)
     if not 0 < max_prompt < max_length:
         raise CamelidError(f"the prompt cap ({max_prompt}) must be below max_length ({max_length}); "
                            "lower --max-prompt-length or raise --max-length")
-    heads = tok([qa_text(q, "") for q in questions])["input_ids"]
+    heads = tok([qa_text(q) for q in questions])["input_ids"]
     fitted = list(questions)
     for i in (i for i, h in enumerate(heads) if len(h) > max_prompt):  # few: tokenized again one by one
         fitted[i] = fit_question(tok, questions[i], max_prompt)
-        heads[i] = tok(qa_text(fitted[i], ""))["input_ids"]
+        heads[i] = tok(qa_text(fitted[i]))["input_ids"]
     full_j = tok([qa_text(q, a) for q, a in zip(fitted, chosen)])["input_ids"]
     full_k = tok([qa_text(q, a) for q, a in zip(fitted, rejected)])["input_ids"]
     out = PairTokens(inputs=len(questions))

@@ -77,7 +77,7 @@ class PPOResult:
 
 def read_questions(cfg: PPOConfig) -> list[str]:
     """The distinct questions of the rl split (it repeats a question once per answer pair)."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     questions = list(dict.fromkeys(load_split(cfg.data, "rl", ("question",))["question"]))
     return questions[: cfg.max_prompts] if cfg.max_prompts else questions
@@ -92,9 +92,9 @@ class PromptSet:
     """
 
     def __init__(self, questions: list[str], tokenizer: Any, cfg: PPOConfig) -> None:
-        from camelid.train.common import qa_text
+        from camelid.qa import qa_text
 
-        texts = [qa_text(q, "") for q in questions]
+        texts = [qa_text(q) for q in questions]
         ids = tokenizer(texts)["input_ids"]
         keep = [i for i, x in enumerate(ids) if 0 < len(x) <= cfg.max_prompt_tokens]
         self.dropped = len(texts) - len(keep)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from camelid.errors import CamelidError
-from camelid.train.common import TrainSettings, qa_text
+from camelid.qa import qa_text
+from camelid.train.common import TrainSettings
 from camelid.train.pairs import MIN_PAIRS, PairTokens
 
 
@@ -212,7 +213,7 @@ def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -
 
 
 def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> PairTokens:
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
     pairs = tokenize_pairs(ds, tok, cfg.max_length, cfg.max_prompt_length)
@@ -226,8 +227,8 @@ def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: A
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
-                                      trainer_arguments)
+    from camelid.logs import quiet_datasets
+    from camelid.train.common import keep_trainable_dtype, quiet_trainer, seal_trainer_checkpoints, trainer_arguments
 
     # disable_dropout=False: TRL's default would zero the LoRA dropout our settings ask for.
     args = trainer_arguments(cfg, TRLRewardConfig, run, max_length=cfg.max_length, center_rewards_coefficient=None,
@@ -346,7 +347,7 @@ def judge_config(cfg: RewardConfig) -> RewardConfig:
 
 def check_disjoint(data: str, split_a: str, split_b: str) -> None:
     """A one-line error when two splits share a question id: a judge must not have seen the other's questions."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     a, b = (set(load_split(data, s, ("qid",))["qid"]) for s in (split_a, split_b))
     shared = a & b

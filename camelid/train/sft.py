@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
-from camelid.train.common import TrainSettings, qa_text
+from camelid.qa import qa_text
+from camelid.train.common import TrainSettings
 
 TEXT_SOURCES = ("finetune", "answers")
 
@@ -61,7 +62,7 @@ class SFTResult:
 
 def sft_texts(cfg: SFTConfig, split: str, limit: int) -> list[str]:
     """The shuffled (seeded) training or evaluation texts; each (question, answer) once."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     if cfg.text_source == "answers" and split == "finetune":
         ds = load_split(cfg.data, "answers", ("question", "response", "score", "split"))
@@ -93,8 +94,8 @@ def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any,
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
-                                      trainer_arguments)
+    from camelid.logs import quiet_datasets
+    from camelid.train.common import keep_trainable_dtype, quiet_trainer, seal_trainer_checkpoints, trainer_arguments
 
     args = trainer_arguments(
         cfg, TRLSFTConfig, run,
