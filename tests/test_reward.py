@@ -310,7 +310,8 @@ def test_second_judge_trains_on_questions_the_training_judge_never_saw(tmp_path,
     import pyarrow.parquet as pq
 
     from camelid.data.output import split_path
-    from camelid.train.reward import JUDGE_DIR, TRAIN_QUESTIONS, train_judges
+    from camelid.runfiles import JUDGE_DIR
+    from camelid.train.reward import TRAIN_QUESTIONS, train_judges
 
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "rm", max_steps=2, save_steps=2, merge=False, judge_split="rl")
     r = train_judges(cfg)

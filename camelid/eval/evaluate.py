@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.runfiles import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, RESULT_FILE, SAMPLES_FILE
 
 MODELS = ("base", "sft", "ppo", "dpo")
 ALIGNED = ("ppo", "dpo")
@@ -141,8 +142,8 @@ def resolve(name: str) -> Path:
     from camelid.models.train_load import resolve_trained
 
     p = Path(name).expanduser()
-    if p.is_dir() and not is_hf_dir(p) and not is_hf_dir(p / "model") and is_adapter_dir(p / "adapter"):
-        return p / "adapter"
+    if p.is_dir() and not is_hf_dir(p) and not is_hf_dir(p / MODEL_DIR) and is_adapter_dir(p / ADAPTER_DIR):
+        return p / ADAPTER_DIR
     return resolve_trained(name)
 
 
@@ -330,9 +331,9 @@ def run(cfg: EvalConfig) -> EvalResult:
                                     f"m in {list(MODELS)}"},
               **figures, "kl": kl, "rm_pairs": judges["training"]["pairs"], "seconds": t.seconds}
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
-        write_json(tmp / "result.json", result)
-        (tmp / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        save_config(cfg, tmp / "config.yaml")
+        write_json(tmp / RESULT_FILE, result)
+        (tmp / SAMPLES_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        save_config(cfg, tmp / CONFIG_FILE)
     for line in summary_lines(result):
         print0(line)
     return EvalResult(Path(cfg.out), {**result, "config": to_dict(cfg)})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camelid.pipeline import CONFIG_FILE, RESULT_FILE, read_done
+from camelid.runfiles import CONFIG_FILE, RESULT_FILE, read_done
 from camelid.train.tracking import read_metrics
 
 

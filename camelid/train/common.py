@@ -26,13 +26,9 @@ from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.models.lora import LoraSettings
+from camelid.runfiles import ADAPTER_DIR, CHECKPOINT_DONE, CHECKPOINTS, CONFIG_FILE, MODEL_DIR
 from camelid.utils import ensure_writable_dir, rank, status, world_size
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_DONE = "checkpoint_done"
-"""Written into a checkpoint folder last, once every file in it is flushed to disk (`seal_checkpoint`);
-only folders holding it count as checkpoints, so a save cut short by a kill or a power loss is
-never resumed from."""
 # Settings that may differ on --resume: they change what is logged or kept, not what is trained.
 OUTPUT_ONLY = frozenset({"progress", "workers", "memory_limit", "report_to", "logging_steps", "save_total_limit",
                          "num_threads", "save_steps", "samples_every", "eval_steps", "overwrite"})
@@ -216,7 +212,7 @@ def prepare_run(cfg: TrainSettings, *, resume: bool, overwrite: bool) -> RunStat
     from camelid.config import load_saved, save_config
 
     run_dir = ensure_writable_dir(cfg.out)
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / CONFIG_FILE
     ckpt = last_checkpoint(run_dir)
     if resume and saved_path.is_file():
         saved = load_saved(type(cfg), saved_path)
@@ -418,7 +414,7 @@ def save_final(trainer: Any, tok: Any, run_dir: Path, merge: bool) -> tuple[Path
     from camelid.models.merge import merge_adapter
     from camelid.utils import atomic_dir
 
-    adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if merge else None)
+    adapter_dir, model_dir = run_dir / ADAPTER_DIR, (run_dir / MODEL_DIR if merge else None)
     if trainer.accelerator.is_main_process:
         with atomic_dir(adapter_dir, overwrite=True) as tmp:  # inside the run folder
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)

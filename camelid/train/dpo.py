@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from camelid.runfiles import RESULT_FILE
 from camelid.train.common import TrainSettings
 from camelid.train.pairs import MIN_PAIRS, PairTokens
 
@@ -180,7 +181,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> D
                        train_pairs.dropped, train_pairs.truncated, len(eval_pairs), float(out.training_loss), held_out,
                        progress.rate(trainer.state))
     if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / "result.json", result.__dict__)
+        write_json(run_state.run_dir / RESULT_FILE, result.__dict__)
     return result
 
 

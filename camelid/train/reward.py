@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
+from camelid.runfiles import JUDGE_DIR, RESULT_FILE
 from camelid.train.common import TrainSettings
 from camelid.train.pairs import MIN_PAIRS, PairTokens
 
@@ -325,17 +326,13 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
                           train_pairs.truncated, len(ej), e_drop, float(out.training_loss), result_eval,
                           progress.rate(trainer.state), cfg.train_split)
     if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / "result.json", {**result.__dict__, "eval": result_eval.__dict__})
+        write_json(run_state.run_dir / RESULT_FILE, {**result.__dict__, "eval": result_eval.__dict__})
         write_json(run_state.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
     return result
 
 
 TRAIN_QUESTIONS = "train_questions.json"
 """The question ids a reward model trained on (which questions a judge has seen)."""
-
-
-JUDGE_DIR = "judge"
-"""The second judge's run folder, inside the training judge's."""
 
 
 def judge_config(cfg: RewardConfig) -> RewardConfig:

@@ -18,6 +18,7 @@ from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
+from camelid.runfiles import RESULT_FILE
 from camelid.train.common import TrainSettings
 
 TEXT_SOURCES = ("finetune", "answers")
@@ -154,7 +155,7 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFT
     result = SFTResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(train_ds),
                        len(eval_ds or []), float(out.training_loss), eval_loss, ppl, progress.rate(trainer.state))
     if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / "result.json", result.__dict__)
+        write_json(run_state.run_dir / RESULT_FILE, result.__dict__)
     return result
 
 

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from camelid.errors import MissingExtra, UsageError
+from camelid.runfiles import METRICS_FILE
 from camelid.utils import atomic_write_text, rank
 
 BACKENDS = ("tensorboard", "wandb", "trackio")
-METRICS_FILE = "metrics.jsonl"
 
 
 def parse_report_to(value: str | Iterable[str] | None) -> tuple[str, ...]:
