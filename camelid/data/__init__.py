@@ -10,7 +10,7 @@ from pathlib import Path
 from camelid.data.output import ANSWER_COLUMNS, PAIR_COLUMNS, SPLITS, split_path
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
-"""The bundled sample dump (Posts.xml + Votes.xml), made by `python -m camelid.data.sample`."""
+"""The bundled sample dump (Posts.xml + Votes.xml), made by tools/make_sample (`make sample`)."""
 
 
 def sample_dump_path() -> Path:
