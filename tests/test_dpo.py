@@ -54,12 +54,13 @@ def test_trl_loss_equals_the_formula_on_policy_and_reference_logprobs(tiny_model
 
     from camelid.models.train_load import load_for_training
     from camelid.train.common import RunState
-    from camelid.train.dpo import REF_ADAPTER, build_trainer, pair_rows
+    from camelid.train.dpo import REF_ADAPTER, build_trainer
+    from camelid.train.pairs import read_pairs
 
     beta = 0.5
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "run", loss_type=loss_type, beta=beta)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = pair_rows(cfg, "reward", 4, tok)
+    pairs = read_pairs(cfg.data, "reward", tok, cfg.max_length, cfg.max_prompt_length, limit=4, seed=cfg.seed)
     ds = datasets.Dataset.from_dict(pairs.dpo_rows(tok.eos_token_id))
     torch.manual_seed(0)
     model, tok, _ = load_for_training(tiny_model_dir, cfg.lora(), task="causal_lm")

@@ -77,12 +77,13 @@ def test_real_dump_keeps_most_pairs_at_the_tiny_presets_length(evaldata, tok, tm
     from camelid.config import build, load_preset
     from camelid.data.stackexchange import StackExchangeConfig
     from camelid.data.stackexchange import run as build_data
-    from camelid.train.reward import RewardConfig, _pair_data
+    from camelid.train.pairs import read_pairs
+    from camelid.train.reward import RewardConfig
 
     data = build_data(build(StackExchangeConfig, {**load_preset("tiny")["data"], "input": str(evaldata / "se-cardano"),
                                                   "out": str(tmp_path / "data"), "progress": False, "workers": 1}))
     cfg = replace(build(RewardConfig, load_preset("tiny")["reward"]), data=str(data.out))
-    pairs = _pair_data(cfg, cfg.train_split, 0, tok)
+    pairs = read_pairs(cfg.data, cfg.train_split, tok, cfg.max_length, cfg.max_prompt_length)
     inputs = pairs.inputs
     assert inputs == data.stats["splits"]["reward"]["pairs"] > 100
     j, k = pairs.reward_ids(tok.eos_token_id)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
-from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, score_texts, tokenize_pairs, train
+from camelid.train.pairs import tokenize_split
+from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, score_texts, train
 from camelid.train.tracking import read_metrics
 from train_data import MARKER, write_dataset
 
@@ -268,13 +269,13 @@ def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_tokenize_pairs_appends_eos_and_cuts_long(tiny_model_dir):
+def test_reward_ids_append_eos_and_cut_long(tiny_model_dir):
     import datasets
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = datasets.Dataset.from_dict({"question": ["q", "q"], "response_j": ["a", "word " * 50], "response_k": ["b", "c"]})
-    pairs = tokenize_pairs(ds, tok, max_length=20)
+    pairs = tokenize_split(ds, tok, max_length=20)
     j, k = pairs.reward_ids(tok.eos_token_id)
     assert pairs.dropped == 0 and pairs.truncated == 1 and len(j) == len(k) == 2
     assert j[0] == tok(qa_text("q", "a"))["input_ids"] + [tok.eos_token_id]

@@ -209,11 +209,10 @@ def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], bat
 def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig) -> dict[str, Any]:
     """The judge's accuracy on the split's pairs (cut to max_length as in training) beside the
     longer-answer baseline."""
-    from camelid.qa import load_split
-    from camelid.train.reward import evaluate_pairs, tokenize_pairs
+    from camelid.train.pairs import read_pairs
+    from camelid.train.reward import evaluate_pairs
 
-    ds = load_split(cfg.data, cfg.split, ("question", "response_j", "response_k"), limit=cfg.max_pairs, seed=cfg.seed)
-    pairs = tokenize_pairs(ds, tok, cfg.max_length)
+    pairs = read_pairs(cfg.data, cfg.split, tok, cfg.max_length, limit=cfg.max_pairs, seed=cfg.seed)
     if not len(pairs):
         return {"pairs": 0, "dropped": pairs.dropped}
     ids_j, ids_k = pairs.reward_ids(tok.eos_token_id)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from camelid.errors import CamelidError
+from camelid.train.common import TrainSettings
 
 MIN_PAIRS = 50
 """Fewest training pairs a reward model or DPO run may learn from (their `min_pairs` default)."""
@@ -33,6 +34,31 @@ MIN_KEPT_SHARE = 0.5
 """Least share of the input pairs that must be left after the length strategy."""
 QUESTION_CUT_TRIES = 8
 """Re-tokenizations allowed to fit a long question under the prompt cap (one or two suffice)."""
+
+
+MIN_LENGTH = 8
+"""Shortest max_length a pair stage accepts: room for the template, a little question and answer."""
+
+
+@dataclass(frozen=True)
+class PairSettings(TrainSettings):
+    """Settings of a stage that trains on preference pairs (reward model, DPO)."""
+
+    max_length: int = 512
+    """Longest prompt + answer, in tokens; longer answers are cut to fit (both to the same budget)."""
+    max_prompt_length: int = 0
+    """Longest prompt (question + template), in tokens; a longer question loses its end (0: half of max_length)."""
+    min_pairs: int = MIN_PAIRS
+    """Refuse to train on fewer pairs than this (too little to learn from)."""
+    train_split: str = "reward"
+    """Split of preference pairs to train on."""
+    eval_split: str = "evaluation"
+    """Held-out split of pairs the stage reports its figures on."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length < MIN_LENGTH or self.min_pairs < 1 or self.max_prompt_length < 0:
+            raise ValueError(f"need max_length >= {MIN_LENGTH}, min_pairs >= 1 and max_prompt_length >= 0")
 
 
 def default_max_prompt(max_length: int) -> int:
@@ -148,6 +174,27 @@ def tokenize_split(ds: Any, tok: Any, max_length: int, max_prompt: int = 0) -> P
     """`tokenize_pairs` over a split's columns (question, response_j, response_k, and qid if any)."""
     qids = ds["qid"] if "qid" in ds.column_names else None
     return tokenize_pairs(ds["question"], ds["response_j"], ds["response_k"], tok, max_length, max_prompt, qids)
+
+
+def read_pairs(data: str, split: str, tok: Any, max_length: int, max_prompt: int = 0, limit: int = 0,
+               seed: int = 0) -> PairTokens:
+    """A split of the dataset folder `data` as pairs of token ids cut by the length strategy;
+    `limit` > 0 keeps a seeded sample of that many pairs."""
+    from camelid.qa import load_split
+
+    ds = load_split(data, split, ("question", "response_j", "response_k"), limit=limit, seed=seed)
+    return tokenize_split(ds, tok, max_length, max_prompt)
+
+
+def stage_pairs(cfg: PairSettings, tok: Any) -> tuple[PairTokens, PairTokens]:
+    """The training and evaluation pairs of a pair stage; too few training pairs is an error
+    (`check_enough`), raised before the evaluation split is read."""
+    def read(split: str, limit: int) -> PairTokens:
+        return read_pairs(cfg.data, split, tok, cfg.max_length, cfg.max_prompt_length, limit, cfg.seed)
+
+    train = read(cfg.train_split, cfg.max_train_samples)
+    check_enough(train, cfg.train_split, cfg.min_pairs, cfg.max_length)
+    return train, read(cfg.eval_split, cfg.max_eval_samples)
 
 
 def check_enough(pairs: PairTokens, split: str, min_pairs: int, max_length: int) -> None:

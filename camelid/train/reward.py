@@ -29,13 +29,12 @@ from typing import Any, Sequence
 
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
-from camelid.runfiles import JUDGE_DIR, RESULT_FILE
-from camelid.train.common import TrainSettings
-from camelid.train.pairs import MIN_PAIRS, PairTokens
+from camelid.runfiles import JUDGE_DIR
+from camelid.train.pairs import PairSettings
 
 
 @dataclass(frozen=True)
-class RewardConfig(TrainSettings):
+class RewardConfig(PairSettings):
     """Reward-model settings (defaults: start from the SFT run in runs/sft, a short CPU run)."""
 
     model: str = "runs/sft"
@@ -44,14 +43,6 @@ class RewardConfig(TrainSettings):
     """Run folder: checkpoints, metrics, adapter/ and the merged model/ go here."""
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""
-    max_length: int = 512
-    """Longest side of a pair, in tokens; longer answers are cut to fit (both to the same budget)."""
-    max_prompt_length: int = 0
-    """Longest prompt (question + template), in tokens; a longer question loses its end (0: half of max_length)."""
-    min_pairs: int = MIN_PAIRS
-    """Refuse to train on fewer pairs than this (too little to learn from)."""
-    train_split: str = "reward"
-    """Split of preference pairs to train on."""
     eval_split: str = "evaluation"
     """Split for accuracy, margin and the longer-answer baseline."""
     judge_split: str = ""
@@ -59,10 +50,6 @@ class RewardConfig(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
-        if self.min_pairs < 1 or self.max_prompt_length < 0:
-            raise ValueError("need min_pairs >= 1 and max_prompt_length >= 0")
         if self.judge_split and self.judge_split in (self.train_split, self.eval_split):
             raise ValueError(f"judge_split must differ from train_split and eval_split, got {self.judge_split!r}")
 
@@ -102,14 +89,6 @@ def pairwise_loss(r_j: Any, r_k: Any) -> Any:
     import torch.nn.functional as F
 
     return -F.logsigmoid(r_j - r_k).mean()
-
-
-def tokenize_pairs(ds: Any, tok: Any, max_length: int, max_prompt: int = 0) -> PairTokens:
-    """A split's pairs cut to `max_length` (camelid.train.pairs); `.reward_ids(eos)` gives each
-    side as `tokens + [EOS]`, as RewardTrainer tokenizes."""
-    from camelid.train.pairs import tokenize_split
-
-    return tokenize_split(ds, tok, max_length, max_prompt)
 
 
 def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
@@ -213,17 +192,6 @@ def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -
     return model.eval(), tok
 
 
-def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> PairTokens:
-    from camelid.qa import load_split
-
-    ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
-    pairs = tokenize_pairs(ds, tok, cfg.max_length, cfg.max_prompt_length)
-    if not len(pairs):
-        raise CamelidError(f"every {split} pair has the same two answers once cut to max_length={cfg.max_length} "
-                           "tokens; raise --max-length")
-    return pairs
-
-
 def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
@@ -281,21 +249,15 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     """Train the reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
     import datasets
 
-    from camelid.config import to_dict
-    from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
-    from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
-    from camelid.train.pairs import check_enough
-    from camelid.train.tracking import Tracker
-    from camelid.utils import seed_everything, status, world_size, write_json
+    from camelid.train.common import open_run, train_stage, write_result
+    from camelid.train.pairs import stage_pairs
+    from camelid.utils import status, write_json
 
-    set_threads(cfg.num_threads)
-    path = resolve_trained(cfg.model)
-    check_model_for_task(path, "seq_cls", cfg.max_length)
-    run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
-    tok = load_tokenizer(path)
-    train_pairs = _pair_data(cfg, cfg.train_split, cfg.max_train_samples, tok)
-    check_enough(train_pairs, cfg.train_split, cfg.min_pairs, cfg.max_length)
-    eval_pairs = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
+    path, run, tok = open_run(cfg, "seq_cls", cfg.max_length, resume=resume, overwrite=overwrite)
+    train_pairs, eval_pairs = stage_pairs(cfg, tok)
+    if not len(eval_pairs):  # the stage reports its accuracy on them
+        raise CamelidError(f"every {cfg.eval_split} pair has the same two answers once cut to max_length={cfg.max_length} "
+                           "tokens; raise --max-length")
     (tj, tk), (ej, ek) = train_pairs.reward_ids(tok.eos_token_id), eval_pairs.reward_ids(tok.eos_token_id)
     t_drop, e_drop = train_pairs.dropped, eval_pairs.dropped
     status(f"reward: {len(tj)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
@@ -303,14 +265,8 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     train_ds = datasets.Dataset.from_dict({"chosen_ids": tj, "rejected_ids": tk})
     eval_ds = datasets.Dataset.from_dict({"chosen_ids": ej, "rejected_ids": ek}) if cfg.eval_steps else None
 
-    seed_everything(cfg.seed)  # the new score head and the LoRA initialisation
-    model, tok, _ = load_for_training(path, cfg.lora(), task="seq_cls", load_8bit=cfg.load_8bit, dtype=cfg.dtype,
-                                      gradient_checkpointing=cfg.gradient_checkpointing, seq_length=cfg.max_length)
-    tracker = Tracker(run_state.run_dir, cfg.report_to, to_dict(cfg), resume_step=run_state.resume_step)
-    progress = make_progress_callback(tracker, "reward", "pairs", cfg.batch_size * cfg.grad_accum * world_size())
-    trainer = build_trainer(cfg, run_state, model, tok, train_ds, eval_ds, [tracker.hf_callback("reward"), progress])
-    try:
-        out = trainer.train(resume_from_checkpoint=str(run_state.resume_from) if run_state.resume_from else None)
+    def evaluate(trainer: Any, tracker: Any, tok: Any) -> PairEval | None:
+        """Accuracy and margin on the evaluation pairs (main process), logged with the pair counts."""
         result_eval = None
         if trainer.accelerator.is_main_process:
             result_eval = evaluate_pairs(trainer.accelerator.unwrap_model(trainer.model), tok, ej, ek, cfg.batch_size)
@@ -319,15 +275,15 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
                          "reward/truncated_train_pairs": train_pairs.truncated},
                         trainer.state.global_step)
         trainer.accelerator.wait_for_everyone()
-        adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
-    finally:
-        tracker.close()
-    result = RewardResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(tj), t_drop,
-                          train_pairs.truncated, len(ej), e_drop, float(out.training_loss), result_eval,
-                          progress.rate(trainer.state), cfg.train_split)
-    if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / RESULT_FILE, {**result.__dict__, "eval": result_eval.__dict__})
-        write_json(run_state.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
+        return result_eval
+
+    t = train_stage(cfg, "reward", path, run, build_trainer, train_ds, eval_ds, task="seq_cls", seq_length=cfg.max_length,
+                    unit="pairs", evaluate=evaluate)
+    result = RewardResult(run.run_dir, t.adapter_dir, t.model_dir, t.trainer.state.global_step, len(tj), t_drop,
+                          train_pairs.truncated, len(ej), e_drop, t.train_loss, t.held_out, t.rate, cfg.train_split)
+    write_result(t, run, {**result.__dict__, "eval": getattr(t.held_out, "__dict__", None)})
+    if t.trainer.accelerator.is_main_process:
+        write_json(run.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
     return result
 
 
