@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,11 +17,9 @@ from camelid.qa import qa_text
 from camelid.train.pairs import tokenize_split
 from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, score_texts, train
 from camelid.train.tracking import read_metrics
-from train_data import MARKER, write_dataset
+from train_data import MARKER, assert_same_adapter, torchrun_camelid, write_dataset
 
 pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pairwise_loss_hand_values():
@@ -229,15 +224,8 @@ def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
     args = ["reward", "train", "--model", cfg.model, "--data", cfg.data, "--out", str(tmp_path / "two"),
             "--max-length", str(cfg.max_length), "--max-prompt-length", str(cfg.max_prompt_length), "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1",
             "--learning-rate", str(cfg.learning_rate), "--lora-dropout", "0", "--seed", str(cfg.seed), "--no-merge"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(30500 + os.getpid() % 1000), "-m", "camelid", *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(r1.adapter_dir / "adapter_model.safetensors"))
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-3)
+    torchrun_camelid(args, port=30500)
+    assert_same_adapter(tmp_path / "two" / "adapter", r1.adapter_dir)
 
 
 def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
