@@ -201,6 +201,17 @@ def seal_trainer_checkpoints(trainer: Any) -> Any:
     return trainer
 
 
+def add_run_args(p: Any, cfg_cls: type, section: str) -> None:
+    """The flags of every training command: --preset (its `section:` applies), --resume,
+    --overwrite, then one flag per field of `cfg_cls`."""
+    from camelid.config import add_config_args
+
+    p.add_argument("--preset", help=f"preset name (tiny, stackllama-7b) or a YAML file; its `{section}:` section applies")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
+    add_config_args(p, cfg_cls)
+
+
 def config_differences(saved: Any, cfg: Any) -> list[str]:
     """Fields (other than OUTPUT_ONLY) whose values differ between two configs."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(cfg)
@@ -422,6 +433,23 @@ def open_run(cfg: TrainSettings, task: str, max_length: int, *, resume: bool, ov
 
 
 @dataclass(frozen=True)
+class StageResult:
+    """What every trainer stage returns (and writes to result.json), before its own figures."""
+
+    run_dir: Path
+    adapter_dir: Path
+    model_dir: Path | None
+    steps: int
+    train_loss: float
+
+    def saved(self, chat: bool = True) -> str:
+        """Where the adapter and the merged model went, for the command's output (with the
+        command that chats with the model, for a language model)."""
+        hint = f"  (camelid chat --model {self.model_dir})" if chat else ""
+        return f"adapter: {self.adapter_dir}" + (f"\nmerged model: {self.model_dir}{hint}" if self.model_dir else "")
+
+
+@dataclass(frozen=True)
 class Trained:
     """What `train_stage` leaves."""
 
@@ -434,6 +462,11 @@ class Trained:
     """Units (the stage's `unit`) per second over the steps this process ran."""
     held_out: Any
     """What the stage's `evaluate` returned (None without one)."""
+
+    def outcome(self, run: RunState) -> dict[str, Any]:
+        """This run's StageResult fields."""
+        return {"run_dir": run.run_dir, "adapter_dir": self.adapter_dir, "model_dir": self.model_dir,
+                "steps": self.trainer.state.global_step, "train_loss": self.train_loss}
 
 
 def train_stage(cfg: TrainSettings, stage: str, path: Path, run: RunState, build_trainer: Callable[..., Any],

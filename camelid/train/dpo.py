@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from camelid.train.pairs import PairSettings, PairTokens
+from camelid.train.pairs import PairResult, PairSettings, PairTokens
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REF_ADAPTER = "ref"
@@ -62,19 +61,9 @@ class DPOConfig(PairSettings):
 
 
 @dataclass(frozen=True)
-class DPOResult:
-    run_dir: Path
-    adapter_dir: Path
-    model_dir: Path | None
-    steps: int
-    train_pairs: int
-    dropped_train_pairs: int
-    truncated_train_pairs: int
-    eval_pairs: int
-    train_loss: float
+class DPOResult(PairResult):
     eval: dict[str, float] | None
     """Held-out figures: loss, reward_accuracy (share of pairs with ρ(c) > ρ(r)), reward_margin (β(ρ(c) − ρ(r)))."""
-    pairs_per_s: float
 
 
 def _pretokenized(trainer_cls: type) -> type:
@@ -126,7 +115,7 @@ def _dataset(pairs: PairTokens, eos: int) -> Any:
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> DPOResult:
     """Train, evaluate, save adapter (+ merged model); see the module docstring."""
     from camelid.train.common import open_run, train_stage, write_result
-    from camelid.train.pairs import stage_pairs
+    from camelid.train.pairs import pair_counts, stage_pairs
     from camelid.utils import status
 
     path, run, tok = open_run(cfg, "causal_lm", cfg.max_length, resume=resume, overwrite=overwrite)
@@ -142,8 +131,7 @@ def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> D
 
     t = train_stage(cfg, "dpo", path, run, build_trainer, train_ds, eval_ds, task="causal_lm", seq_length=cfg.max_length,
                     unit="pairs", evaluate=evaluate)
-    result = DPOResult(run.run_dir, t.adapter_dir, t.model_dir, t.trainer.state.global_step, len(train_pairs),
-                       train_pairs.dropped, train_pairs.truncated, len(eval_pairs), t.train_loss, t.held_out, t.rate)
+    result = DPOResult(**t.outcome(run), **pair_counts(train_pairs, eval_pairs, t.rate), eval=t.held_out)
     write_result(t, run, result.__dict__)
     return result
 
@@ -156,16 +144,13 @@ def held_out_figures(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.config import add_config_args
+    from camelid.train.common import add_run_args
 
     p = sub.add_parser(name, help="direct preference optimisation on preference pairs (LoRA)",
                        description="DPO from the SFT model on (better, worse) answer pairs, the reference being the "
                                    "SFT model itself (the adapter off). Data parallel: the same command under "
                                    "`accelerate launch --num_processes N` or torchrun.")
-    p.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `dpo:` section applies")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
-    add_config_args(p, DPOConfig)
+    add_run_args(p, DPOConfig, "dpo")
     p.set_defaults(func=_cli)
 
 
@@ -178,7 +163,6 @@ def _cli(args: argparse.Namespace) -> int:
     if r.eval:
         print0(f"eval on {r.eval_pairs} pairs: loss {r.eval.get('loss', float('nan')):.4f}, "
                f"preference accuracy {r.eval.get('reward_accuracy', float('nan')):.3f}")
-    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}  (camelid chat --model {r.model_dir})"
-                                          if r.model_dir else ""))
+    print0(r.saved())
     return 0
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from camelid.errors import CamelidError
-from camelid.train.common import TrainSettings
+from camelid.train.common import StageResult, TrainSettings
 
 MIN_PAIRS = 50
 """Fewest training pairs a reward model or DPO run may learn from (their `min_pairs` default)."""
@@ -59,6 +59,23 @@ class PairSettings(TrainSettings):
         super().__post_init__()
         if self.max_length < MIN_LENGTH or self.min_pairs < 1 or self.max_prompt_length < 0:
             raise ValueError(f"need max_length >= {MIN_LENGTH}, min_pairs >= 1 and max_prompt_length >= 0")
+
+
+@dataclass(frozen=True)
+class PairResult(StageResult):
+    """A pair stage's result: the run's outcome and its pair counts."""
+
+    train_pairs: int
+    dropped_train_pairs: int
+    truncated_train_pairs: int
+    eval_pairs: int
+    pairs_per_s: float
+
+
+def pair_counts(train: PairTokens, held_out: PairTokens, pairs_per_s: float) -> dict[str, Any]:
+    """PairResult's counts of a run on these pairs."""
+    return {"train_pairs": len(train), "dropped_train_pairs": train.dropped, "truncated_train_pairs": train.truncated,
+            "eval_pairs": len(held_out), "pairs_per_s": pairs_per_s}
 
 
 def default_max_prompt(max_length: int) -> int:

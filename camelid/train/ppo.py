@@ -29,23 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camelid.config import add_config_args, from_args
+from camelid.config import from_args
 from camelid.errors import CamelidError, UsageError
 from camelid.train.ppo_config import PPOConfig
 from camelid.utils import print0, status
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from camelid.train.common import add_run_args
+
     p = sub.add_parser(
         name,
         help="PPO with a KL penalty against a frozen reference",
         description="Optimise a policy (SFT model + LoRA + value head) against a reward model with PPO "
         "and a per-token KL penalty to the SFT model. Works under `accelerate launch --num_processes N`.",
     )
-    p.add_argument("--preset", help="YAML preset whose `ppo:` section sets defaults (e.g. tiny, stackllama-7b)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
-    add_config_args(p, PPOConfig)
+    add_run_args(p, PPOConfig, "ppo")
     p.set_defaults(func=run)
 
 

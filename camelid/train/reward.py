@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
 from camelid.runfiles import JUDGE_DIR
-from camelid.train.pairs import PairSettings
+from camelid.train.pairs import PairResult, PairSettings
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,9 @@ class PairEval:
 
 
 @dataclass(frozen=True)
-class RewardResult:
-    run_dir: Path
-    adapter_dir: Path
-    model_dir: Path | None
-    steps: int
-    train_pairs: int
-    dropped_train_pairs: int
-    truncated_train_pairs: int
-    eval_pairs: int
+class RewardResult(PairResult):
     dropped_eval_pairs: int
-    train_loss: float
     eval: PairEval | None
-    pairs_per_s: float
     train_split: str = "reward"
 
 
@@ -250,7 +240,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     import datasets
 
     from camelid.train.common import open_run, train_stage, write_result
-    from camelid.train.pairs import stage_pairs
+    from camelid.train.pairs import pair_counts, stage_pairs
     from camelid.utils import status, write_json
 
     path, run, tok = open_run(cfg, "seq_cls", cfg.max_length, resume=resume, overwrite=overwrite)
@@ -279,8 +269,8 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
 
     t = train_stage(cfg, "reward", path, run, build_trainer, train_ds, eval_ds, task="seq_cls", seq_length=cfg.max_length,
                     unit="pairs", evaluate=evaluate)
-    result = RewardResult(run.run_dir, t.adapter_dir, t.model_dir, t.trainer.state.global_step, len(tj), t_drop,
-                          train_pairs.truncated, len(ej), e_drop, t.train_loss, t.held_out, t.rate, cfg.train_split)
+    result = RewardResult(**t.outcome(run), **pair_counts(train_pairs, eval_pairs, t.rate), dropped_eval_pairs=e_drop,
+                          eval=t.held_out, train_split=cfg.train_split)
     write_result(t, run, {**result.__dict__, "eval": getattr(t.held_out, "__dict__", None)})
     if t.trainer.accelerator.is_main_process:
         write_json(run.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
@@ -350,7 +340,7 @@ def read_score_inputs(text: str | None, file: str | None) -> list[dict[str, Any]
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.config import add_config_args
+    from camelid.train.common import add_run_args
 
     p = sub.add_parser(name, help="train or apply a pairwise reward model")
     rsub = p.add_subparsers(dest="reward_command", metavar="{train,score}")
@@ -358,10 +348,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         description="Train a one-output sequence classifier on (better, worse) answer pairs with "
                                     "loss -log sigmoid(r_j - r_k). Data parallel: the same command under "
                                     "`accelerate launch --num_processes N` or torchrun.")
-    t.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `reward:` section applies")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
-    add_config_args(t, RewardConfig)
+    add_run_args(t, RewardConfig, "reward")
     t.set_defaults(func=_cli_train)
     s = rsub.add_parser("score", help="print reward scores for a text or a jsonl file")
     s.add_argument("text", nargs="?", help='a full text, e.g. "Question: ...\\n\\nAnswer: ..." (\\n is unescaped)')
@@ -382,7 +369,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     if r.eval is not None:
         print0(f"eval on {r.eval.pairs} pairs: accuracy {r.eval.accuracy:.3f}, mean margin {r.eval.mean_margin:.3f}, "
                f"loss {r.eval.loss:.4f}; longer-answer-wins baseline {r.eval.longer_wins_accuracy:.3f}")
-    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}" if r.model_dir else ""))
+    print0(r.saved(chat=False))
     if cfg.judge_split:
         print0(f"second judge (trained on the {cfg.judge_split} split): {judge_config(cfg).out}")
     return 0

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
-from camelid.train.common import TrainSettings
+from camelid.train.common import StageResult, TrainSettings
 
 TEXT_SOURCES = ("finetune", "answers")
 MAX_LOG_PERPLEXITY = 50.0
@@ -49,14 +48,9 @@ class SFTConfig(TrainSettings):
 
 
 @dataclass(frozen=True)
-class SFTResult:
-    run_dir: Path
-    adapter_dir: Path
-    model_dir: Path | None
-    steps: int
+class SFTResult(StageResult):
     train_blocks: int
     eval_blocks: int
-    train_loss: float
     eval_loss: float | None
     perplexity: float | None
     tokens_per_s: float
@@ -138,23 +132,20 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFT
     t = train_stage(cfg, "sft", path, run, build_trainer, train_ds, eval_ds, task="causal_lm", seq_length=cfg.seq_length,
                     unit="tokens", units_per_row=cfg.seq_length, evaluate=evaluate)
     eval_loss, ppl = t.held_out
-    result = SFTResult(run.run_dir, t.adapter_dir, t.model_dir, t.trainer.state.global_step, len(train_ds),
-                       len(eval_ds or []), t.train_loss, eval_loss, ppl, t.rate)
+    result = SFTResult(**t.outcome(run), train_blocks=len(train_ds), eval_blocks=len(eval_ds or []), eval_loss=eval_loss,
+                       perplexity=ppl, tokens_per_s=t.rate)
     write_result(t, run, result.__dict__)
     return result
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.config import add_config_args
+    from camelid.train.common import add_run_args
 
     p = sub.add_parser(name, help="supervised fine-tuning with packing (LoRA)",
                        description="Supervised fine-tuning on `Question: ...\\n\\nAnswer: ...` texts, packed into "
                                    "constant-length blocks, with LoRA on a float or 8-bit base. Data parallel: run "
                                    "the same command under `accelerate launch --num_processes N` or torchrun.")
-    p.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `sft:` section applies")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
-    add_config_args(p, SFTConfig)
+    add_run_args(p, SFTConfig, "sft")
     p.set_defaults(func=_cli)
 
 
@@ -166,5 +157,5 @@ def _cli(args: argparse.Namespace) -> int:
     r = run(cfg, resume=args.resume, overwrite=args.overwrite)
     ppl = f", eval loss {r.eval_loss:.4f}, perplexity {r.perplexity:.2f}" if r.eval_loss is not None else ""
     print0(f"sft: {r.steps} steps, train loss {r.train_loss:.4f}{ppl}, {r.tokens_per_s:.0f} tokens/s")
-    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}  (camelid chat --model {r.model_dir})" if r.model_dir else ""))
+    print0(r.saved())
     return 0
