@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from camelid.errors import CamelidError, UsageError
 from camelid.runfiles import (ADAPTER_DIR, DONE_FILE, JUDGE_DIR, METHOD_STAGES, MODEL_DIR, PIPELINE_FILE, REPORT_DIR,
-                              STAGES, STARTED_FILE, read_done)
+                              STAGES, STARTED_FILE, read_done, read_json)
 
 METHODS = ("ppo", "dpo", "both")
 NOT_RUN = "not run"
@@ -246,7 +246,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     from camelid.utils import Timer, print0, status, write_json
 
     sdir = run_dir / name
-    started = _read_json(sdir / STARTED_FILE)
+    started = read_json(sdir / STARTED_FILE)
     resume = not fresh and name in RESUMABLE and (started or {}).get("config_hash") == h
     if not resume:
         check_owned(run_dir)  # looked at again right before anything is removed
@@ -267,7 +267,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
 
 
 def _stage_marker(folder: Path, name: str) -> bool:
-    return any((_read_json(folder / f) or {}).get("stage") == name for f in (STARTED_FILE, DONE_FILE))
+    return any((read_json(folder / f) or {}).get("stage") == name for f in (STARTED_FILE, DONE_FILE))
 
 
 def check_owned(run_dir: Path) -> None:
@@ -294,14 +294,6 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) and "pipeline" in data else None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def upstream_hashes(name: str, hashes: dict[str, str]) -> tuple[str, ...]:

@@ -61,10 +61,32 @@ folder (or an empty one) is ever replaced without --overwrite, so a mistyped --o
 a user's files."""
 
 
+# -- readers (a run folder may be partial: a crash leaves a file missing or its last line torn) -----
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, unreadable, torn or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file ([] when it is missing); a torn line is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
     """The stage's done marker, or None when the stage has not completed."""
-    path = Path(stage_dir) / DONE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(Path(stage_dir) / DONE_FILE)

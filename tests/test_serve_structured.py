@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from serve_helpers import CHAT, MODEL, openai_client, tiny_server
+from serve_helpers import CHAT, MODEL, live_server, openai_client, tiny_server
 
 from camelid.engine import Engine, SamplingParams
 from camelid.engine import grammar as G

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from camelid.eval.stages import Stage, read_jsonl, series
-from camelid.runfiles import SAMPLES_FILE
+from camelid.eval.stages import Stage, series
+from camelid.runfiles import SAMPLES_FILE, read_jsonl
 
 MODELS = ("base", "sft", "ppo", "dpo")
 

@@ -24,9 +24,9 @@ from typing import Any
 from camelid.errors import CamelidError
 from camelid.eval.plots import plot_dpo, plot_ppo, plot_reward, plot_reward_hist, plot_sft
 from camelid.eval.render import Block, to_html, to_markdown
-from camelid.eval.stages import Stage, config_value, judge_figures, load_stage, read_json, read_jsonl, series
+from camelid.eval.stages import Stage, config_value, judge_figures, load_stage, series
 from camelid.runfiles import (CONFIG_FILE, JUDGE_DIR, METHOD_STAGES, PIPELINE_FILE, PLOTS_DIR, REPORT_DIR, REPORT_HTML,
-                              REPORT_MD, RESULT_FILE, SAMPLES_FILE, STAGES, STATS_FILE)
+                              REPORT_MD, RESULT_FILE, SAMPLES_FILE, STAGES, STATS_FILE, read_json, read_jsonl)
 
 PLOTS = ("sft_loss", "reward_accuracy", "ppo_curves", "dpo_curves", "reward_hist")
 SAMPLES_SHOWN = 8
@@ -113,7 +113,7 @@ def headline(st: Stage) -> str:
         return f"eval loss {fmt(r.get('eval_loss'))}, perplexity {fmt(r.get('perplexity'), 2)}"
     if st.name == "reward" and r.get("eval"):
         e = r["eval"]
-        second = (read_json(st.path / JUDGE_DIR / RESULT_FILE).get("eval") or {}).get("accuracy")
+        second = ((read_json(st.path / JUDGE_DIR / RESULT_FILE) or {}).get("eval") or {}).get("accuracy")
         return (f"accuracy {fmt(e.get('accuracy'))} (longer wins {fmt(e.get('longer_wins_accuracy'))})"
                 + (f"; second judge {fmt(second)}" if second is not None else ""))
     if st.name == "ppo":

@@ -114,7 +114,7 @@ def _dataset(pairs: PairTokens, eos: int) -> Any:
 
 def train(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> DPOResult:
     """Train, evaluate, save adapter (+ merged model); see the module docstring."""
-    from camelid.train.common import open_run, train_stage, write_result
+    from camelid.train.stage import open_run, train_stage, write_result
     from camelid.train.pairs import pair_counts, stage_pairs
     from camelid.utils import status
 
@@ -144,7 +144,7 @@ def held_out_figures(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.train.common import add_run_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(name, help="direct preference optimisation on preference pairs (LoRA)",
                        description="DPO from the SFT model on (better, worse) answer pairs, the reference being the "

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from camelid.errors import CamelidError
-from camelid.train.common import StageResult, TrainSettings
+from camelid.train.common import TrainSettings
+from camelid.train.stage import StageResult
 
 MIN_PAIRS = 50
 """Fewest training pairs a reward model or DPO run may learn from (their `min_pairs` default)."""

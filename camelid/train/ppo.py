@@ -36,7 +36,7 @@ from camelid.utils import print0, status
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.train.common import add_run_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(
         name,

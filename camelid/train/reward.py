@@ -239,7 +239,7 @@ def train(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False) -
     """Train the reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
     import datasets
 
-    from camelid.train.common import open_run, train_stage, write_result
+    from camelid.train.stage import open_run, train_stage, write_result
     from camelid.train.pairs import pair_counts, stage_pairs
     from camelid.utils import status, write_json
 
@@ -340,7 +340,7 @@ def read_score_inputs(text: str | None, file: str | None) -> list[dict[str, Any]
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.train.common import add_run_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(name, help="train or apply a pairwise reward model")
     rsub = p.add_subparsers(dest="reward_command", metavar="{train,score}")

@@ -17,7 +17,8 @@ from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.qa import qa_text
-from camelid.train.common import StageResult, TrainSettings
+from camelid.train.common import TrainSettings
+from camelid.train.stage import StageResult
 
 TEXT_SOURCES = ("finetune", "answers")
 MAX_LOG_PERPLEXITY = 50.0
@@ -108,7 +109,7 @@ def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any,
 
 def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFTResult:
     """Train, evaluate, save adapter (+ merged model); see the module docstring."""
-    from camelid.train.common import open_run, train_stage, write_result
+    from camelid.train.stage import open_run, train_stage, write_result
     from camelid.utils import status
 
     path, run, tok = open_run(cfg, "causal_lm", cfg.seq_length, resume=resume, overwrite=overwrite)
@@ -139,7 +140,7 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFT
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.train.common import add_run_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(name, help="supervised fine-tuning with packing (LoRA)",
                        description="Supervised fine-tuning on `Question: ...\\n\\nAnswer: ...` texts, packed into "
