@@ -18,7 +18,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CAMELID := $(VENV)/bin/camelid
 
-.PHONY: setup setup-test run chat test test-noamx test-fast install-check bench bench-peer lock clean
+.PHONY: setup setup-test run chat test test-noamx test-fast install-check bench bench-peer sample lock clean
 
 $(VENV)/.stamp-torch:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ $(PEER_VENV)/.stamp:
 	touch $@
 
 bench-peer: $(PEER_VENV)/.stamp
+
+# Regenerate the bundled sample dump camelid/data/sample/ (standard library only; same bytes for
+# the same seed). The generator is a build tool in tools/make_sample/, not part of the package.
+sample:
+	$(PYTHON) tools/make_sample/make_sample.py
 
 lock:
 	{ sed -n '1,2p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|camelid)[=@ ]'; } > $(CONSTRAINTS).new

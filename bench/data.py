@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from camelid.data.make_sample import STYLES, _row, questions, render, xml_attr  # noqa: F401
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "make_sample"))
+from make_sample import STYLES, _row, questions, render, xml_attr  # noqa: E402, F401  (the sample generator)
 
 ANSWER_MIX = ([0] * 10 + [1] * 54 + [2] * 25 + [3] * 8 + [4] * 2 + [6] * 1)
 FILLER = ("This paragraph adds the context and detail a real post carries, so bodies have the size of a "

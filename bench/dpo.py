@@ -50,11 +50,11 @@ def child_trl(a: argparse.Namespace, out: Path) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from camelid.data import load_split
     from camelid.models.resolve import resolve_model
+    from camelid.qa import load_split, qa_text
 
     ds = load_split(a.data, "reward")
-    data = datasets.Dataset.from_dict({"prompt": [f"Question: {q}\n\nAnswer: " for q in ds["question"]],
+    data = datasets.Dataset.from_dict({"prompt": [qa_text(q) for q in ds["question"]],
                                        "chosen": ds["response_j"], "rejected": ds["response_k"]})
     args = DPOConfig(output_dir=str(out), max_length=a.max_length, per_device_train_batch_size=a.batch_size,
                      max_steps=a.steps, learning_rate=LEARNING_RATE, beta=BETA, loss_type=["sigmoid"], bf16=False,

@@ -254,10 +254,10 @@ def main() -> int:
         peer, peer_label = RECORDED_PEER, f"recorded in float32 on an AVX2 machine (no peer venv at {args.peer_python}: `make bench-peer`)"
     from transformers import AutoTokenizer
 
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
-    lengths = [len(tok(qa_text(row, ""))["input_ids"]) for row in read_bench_questions()[:8]]
+    lengths = [len(tok(qa_text(row))["input_ids"]) for row in read_bench_questions()[:8]]
     gflops = matmul_gflops(args.threads, dtype)
     gbps = read_gbps()
     floor = step_gflop(lengths, 48, 4) / gflops + 48 * weight_gb(dtype) / gbps

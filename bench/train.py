@@ -90,11 +90,11 @@ def child_trl_sft(a: argparse.Namespace, out: Path) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from camelid.data import load_split
     from camelid.models.resolve import resolve_model
+    from camelid.qa import load_split, qa_text
 
     ds = load_split(a.data, "finetune")
-    texts = list(dict.fromkeys(f"Question: {q}\n\nAnswer: {r}" for q, r in zip(ds["question"], ds["response_j"])))
+    texts = list(dict.fromkeys(qa_text(q, r) for q, r in zip(ds["question"], ds["response_j"])))
     args = SFTConfig(output_dir=str(out), max_length=a.seq_length, packing=True, per_device_train_batch_size=a.batch_size,
                      max_steps=a.steps, learning_rate=1e-4, bf16=False, fp16=False, gradient_checkpointing=False,
                      report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
@@ -122,14 +122,13 @@ def child_trl_reward(a: argparse.Namespace, out: Path) -> dict:
     from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
 
-    from camelid.data import load_split
     from camelid.models.resolve import resolve_model
+    from camelid.qa import load_split, qa_text
 
     ds = load_split(a.data, "reward")
-    qa = lambda q, r: f"Question: {q}\n\nAnswer: {r}"  # noqa: E731
     data = datasets.Dataset.from_dict({
-        "chosen": [qa(q, r) for q, r in zip(ds["question"], ds["response_j"])],
-        "rejected": [qa(q, r) for q, r in zip(ds["question"], ds["response_k"])],
+        "chosen": [qa_text(q, r) for q, r in zip(ds["question"], ds["response_j"])],
+        "rejected": [qa_text(q, r) for q, r in zip(ds["question"], ds["response_k"])],
     })
     args = RewardConfig(output_dir=str(out), max_length=a.max_length, per_device_train_batch_size=a.batch_size,
                         max_steps=a.steps, learning_rate=2e-5, bf16=False, fp16=False, gradient_checkpointing=False,

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from camelid.errors import CamelidError, UsageError
+from camelid.runfiles import read_done
 
 GB = 1e9
 METHODS = ("full", "lora", "lora-8bit", "ppo", "ppo-8bit", "merge", "inference", "inference-8bit")
@@ -341,12 +342,8 @@ def measured_from_run(run_dir: str | Path) -> dict[str, dict[str, object]]:
         raise CamelidError(f"--run {run}: no such run folder")
     found: dict[str, dict[str, object]] = {}
     for stage, method in STAGE_METHOD.items():
-        done = run / stage / "done.json"
-        if not done.is_file():
-            continue
-        try:
-            marker = json.loads(done.read_text())
-        except (OSError, json.JSONDecodeError):
+        marker = read_done(run / stage)
+        if not isinstance(marker, dict):
             continue
         cfg = marker.get("config") or {}
         if method in ("lora", "ppo") and cfg.get("load_8bit"):

@@ -174,6 +174,20 @@ def library_tqdm_off(module: str) -> Iterator[None]:
         mod.tqdm = original
 
 
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` map/filter progress bars (TRL maps our already-tokenized data: instant, noisy)."""
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            ds_logging.enable_progress_bar()
+
+
 def _set_level(value: int) -> None:
     global _level
     _level = value

@@ -1,7 +1,8 @@
 """`camelid pipeline`: data -> sft -> reward -> ppo and/or dpo -> eval -> report, one function call
 per stage, resumable stage by stage. `--method` picks the alignment: ppo (default), dpo or both.
 
-The run folder contract (this module owns it; the report and `camelid estimate --run` read it):
+The run folder contract (this module owns it, its names are in camelid.runfiles; the report and
+`camelid estimate --run` read it):
 
     RUN/
       pipeline.yaml          the pipeline's own resolved settings
@@ -41,39 +42,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from camelid.errors import CamelidError, UsageError
+from camelid.runfiles import (ADAPTER_DIR, DONE_FILE, JUDGE_DIR, METHOD_STAGES, MODEL_DIR, PIPELINE_FILE, REPORT_DIR,
+                              STAGES, STARTED_FILE, read_done, read_json)
 
-STAGES = ("data", "sft", "reward", "ppo", "dpo", "eval")
 METHODS = ("ppo", "dpo", "both")
-METHOD_STAGES = ("ppo", "dpo")
 SEEDED = ("sft", "reward", "ppo", "dpo", "eval")
 """Stages `--seed` sets; the data stage keeps its split seed, so every seed is judged on the same questions."""
-"""The alignment stages `--method` chooses between; neither depends on the other."""
 NOT_RUN = "not run"
 """A stage's hash in its successors' when the method leaves it out."""
 DEFAULTS = {"reward": {"judge_split": "rl"}}
 """Pipeline defaults under the preset: the reward stage also trains the second judge, on the rl
 split, whose questions PPO saw as prompts only and whose answers no stage trained on."""
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-DONE_FILE = "done.json"
-REPORT_DIR = "report"
-PIPELINE_FILE = "pipeline.yaml"
 
 
 def config_hash(config: dict[str, Any], upstream: tuple[str, ...] = ()) -> str:
     """sha256 (16 hex) of a config's canonical JSON and the hashes of the stages it depends on."""
     blob = json.dumps({"config": config, "upstream": list(upstream)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_done(stage_dir: str | Path) -> dict[str, Any] | None:
-    """The stage's done marker, or None when the stage has not completed."""
-    path = Path(stage_dir) / DONE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -143,7 +128,7 @@ def stage_configs(cfg: PipelineConfig, preset: str | None, overrides: dict[str, 
     from camelid.eval.evaluate import EvalConfig
     from camelid.train.dpo import DPOConfig
     from camelid.train.ppo_config import PPOConfig
-    from camelid.train.reward import JUDGE_DIR, RewardConfig
+    from camelid.train.reward import RewardConfig
     from camelid.train.sft import SFTConfig
 
     run, sections = Path(cfg.out), load_preset(preset) if preset else {}
@@ -188,7 +173,6 @@ def stage_function(name: str) -> Callable[..., Any]:
 
 RESUMABLE = frozenset({"sft", "reward", "ppo", "dpo"})
 """Stages with checkpoints: an interrupted one continues from its last checkpoint."""
-STARTED_FILE = "started.json"
 
 
 class PeakMemory:
@@ -243,7 +227,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     from camelid.utils import Timer, print0, status, write_json
 
     sdir = run_dir / name
-    started = _read_json(sdir / STARTED_FILE)
+    started = read_json(sdir / STARTED_FILE)
     resume = not fresh and name in RESUMABLE and (started or {}).get("config_hash") == h
     if not resume:
         check_owned(run_dir)  # looked at again right before anything is removed
@@ -264,7 +248,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
 
 
 def _stage_marker(folder: Path, name: str) -> bool:
-    return any((_read_json(folder / f) or {}).get("stage") == name for f in (STARTED_FILE, DONE_FILE))
+    return any((read_json(folder / f) or {}).get("stage") == name for f in (STARTED_FILE, DONE_FILE))
 
 
 def check_owned(run_dir: Path) -> None:
@@ -291,14 +275,6 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) and "pipeline" in data else None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def upstream_hashes(name: str, hashes: dict[str, str]) -> tuple[str, ...]:
@@ -338,7 +314,7 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
         ran.append(name)
     report = build_report(run_dir)
     tuned = run_dir / ("ppo" if cfg.runs("ppo") else "dpo")
-    chat_model = tuned / "model" if (tuned / "model").is_dir() else tuned / "adapter"
+    chat_model = tuned / MODEL_DIR if (tuned / MODEL_DIR).is_dir() else tuned / ADAPTER_DIR
     return PipelineResult(run_dir, tuple(ran), report.html, chat_model)
 
 

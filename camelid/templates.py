@@ -3,7 +3,7 @@
 `model` (the default) uses the model's own chat template (tokenizer.chat_template). The named
 templates follow their sources exactly; tests pin them byte for byte.
 - vicuna_v1.1: FastChat's `conversation.py` (sep_style ADD_COLON_TWO, seps " " and "</s>").
-- stackllama: `Question: <q>\n\nAnswer: <a>`, the format of StackLLaMA's SFT, reward and PPO data.
+- stackllama: `Question: <q>\n\nAnswer: <a>` (camelid.qa), the format of StackLLaMA's SFT, reward and PPO data.
 - chatml: OpenAI's ChatML as used by SmolLM2 and Qwen.
 
 Selection (`pick_template`): an explicit name; else the `conv_template` a camelid training run
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from camelid.errors import CamelidError, UsageError
+from camelid.qa import NEXT_QUESTION, TURN_SEP, qa_text
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -61,12 +62,12 @@ def _vicuna(messages: list[Message], system: str | None) -> str:
 
 
 def _stackllama(messages: list[Message], system: str | None) -> str:
-    out = f"{system}\n\n" if system else ""
+    out = system + TURN_SEP if system else ""
     for m in messages:
         if m["role"] == "user":
-            out += f"Question: {m['content']}\n\nAnswer: "
+            out += qa_text(m["content"])
         else:
-            out += f"{m['content']}\n\n"
+            out += m["content"] + TURN_SEP
     return out
 
 
@@ -79,7 +80,7 @@ def _chatml(messages: list[Message], system: str | None) -> str:
 
 TEMPLATES: dict[str, Template] = {
     "vicuna_v1.1": Template("vicuna_v1.1", _vicuna, VICUNA_SYSTEM, stop=("</s>", "USER:")),
-    "stackllama": Template("stackllama", _stackllama, None, stop=("\n\nQuestion:",)),
+    "stackllama": Template("stackllama", _stackllama, None, stop=(NEXT_QUESTION,)),
     "chatml": Template("chatml", _chatml, None, stop=("<|im_end|>",)),
 }
 NAMES = ("model", *TEMPLATES)

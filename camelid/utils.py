@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from camelid.errors import CamelidError
+from camelid.runfiles import OUTPUT_MARKER
 
 
 def rank() -> int:
@@ -71,9 +72,6 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-OUTPUT_MARKER = ".camelid-output"
-"""A file camelid leaves in every folder it writes whole: only such a folder (or an empty one) is
-ever replaced without --overwrite, so a mistyped --out never deletes a user's files."""
 _TMP = ".tmp-"
 
 

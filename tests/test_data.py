@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from camelid.data import SPLITS, load_split, sample_dump_path, split_path
+from camelid.data import SPLITS, sample_dump_path, split_path
 from camelid.data.markdown import html_to_markdown
 from camelid.data.scoring import answer_score, make_pairs, split_bounds
 from camelid.data.stackexchange import StackExchangeConfig, run
 from camelid.errors import CamelidError
+from camelid.qa import load_split
+
+SAMPLE_TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_sample"
+"""The sample-dump generator: a build tool beside the package, not part of it."""
+
+
+@pytest.fixture(scope="module")
+def make_sample():
+    """tools/make_sample/make_sample.py as a module (its tables are imported from beside it)."""
+    sys.path.insert(0, str(SAMPLE_TOOL))
+    try:
+        return importlib.import_module("make_sample")
+    finally:
+        sys.path.remove(str(SAMPLE_TOOL))
 
 
 @pytest.mark.parametrize(
@@ -138,25 +156,27 @@ def test_rerun_is_byte_identical_and_workers_do_not_matter(sample_out, tmp_path)
     assert _qids(split_path(other.out, "evaluation")) != _qids(split_path(sample_out.out, "evaluation"))
 
 
-def test_sample_quality_signal_is_not_length_only(sample_out):
+def test_sample_quality_signal_is_not_length_only(sample_out, make_sample):
     rows = [r for s in SPLITS for r in pq.read_table(split_path(sample_out.out, s)).to_pylist()]
     longer_wins = sum(len(r["response_j"]) > len(r["response_k"]) for r in rows) / len(rows)
     assert 0.5 < longer_wins < 0.7, longer_wins  # length alone is a weak baseline
-    from camelid.data.make_sample import RUDE_OPEN
-
+    rude = tuple(make_sample.RUDE_OPEN)
     # Rude answers are net-negative (score -1, the minimum), so they are never the preferred one.
-    assert not any(r["response_j"].startswith(tuple(RUDE_OPEN)) for r in rows)
-    assert any(r["response_k"].startswith(tuple(RUDE_OPEN)) for r in rows)
+    assert not any(r["response_j"].startswith(rude) for r in rows)
+    assert any(r["response_k"].startswith(rude) for r in rows)
     assert any("```python" in r["response_j"] for r in rows)
 
 
-def test_sample_regenerates_identical_bytes(tmp_path):
-    from camelid.data.make_sample import generate
-
-    counts = generate(tmp_path)
+def test_sample_regenerates_identical_bytes(tmp_path, make_sample):
+    """The generator run as its usage line says, from another folder, rebuilds the packaged sample."""
+    script = SAMPLE_TOOL / "make_sample.py"
+    res = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "again")], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
     for name in ("Posts.xml", "Votes.xml"):
-        assert (tmp_path / name).read_bytes() == (sample_dump_path() / name).read_bytes(), name
-    assert 150 <= counts["questions"] <= 250
+        assert (tmp_path / "again" / name).read_bytes() == (sample_dump_path() / name).read_bytes(), name
+    assert make_sample.SAMPLE_DIR == sample_dump_path()
+    assert 150 <= len(make_sample.questions()) <= 250
     size = sum((sample_dump_path() / n).stat().st_size for n in ("Posts.xml", "Votes.xml"))
     assert size < 2_000_000
     assert (sample_dump_path() / "Posts.xml").read_bytes().startswith(b"\xef\xbb\xbf<?xml")

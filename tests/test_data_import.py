@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from camelid.data import SPLITS, load_split, split_path
+from camelid.data import SPLITS, split_path
+from camelid.qa import load_split
 from camelid.data.importer import ImportConfig, run, split_hh
 from camelid.errors import CamelidError
 

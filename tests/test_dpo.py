@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from camelid.config import save_config
 from camelid.errors import CamelidError
 from camelid.train.dpo import DPOConfig, run
 from camelid.train.tracking import read_metrics
-from train_data import write_dataset
+from train_data import assert_same_adapter, torchrun_camelid, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +51,13 @@ def test_trl_loss_equals_the_formula_on_policy_and_reference_logprobs(tiny_model
 
     from camelid.models.train_load import load_for_training
     from camelid.train.common import RunState
-    from camelid.train.dpo import REF_ADAPTER, build_trainer, pair_rows
+    from camelid.train.dpo import REF_ADAPTER, build_trainer
+    from camelid.train.pairs import read_pairs
 
     beta = 0.5
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "run", loss_type=loss_type, beta=beta)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    pairs = pair_rows(cfg, "reward", 4, tok)
+    pairs = read_pairs(cfg.data, "reward", tok, cfg.max_length, cfg.max_prompt_length, limit=4, seed=cfg.seed)
     ds = datasets.Dataset.from_dict(pairs.dpo_rows(tok.eos_token_id))
     torch.manual_seed(0)
     model, tok, _ = load_for_training(tiny_model_dir, cfg.lora(), task="causal_lm")
@@ -142,15 +140,8 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_model_dir, data,
     args = ["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "two"), "--max-length", "40",
             "--batch-size", "2", "--max-steps", "3", "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "0.01",
             "--seed", "1", "--max-eval-samples", "8", "--min-pairs", "8", "--no-merge"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(31500 + os.getpid() % 1000), "-m", "camelid", *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(one.adapter_dir / "adapter_model.safetensors"))
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-3)
+    torchrun_camelid(args, port=31500)
+    assert_same_adapter(tmp_path / "two" / "adapter", one.adapter_dir)
 
 
 def test_8bit_base_trains_in_float32(tiny_model_dir, data, tmp_path):

@@ -71,7 +71,7 @@ def test_eval_writes_results_samples_and_a_paired_verdict(models, tmp_path):
     from transformers import AutoTokenizer
 
     from camelid.eval.compare import per_question_means
-    from camelid.train.common import load_split, qa_text
+    from camelid.qa import load_split, qa_text
 
     res = run(_cfg(models, tmp_path / "eval", dpo_model=str(models["dpo"])))
     result, samples = _read(tmp_path / "eval")

@@ -78,7 +78,8 @@ def test_sft_and_reward_batches_train_on_eos_never_on_pad(llama2_model_dir, tmp_
     from camelid.models.lora import LoraSettings
     from camelid.models.train_load import load_for_training
     from camelid.train import reward, sft
-    from camelid.train.common import RunState, qa_text
+    from camelid.qa import qa_text
+    from camelid.train.common import RunState
 
     run = RunState(tmp_path, None, None)
     texts = [qa_text(f"How long do I boil egg {i}?", "About nine minutes." * (i + 1)) for i in range(6)]
@@ -153,19 +154,11 @@ def test_generate_and_load_8bit(llama2_model_dir, capsys):
 
 def test_serve_answers_a_chat_request(llama2_model_dir):
     import httpx
+    from serve_helpers import live_server
 
-    from camelid.serve.app import create_app
-    from camelid.serve.registry import ModelRegistry, load_model
-    from camelid.serve.server import ServerThread
-
-    registry = ModelRegistry()
-    registry.add(load_model(str(llama2_model_dir), "vicuna-tiny", device="cpu", dtype="float32", template="vicuna_v1.1"))
-    try:
-        with ServerThread(create_app(registry, ())) as url:
-            body = {"model": "vicuna-tiny", "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 4, "temperature": 0}
-            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-    finally:
-        registry.close()
+    with live_server(llama2_model_dir, "vicuna-tiny", template="vicuna_v1.1") as (url, _):
+        body = {"model": "vicuna-tiny", "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 4, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["choices"][0]["message"]["role"] == "assistant" and out["usage"]["completion_tokens"] >= 1

@@ -13,7 +13,8 @@ import pytest
 
 from camelid.cli import main
 from camelid.errors import CamelidError
-from camelid.utils import OUTPUT_MARKER, atomic_dir, atomic_write_text
+from camelid.runfiles import OUTPUT_MARKER
+from camelid.utils import atomic_dir, atomic_write_text
 
 from test_merge import random_adapter
 from test_pipeline import write_dump

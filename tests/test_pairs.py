@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from camelid.errors import CamelidError
-from camelid.train.common import qa_text
+from camelid.qa import qa_text
 from camelid.train.pairs import MIN_KEPT_SHARE, PairTokens, check_enough, tokenize_pairs
 
 
@@ -24,7 +24,7 @@ def test_long_answers_cut_to_one_budget_question_whole(tok):
     pairs = tokenize_pairs([q, q], [long_j, "Short."], [long_k, "Shorter."], tok, max_length=64)
     assert len(pairs) == 2 and pairs.dropped == 0 and pairs.truncated == 1 and pairs.questions_cut == 0
     full_j, full_k = (tok(qa_text(q, a))["input_ids"] for a in (long_j, long_k))
-    head = tok(qa_text(q, ""))["input_ids"]
+    head = tok(qa_text(q))["input_ids"]
     p = len(pairs.prompt[0])
     assert pairs.prompt[0] == head[:p] and p >= len(head) - 1  # the whole prompt (its last space joins the answer)
     # Both answers cut to the same budget: the full texts' first max_length - 1 tokens, EOS after.
@@ -77,12 +77,13 @@ def test_real_dump_keeps_most_pairs_at_the_tiny_presets_length(evaldata, tok, tm
     from camelid.config import build, load_preset
     from camelid.data.stackexchange import StackExchangeConfig
     from camelid.data.stackexchange import run as build_data
-    from camelid.train.reward import RewardConfig, _pair_data
+    from camelid.train.pairs import read_pairs
+    from camelid.train.reward import RewardConfig
 
     data = build_data(build(StackExchangeConfig, {**load_preset("tiny")["data"], "input": str(evaldata / "se-cardano"),
                                                   "out": str(tmp_path / "data"), "progress": False, "workers": 1}))
     cfg = replace(build(RewardConfig, load_preset("tiny")["reward"]), data=str(data.out))
-    pairs = _pair_data(cfg, cfg.train_split, 0, tok)
+    pairs = read_pairs(cfg.data, cfg.train_split, tok, cfg.max_length, cfg.max_prompt_length)
     inputs = pairs.inputs
     assert inputs == data.stats["splits"]["reward"]["pairs"] > 100
     j, k = pairs.reward_ids(tok.eos_token_id)
@@ -95,7 +96,7 @@ def test_real_dump_keeps_most_pairs_at_the_tiny_presets_length(evaldata, tok, tm
 
 
 def _texts(data_dir):
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     ds = load_split(str(data_dir), "reward", ("question", "response_j", "response_k"))
     return ds["question"], ds["response_j"], ds["response_k"]

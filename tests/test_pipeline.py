@@ -15,7 +15,8 @@ import pytest
 from camelid import pipeline
 from camelid.cli import main
 from camelid.eval.report import PLOTS
-from camelid.pipeline import PipelineConfig, parse_sets, read_done
+from camelid.pipeline import PipelineConfig, parse_sets
+from camelid.runfiles import STAGES, read_done
 
 TOPICS = ("bread", "tomatoes", "python lists", "git branches", "cast iron", "roses", "sql joins", "compost")
 
@@ -60,7 +61,7 @@ def setup(tmp_path, tiny_model_dir):
 
 
 def _finished(run: Path) -> dict[str, str]:
-    return {s: (read_done(run / s) or {}).get("finished", "") for s in pipeline.STAGES}
+    return {s: (read_done(run / s) or {}).get("finished", "") for s in STAGES}
 
 
 def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
@@ -124,7 +125,7 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     captured = capsys.readouterr()
     out = captured.out
     after = _finished(run)
-    assert [s for s in pipeline.STAGES if after[s] != mid[s]] == ["reward", "ppo", "eval"]
+    assert [s for s in STAGES if after[s] != mid[s]] == ["reward", "ppo", "eval"]
     assert "ppo: running" in captured.err and f"camelid chat --model {run / 'ppo' / 'model'}" in out and "report.html" in out
 
     # 5. --method both adds DPO beside PPO: only dpo and eval run; eval compares both with SFT.

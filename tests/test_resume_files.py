@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from camelid.train.common import CHECKPOINT_DONE, last_checkpoint, seal_checkpoint
+from camelid.runfiles import CHECKPOINT_DONE
+from camelid.train.common import last_checkpoint, seal_checkpoint
 from camelid.train.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,14 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from camelid.errors import CamelidError
-from camelid.train.common import qa_text
-from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, run, score_texts, tokenize_pairs
+from camelid.qa import qa_text
+from camelid.train.pairs import tokenize_split
+from camelid.train.reward import RewardConfig, load_reward_model, pairwise_loss, run, score_texts
 from camelid.train.tracking import read_metrics
-from train_data import MARKER, write_dataset
+from train_data import MARKER, assert_same_adapter, torchrun_camelid, write_dataset
 
 pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pairwise_loss_hand_values():
@@ -152,7 +148,7 @@ def test_long_pairs_cut_not_dropped_and_baseline_counted_independently(trained, 
     sides = {}
     for split in ("reward", "evaluation"):
         t = pq.read_table(split_path(cfg.data, split)).to_pylist()
-        ids = lambda q, a: tok(f"Question: {q}\n\nAnswer: {a}")["input_ids"]
+        ids = lambda q, a: tok(qa_text(q, a))["input_ids"]  # noqa: E731
         full = [(ids(x["question"], x["response_j"]), ids(x["question"], x["response_k"])) for x in t]
         over = sum(max(len(a), len(b)) + 1 > cfg.max_length for a, b in full)
         cut = [(a[: cfg.max_length - 1] + [tok.eos_token_id], b[: cfg.max_length - 1] + [tok.eos_token_id]) for a, b in full]
@@ -228,15 +224,8 @@ def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
     args = ["reward", "train", "--model", cfg.model, "--data", cfg.data, "--out", str(tmp_path / "two"),
             "--max-length", str(cfg.max_length), "--max-prompt-length", str(cfg.max_prompt_length), "--batch-size", "2", "--max-steps", "3", "--logging-steps", "1",
             "--learning-rate", str(cfg.learning_rate), "--lora-dropout", "0", "--seed", str(cfg.seed), "--no-merge"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(30500 + os.getpid() % 1000), "-m", "camelid", *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(r1.adapter_dir / "adapter_model.safetensors"))
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-3)
+    torchrun_camelid(args, port=30500)
+    assert_same_adapter(tmp_path / "two" / "adapter", r1.adapter_dir)
 
 
 def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
@@ -268,13 +257,13 @@ def test_bad_inputs(tmp_path, tiny_model_dir, data, trained):
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
-def test_tokenize_pairs_appends_eos_and_cuts_long(tiny_model_dir):
+def test_reward_ids_append_eos_and_cut_long(tiny_model_dir):
     import datasets
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ds = datasets.Dataset.from_dict({"question": ["q", "q"], "response_j": ["a", "word " * 50], "response_k": ["b", "c"]})
-    pairs = tokenize_pairs(ds, tok, max_length=20)
+    pairs = tokenize_split(ds, tok, max_length=20)
     j, k = pairs.reward_ids(tok.eos_token_id)
     assert pairs.dropped == 0 and pairs.truncated == 1 and len(j) == len(k) == 2
     assert j[0] == tok(qa_text("q", "a"))["input_ids"] + [tok.eos_token_id]
@@ -310,7 +299,8 @@ def test_second_judge_trains_on_questions_the_training_judge_never_saw(tmp_path,
     import pyarrow.parquet as pq
 
     from camelid.data.output import split_path
-    from camelid.train.reward import JUDGE_DIR, TRAIN_QUESTIONS
+    from camelid.runfiles import JUDGE_DIR
+    from camelid.train.reward import TRAIN_QUESTIONS
 
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path / "rm", max_steps=2, save_steps=2, merge=False, judge_split="rl",
                    judge_steps=1)

@@ -14,43 +14,22 @@ import time
 
 import httpx
 import pytest
+from serve_helpers import CHAT, MODEL, health, live_server, openai_client, tiny_server
 
 openai = pytest.importorskip("openai")
 
-MODEL = "tiny"
-CHAT = [{"role": "user", "content": "Hello there, who are you?"}]
 
-
-def start_server(model_dir, name=MODEL, api_keys=(), **sched):
-    from camelid.serve.app import create_app
-    from camelid.serve.registry import ModelRegistry, load_model
-    from camelid.serve.server import ServerThread
-
-    registry = ModelRegistry()
-    registry.add(load_model(str(model_dir), name, device="cpu", dtype="float32", **sched))
-    return registry, ServerThread(create_app(registry, api_keys))
-
-
-@pytest.fixture(scope="module")
-def running(tiny_model_dir):
-    registry, server = start_server(tiny_model_dir, max_batch_size=32, max_queue=64)
-    with server as base:
-        yield base, registry
-    registry.close()
+running = tiny_server(max_batch_size=32, max_queue=64)
 
 
 @pytest.fixture(scope="module")
 def url(running):
-    return running[0]
+    return running.url
 
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def health(url) -> dict:
-    return httpx.get(url + "/health", timeout=10).json()
+    return openai_client(url, timeout=60)
 
 
 def wait_idle(url, timeout=20.0) -> dict:
@@ -86,7 +65,7 @@ def test_chat_completion(client, running):
     assert choice.finish_reason == "length"  # a random model does not say EOS within 12 tokens
     assert r.usage.completion_tokens == 12
     # the prompt is the conversation rendered by the model's template (ChatML here), not raw text
-    served = running[1].get(MODEL)
+    served = running.model
     ids, _ = served.chat_prompt(CHAT)
     assert r.usage.prompt_tokens == len(ids)
     assert "<|im_start|>user\nHello there" in served.engine.tokenizer.decode(ids)
@@ -282,9 +261,9 @@ def test_disconnect_frees_slot(url):
 
 
 def test_full_queue_answers_503(tiny_model_dir):
-    registry, server = start_server(tiny_model_dir, name="q", max_batch_size=1, max_queue=1)
     body = {"model": "q", "prompt": "go", "max_tokens": 1000, "stream": True}
-    with server as base, httpx.Client(base_url=base, timeout=60) as http:
+    with live_server(tiny_model_dir, name="q", max_batch_size=1, max_queue=1) as (base, _), \
+            httpx.Client(base_url=base, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as running:
             lines = running.iter_lines()  # keep it: a dropped iterator closes the connection
             next(lines)
@@ -294,27 +273,24 @@ def test_full_queue_answers_503(tiny_model_dir):
                 assert r.status_code == 503 and r.headers["retry-after"].isdigit()
                 assert r.json()["error"]["code"] == "server_overloaded"
         assert wait_idle(base)["active_requests"] == 0
-    registry.close()
 
 
 # ---- API keys ---------------------------------------------------------------------------------
 def test_api_key_required(tiny_model_dir):
     key = "sk-test-" + "k" * 24
-    registry, server = start_server(tiny_model_dir, api_keys=[key, "second-key"])
-    with server as base:
+    with live_server(tiny_model_dir, api_keys=[key, "second-key"]) as (base, _):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"Authorization": f"Basic {key}"}):
             r = httpx.get(base + "/v1/models", headers=headers, timeout=10)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert key not in r.text
         assert httpx.get(base + "/health", timeout=10).status_code == 200  # liveness stays open
-        good = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+        good = openai_client(base, api_key=key)
         assert [m.id for m in good.models.list().data] == [MODEL]
         r = good.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)
         assert r.usage.completion_tokens == 3
-        bad = openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0)
+        bad = openai_client(base, api_key="nope")
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-    registry.close()
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -348,9 +324,8 @@ def test_cli_rejects_bad_flags():
 # ---- the real model -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_bundled_model_answers(bundled_dir):
-    registry, server = start_server(bundled_dir, name="smollm2-135m")
-    with server as base:
-        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+    with live_server(bundled_dir, name="smollm2-135m") as (base, _):
+        client = openai_client(base)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         whole = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0, max_tokens=24)
         assert "Paris" in whole.choices[0].message.content
@@ -358,4 +333,3 @@ def test_bundled_model_answers(bundled_dir):
         streamed = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0,
                                                   max_tokens=24, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
-    registry.close()

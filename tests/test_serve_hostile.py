@@ -5,6 +5,7 @@ refused before generation; none generates more than two tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from test_serve import CHAT, MODEL, start_server
+from serve_helpers import CHAT, MODEL, live_server
 
 from camelid.serve import protocol as P
 
@@ -361,16 +362,12 @@ def test_the_corpus_is_large():
 def servers(tiny_model_dir):
     """The open server and one that requires KEY; each with the answer it gave before the corpus."""
     out = {}
-    stack = []
-    for keyed in (False, True):
-        registry, server = start_server(tiny_model_dir, api_keys=[KEY] if keyed else (), max_batch_size=32, max_queue=64)
-        base = server.__enter__()
-        stack.append((registry, server))
-        out[keyed] = (base, answer(base, keyed))
-    yield out
-    for registry, server in stack:
-        server.__exit__(None, None, None)
-        registry.close()
+    with contextlib.ExitStack() as stack:
+        for keyed in (False, True):
+            base, _ = stack.enter_context(live_server(tiny_model_dir, api_keys=[KEY] if keyed else (), max_batch_size=32,
+                                                      max_queue=64))
+            out[keyed] = (base, answer(base, keyed))
+        yield out
 
 
 def answer(base: str, keyed: bool) -> str:

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve import CHAT, MODEL, start_server
+from serve_helpers import CHAT, MODEL, live_server, openai_client
 
 openai = pytest.importorskip("openai")
 DEADLINE_S = 60
@@ -29,15 +29,13 @@ def value(samples, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    registry, server = start_server(tiny_model_dir, max_batch_size=8, max_queue=32)
-    with server as base:
-        yield base, registry
-    registry.close()
+    with live_server(tiny_model_dir, max_batch_size=8, max_queue=32) as served:
+        yield served
 
 
 def test_metrics_move_with_requests(served):
     url, _ = served
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(url, timeout=60)
     before = scrape(url)
     r = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=7)
     with pytest.raises(openai.BadRequestError):
@@ -59,11 +57,9 @@ def test_metrics_move_with_requests(served):
 
 def test_each_app_has_its_own_registry(served, tiny_model_dir):
     url, _ = served
-    registry, server = start_server(tiny_model_dir, max_batch_size=2)
-    with server as other:
+    with live_server(tiny_model_dir, max_batch_size=2) as (other, _):
         httpx.get(other + "/health", timeout=10)
         assert value(scrape(other), "camelid_requests_total", route="/health", status="200") == 1
-    registry.close()
     assert value(scrape(url), "camelid_requests_total", route="/metrics", status="200") >= 1
 
 
@@ -86,15 +82,11 @@ def long_model_dir(tmp_path_factory, bundled_dir):
 
 
 def test_keepalive_while_queued_and_queue_gauge(long_model_dir):
-    from camelid.serve.app import create_app
     from camelid.serve.protocol import MAX_NEW_TOKENS
-    from camelid.serve.registry import ModelRegistry, load_model
-    from camelid.serve.server import ServerThread
 
-    registry = ModelRegistry()
-    registry.add(load_model(str(long_model_dir), MODEL, device="cpu", dtype="float32", max_batch_size=1))
     body = {"model": MODEL, "messages": CHAT, "stream": True, "temperature": 0}
-    with ServerThread(create_app(registry, sse_keepalive_s=0.01)) as url, httpx.Client(base_url=url, timeout=DEADLINE_S) as http:
+    with live_server(long_model_dir, max_batch_size=1, app_options={"sse_keepalive_s": 0.01}) as (url, _), \
+            httpx.Client(base_url=url, timeout=DEADLINE_S) as http:
         # One sequence at a time: a long stream holds the slot, the second waits in the queue.
         with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True}) as blocker:
             assert blocker.status_code == 200
@@ -115,11 +107,10 @@ def test_keepalive_while_queued_and_queue_gauge(long_model_dir):
                 events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
         # the openai client reads past the comments
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S)
+        client = openai_client(url, timeout=DEADLINE_S)
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model=MODEL, messages=CHAT, temperature=0, max_tokens=6, stream=True))
         assert text == client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=6).choices[0].message.content
-    registry.close()
 
 
 PAGE = "http://app.example:3000"
@@ -137,17 +128,14 @@ def test_no_cors_by_default(served):
 
 
 def test_allowed_origins(tiny_model_dir):
-    from camelid.serve.app import create_app
-    from camelid.serve.registry import ModelRegistry, load_model
-    from camelid.serve.server import ServeConfig, ServerThread
+    from camelid.serve.server import ServeConfig
 
     with pytest.raises(ValueError, match="allowed-origins"):
         ServeConfig(allowed_origins=("http://app.example:3000/page",))
     key = "sk-cors-test-key"
-    registry = ModelRegistry()
-    registry.add(load_model(str(tiny_model_dir), MODEL, device="cpu", dtype="float32", max_batch_size=2))
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 1}
-    with ServerThread(create_app(registry, [key], allowed_origins=[PAGE])) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with live_server(tiny_model_dir, api_keys=[key], app_options={"allowed_origins": [PAGE]}, max_batch_size=2) as (url, _), \
+            httpx.Client(base_url=url, timeout=30) as http:
         ok = http.options("/v1/chat/completions", headers=PREFLIGHT)  # no key: a preflight carries none
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == PAGE
         other = http.options("/v1/chat/completions", headers={**PREFLIGHT, "Origin": "http://evil.example"})
@@ -161,7 +149,6 @@ def test_allowed_origins(tiny_model_dir):
         plain = http.post("/v1/chat/completions", content=json.dumps(body), headers={**auth, "Content-Type": "text/plain"})
         assert plain.status_code == 415
         assert http.post("/v1/chat/completions", json=body, headers={**auth, "Host": "evil.example"}).status_code == 403
-    registry.close()
 
 
 def test_cli_takes_allowed_origins(tiny_model_dir):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_serve import CHAT, MODEL, start_server
+from serve_helpers import CHAT, MODEL, live_server, openai_client, tiny_server
 
 from camelid.engine import Engine, SamplingParams
 from camelid.engine.sampling import apply_presence_frequency, sample_next, token_counts
@@ -18,12 +18,13 @@ SEEDS = 4
 PENALTY_TOKENS = 64
 
 
+running = tiny_server(max_batch_size=8, max_queue=32)
+
+
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    registry, server = start_server(tiny_model_dir, max_batch_size=8, max_queue=32)
-    with server as base:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120), registry.get(MODEL)
-    registry.close()
+def tiny(running):
+    """(client, the served model)."""
+    return openai_client(running.url), running.model
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +109,11 @@ def answers(client, **kw) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_penalties_lower_repetition_on_the_bundled_model(bundled_dir):
-    registry, server = start_server(bundled_dir, name="smollm2-135m", max_batch_size=SEEDS)
-    with server as base:
-        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    with live_server(bundled_dir, name="smollm2-135m", max_batch_size=SEEDS) as (base, _):
+        client = openai_client(base, timeout=300)
         free = repeated_share(answers(client))
         frequency = repeated_share(answers(client, frequency_penalty=2.0))
         presence = repeated_share(answers(client, presence_penalty=2.0))
         encouraged = repeated_share(answers(client, frequency_penalty=-2.0))
-    registry.close()
     assert frequency < free and presence < free, (free, frequency, presence)
     assert encouraged > free, (free, encouraged)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from test_serve import CHAT, MODEL, start_server
+from serve_helpers import CHAT, MODEL, live_server, openai_client, tiny_server
 
 from camelid.engine import Engine, SamplingParams
 from camelid.engine import grammar as G
@@ -35,17 +35,12 @@ PERSON = {
 FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def running(tiny_model_dir):
-    registry, server = start_server(tiny_model_dir, max_batch_size=16, max_queue=64)
-    with server as base:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120), registry.get(MODEL)
-    registry.close()
+running = tiny_server(max_batch_size=16, max_queue=64)
 
 
 @pytest.fixture(scope="module")
 def client(running):
-    return running[0]
+    return openai_client(running.url)
 
 
 def test_json_schema_answers_validate(client):
@@ -164,14 +159,12 @@ def test_bundled_model_fills_a_schema(bundled_dir):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                                 "country": {"type": "string", "maxLength": 40}, "is_capital": {"type": "boolean"}},
               "required": ["city", "country", "is_capital"], "additionalProperties": False}
-    registry, server = start_server(bundled_dir, name="smollm2-135m", max_batch_size=4)
-    with server as base:
-        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    with live_server(bundled_dir, name="smollm2-135m", max_batch_size=4) as (base, _):
+        client = openai_client(base, timeout=300)
         r = client.chat.completions.create(
             model="smollm2-135m", messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
             temperature=0, max_tokens=120,
             response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema, "strict": True}})
-    registry.close()
     answer = json.loads(r.choices[0].message.content)
     jsonschema.validate(answer, schema)
     assert r.choices[0].finish_reason == "stop"

@@ -11,7 +11,7 @@ import shutil
 
 import jsonschema
 import pytest
-from test_serve import MODEL, start_server
+from serve_helpers import MODEL, openai_client, tiny_server
 
 from camelid.engine.engine import Delta
 from camelid.serve import protocol as P
@@ -33,17 +33,12 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 
 
-@pytest.fixture(scope="module")
-def running(tiny_model_dir):
-    registry, server = start_server(tiny_model_dir, max_batch_size=8, max_queue=32)
-    with server as base:
-        yield openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120), registry.get(MODEL)
-    registry.close()
+running = tiny_server(max_batch_size=8, max_queue=32)
 
 
 @pytest.fixture(scope="module")
 def client(running):
-    return running[0]
+    return openai_client(running.url)
 
 
 def test_named_tool_call_validates(client):
@@ -88,15 +83,15 @@ def test_round_trip_call_tool_answer(client, running):
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert choice.message.content or choice.message.tool_calls
     # the model saw its call and the result, in the generic form (this template has no tools section)
-    ids, _ = prompt(running[1], P.ChatRequest.model_validate({"model": MODEL, "messages": conversation, "tools": TOOLS}))
-    text = running[1].engine.tokenizer.decode(ids)
+    ids, _ = prompt(running.model, P.ChatRequest.model_validate({"model": MODEL, "messages": conversation, "tools": TOOLS}))
+    text = running.model.engine.tokenizer.decode(ids)
     assert f"Result of {call.function.name} (call {call.id}):\n18 degrees and sunny" in text
     assert f'{{"name": "{call.function.name}", "arguments": {call.function.arguments}}}' in text
     assert "To call one, answer with only a JSON object" in text and '"name": "add"' in text
 
 
 def test_tool_choice_none_shows_no_tools(running):
-    served = running[1]
+    served = running.model
     req = {"model": MODEL, "messages": ASK, "tools": TOOLS}
     shown = served.engine.tokenizer.decode(prompt(served, P.ChatRequest.model_validate(req))[0])
     hidden = served.engine.tokenizer.decode(prompt(served, P.ChatRequest.model_validate({**req, "tool_choice": "none"}))[0])
@@ -154,7 +149,7 @@ def test_reader_tells_calls_from_content(step):
 
 
 def test_auto_answer_that_calls_streams_tool_call_deltas(running):
-    out = ChatOutput("chatcmpl-x", running[1], 5, False, tool_names={"get_weather"})
+    out = ChatOutput("chatcmpl-x", running.model, 5, False, tool_names={"get_weather"})
     chunks = out.start() + out.step([Delta(0, '{"name": "get_weather", "argu', [1])])
     chunks += out.step([Delta(0, 'ments": {"city": "Pa', [2])]) + out.step([Delta(0, 'ris"}}', [3], None, "stop")])
     deltas = [c["choices"][0]["delta"] for c in chunks]
@@ -163,7 +158,7 @@ def test_auto_answer_that_calls_streams_tool_call_deltas(running):
     assert head["function"] == {"name": "get_weather", "arguments": ""} and head["id"].startswith("call_")
     assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[2:-1]) == '{"city": "Paris"}'
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    text = ChatOutput("chatcmpl-y", running[1], 5, False, tool_names={"get_weather"})
+    text = ChatOutput("chatcmpl-y", running.model, 5, False, tool_names={"get_weather"})
     plain = text.start() + text.step([Delta(0, "It is sunny.", [1], None, "stop")])
     assert plain[1]["choices"][0]["delta"] == {"content": "It is sunny."} and plain[-1]["choices"][0]["finish_reason"] == "stop"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -20,11 +19,9 @@ from safetensors.torch import load_file
 from camelid.errors import CamelidError
 from camelid.train.sft import SFTConfig, run
 from camelid.train.tracking import read_metrics
-from train_data import write_dataset
+from train_data import adapter_weights, assert_same_adapter, child_env, torchrun_camelid, write_dataset
 
 pytestmark = pytest.mark.numerics  # rerun as on a CPU without AMX (Makefile: test)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(model: Path, data: Path, out: Path, **kw) -> SFTConfig:
@@ -40,10 +37,6 @@ def cli_args(cfg: SFTConfig) -> list[str]:
             "--lora-dropout", str(cfg.lora_dropout), "--max-eval-samples", str(cfg.max_eval_samples), "--seed", str(cfg.seed)]
 
 
-def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("sftdata"), n_pairs=40)
@@ -53,10 +46,6 @@ def data(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, tiny_model_dir, data):
     cfg = tiny_cfg(tiny_model_dir, data, tmp_path_factory.mktemp("sft") / "run")
     return cfg, run(cfg)
-
-
-def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
 
 def test_run_writes_outputs_and_finite_metrics(trained):
@@ -79,7 +68,7 @@ def test_run_writes_outputs_and_finite_metrics(trained):
 
 def test_only_lora_trained_and_merge_is_exact(trained, tiny_model_dir):
     cfg, _ = trained
-    ad = adapter_weights(Path(cfg.out))
+    ad = adapter_weights(Path(cfg.out) / "adapter")
     lora_b = [v for k, v in ad.items() if "lora_B" in k]
     assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # LoRA B starts at zero: it trained
     assert all("lora_" in k for k in ad)  # nothing but adapters was saved as trainable
@@ -133,22 +122,14 @@ def test_resume_after_kill_9_matches_uninterrupted_run(trained, tmp_path):
     assert r.steps == 6
     steps = [row["step"] for row in read_metrics(out) if "sft/loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's lines after the checkpoint were dropped
-    a, b = adapter_weights(out), adapter_weights(Path(cfg.out))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert_same_adapter(out / "adapter", Path(cfg.out) / "adapter", rtol=1e-4)
 
 
 def test_two_processes_equal_one_process_with_double_batch(trained, tmp_path):
     cfg, _ = trained  # 1 process, batch 2
     cfg2 = replace(cfg, out=str(tmp_path / "ddp"), batch_size=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           "-m", "camelid", *cli_args(cfg2), "--no-merge"]
-    res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a, b = adapter_weights(Path(cfg2.out)), adapter_weights(Path(cfg.out))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-3)
+    torchrun_camelid([*cli_args(cfg2), "--no-merge"], port=29500)
+    assert_same_adapter(Path(cfg2.out) / "adapter", Path(cfg.out) / "adapter")
     one = [row["sft/loss"] for row in read_metrics(cfg.out) if "sft/loss" in row]
     two = [row["sft/loss"] for row in read_metrics(cfg2.out) if "sft/loss" in row]
     assert two == pytest.approx(one, rel=1e-5)

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from serve_helpers import live_server
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
@@ -25,15 +26,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-s
 
 @pytest.fixture(scope="module")
 def url(tiny_model_dir):
-    from camelid.serve.app import create_app
-    from camelid.serve.registry import ModelRegistry, load_model
-    from camelid.serve.server import ServerThread
-
-    registry = ModelRegistry()
-    registry.add(load_model(str(tiny_model_dir), "tiny", device="cpu", dtype="float32"))
-    with ServerThread(create_app(registry)) as base:
+    with live_server(tiny_model_dir) as (base, _):
         yield base
-    registry.close()
 
 
 @pytest.fixture(scope="module")

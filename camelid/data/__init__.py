@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from camelid.data.output import ANSWER_COLUMNS, PAIR_COLUMNS, SPLITS, load_split, split_path
+from camelid.data.output import ANSWER_COLUMNS, PAIR_COLUMNS, SPLITS, split_path
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
-"""The bundled sample dump (Posts.xml + Votes.xml), made by `python -m camelid.data.sample`."""
+"""The bundled sample dump (Posts.xml + Votes.xml), made by tools/make_sample (`make sample`)."""
 
 
 def sample_dump_path() -> Path:
@@ -18,4 +18,4 @@ def sample_dump_path() -> Path:
     return SAMPLE_DIR
 
 
-__all__ = ["ANSWER_COLUMNS", "PAIR_COLUMNS", "SAMPLE_DIR", "SPLITS", "load_split", "sample_dump_path", "split_path"]
+__all__ = ["ANSWER_COLUMNS", "PAIR_COLUMNS", "SAMPLE_DIR", "SPLITS", "sample_dump_path", "split_path"]

@@ -1,4 +1,4 @@
-"""The dataset folder every data command writes, and the reader the training stages use.
+"""The dataset folder every data command writes (camelid.qa.load_split reads its splits).
 
     DIR/
       README.md                               data card (its YAML header names the configs)
@@ -23,7 +23,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from camelid.errors import CamelidError
 
 SPLITS = ("finetune", "reward", "rl", "evaluation")
 PAIR_COLUMNS = ("qid", "question", "date", "metadata", "response_j", "response_k", "score_j", "score_k")
@@ -109,28 +108,6 @@ def inline_counts(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in d.items() if v) or "none"
 
 
-def load_split(dataset_dir: str | Path, split: str):
-    """A split of a dataset folder as a `datasets.Dataset` (memory-mapped, not read into RAM).
-
-    `split` is one of finetune / reward / rl / evaluation (preference pairs) or "answers" (the
-    unpaired answers table). Missing folders, splits or columns raise a one-line CamelidError.
-    """
-    import datasets
-
-    if split not in (*SPLITS, "answers"):
-        raise CamelidError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or answers")
-    path = split_path(dataset_dir, split)
-    if not path.is_file():
-        raise CamelidError(f"{dataset_dir} has no {split} split ({path} is missing); "
-                           "build it with `camelid data stackexchange` or `camelid data import`")
-    want = ANSWER_COLUMNS if split == "answers" else PAIR_COLUMNS
-    have = pq.read_schema(path).names
-    missing = [c for c in want if c not in have]
-    if missing:
-        raise CamelidError(f"{path} lacks column(s) {', '.join(missing)}; rebuild the dataset with `camelid data`")
-    return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
-
-
 def data_card(title: str, stats: dict[str, Any], body: str) -> str:
     """README.md for a dataset folder: a YAML header that `datasets` reads, then the text."""
     configs = ["configs:", "- config_name: default", "  default: true", "  data_files:"]
@@ -154,6 +131,6 @@ def data_card(title: str, stats: dict[str, Any], body: str) -> str:
         "upvotes, accepted, date`.\n\n"
         "## Load\n\n```python\nimport datasets\n"
         "pairs = datasets.load_dataset(\"parquet\", data_dir=\"DIR\")      # finetune/reward/rl/evaluation\n"
-        "from camelid.data import load_split\nanswers = load_split(\"DIR\", \"answers\")\n```\n\n"
+        "from camelid.qa import load_split\nanswers = load_split(\"DIR\", \"answers\")\n```\n\n"
         "`stats.json` has every count, skipped rows by reason and the score histogram.\n"
     )

@@ -306,12 +306,12 @@ def sample_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    seen: torch.Tensor | None,
-    outputs: list[list[int]] | None = None,
-    allowed: torch.Tensor | None = None,
+    *row_inputs: torch.Tensor | list[list[int]] | None,
 ) -> tuple[torch.Tensor, list[float], list, list[Exception | None]]:
-    """`sample_next` in which each row fails on its own: (tokens (B,), their log-probabilities,
-    each row's alternatives as `per_row_alternatives` gives them, each row's exception or None).
+    """`sample_next(logits, params, generators, *row_inputs)` in which each row fails on its own:
+    (tokens (B,), their log-probabilities, each row's alternatives as `per_row_alternatives` gives
+    them, each row's exception or None). `row_inputs` are sample_next's `seen`, `outputs` and
+    `allowed`, each with one entry per row of `logits` (or None).
 
     Rows are independent (their own logits, parameters and generator), so when the batched call
     raises, every row is sampled again alone, its generator first put back where it was: a
@@ -320,7 +320,7 @@ def sample_rows(
     """
     states = [g.get_state() if g is not None else None for g in generators]
     try:
-        s = sample_next(logits, params, generators, seen, outputs, allowed)
+        s = sample_next(logits, params, generators, *row_inputs)
         return s.tokens, s.logprobs.tolist(), per_row_alternatives(s.top, params), [None] * len(params)
     except Exception:  # noqa: BLE001 - find the row(s) at fault below
         log.warning("batched sampling failed; sampling each of the %d rows alone", len(params), exc_info=True)
@@ -329,8 +329,8 @@ def sample_rows(
         if states[i] is not None:
             generators[i].set_state(states[i])
         try:
-            s = sample_next(logits[i : i + 1], [p], [generators[i]], None if seen is None else seen[i : i + 1],
-                            None if outputs is None else outputs[i : i + 1], None if allowed is None else allowed[i : i + 1])
+            one_row = [None if x is None else x[i : i + 1] for x in row_inputs]
+            s = sample_next(logits[i : i + 1], [p], [generators[i]], *one_row)
             tokens.append(int(s.tokens[0]))
             logps.append(float(s.logprobs[0]))
             alts.append(per_row_alternatives(s.top, [p])[0])

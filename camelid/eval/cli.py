@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from camelid.runfiles import JUDGE_DIR, RESULT_FILE, SAMPLES_FILE
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     from camelid.config import add_config_args
@@ -36,7 +38,7 @@ def resolve_config(args: argparse.Namespace):  # noqa: ANN201 - EvalConfig, impo
         run = Path(args.run)
         values.update(data=str(run / "data"), sft_model=str(run / "sft"), reward_model=str(run / "reward"),
                       out=str(run / "eval"))
-        for field, folder in (("ppo_model", run / "ppo"), ("dpo_model", run / "dpo"), ("judge_model", run / "reward" / "judge")):
+        for field, folder in (("ppo_model", run / "ppo"), ("dpo_model", run / "dpo"), ("judge_model", run / "reward" / JUDGE_DIR)):
             values[field] = str(folder) if folder.is_dir() else ""
     names = {f.name for f in dataclasses.fields(EvalConfig)}
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
@@ -47,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
     from camelid.eval.evaluate import run as evaluate
 
     res = evaluate(resolve_config(args))
-    print(f"wrote {res.out / 'result.json'} and {res.out / 'samples.jsonl'}")
+    print(f"wrote {res.out / RESULT_FILE} and {res.out / SAMPLES_FILE}")
     return 0

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.runfiles import ADAPTER_DIR, CONFIG_FILE, MODEL_DIR, RESULT_FILE, SAMPLES_FILE
 
 MODELS = ("base", "sft", "ppo", "dpo")
 ALIGNED = ("ppo", "dpo")
@@ -130,7 +131,7 @@ class EvalResult:
 
 def held_out_questions(cfg: EvalConfig) -> list[str]:
     """The distinct questions of the evaluation split, in the split's order (deterministic)."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     ds = load_split(cfg.data, cfg.split, ("question",))
     questions = list(dict.fromkeys(ds["question"]))
@@ -144,8 +145,8 @@ def resolve(name: str) -> Path:
     from camelid.models.train_load import resolve_trained
 
     p = Path(name).expanduser()
-    if p.is_dir() and not is_hf_dir(p) and not is_hf_dir(p / "model") and is_adapter_dir(p / "adapter"):
-        return p / "adapter"
+    if p.is_dir() and not is_hf_dir(p) and not is_hf_dir(p / MODEL_DIR) and is_adapter_dir(p / ADAPTER_DIR):
+        return p / ADAPTER_DIR
     return resolve_trained(name)
 
 
@@ -157,12 +158,12 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     from camelid.logs import bars_off
 
     from camelid.engine import Engine, SamplingParams
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
 
     first = cfg.seed + SEED_STRIDE * MODELS.index(desc)
     engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=cfg.dtype)
     tok = engine.tokenizer
-    prompts = [list(tok(qa_text(q, ""))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
+    prompts = [list(tok(qa_text(q))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
     out: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch", disable=bars_off(),
                       dynamic_ncols=True):
@@ -202,7 +203,7 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
 
 
 def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], batch_size: int) -> list[float]:
-    from camelid.train.common import qa_text
+    from camelid.qa import qa_text
     from camelid.train.reward import score_texts
 
     return score_texts(rm, tok, [qa_text(q, a) for q, a in zip(questions, texts)], batch_size)
@@ -211,11 +212,10 @@ def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], bat
 def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig) -> dict[str, Any]:
     """The judge's accuracy on the split's pairs (cut to max_length as in training) beside the
     longer-answer baseline."""
-    from camelid.train.common import load_split
-    from camelid.train.reward import evaluate_pairs, tokenize_pairs
+    from camelid.train.pairs import read_pairs
+    from camelid.train.reward import evaluate_pairs
 
-    ds = load_split(cfg.data, cfg.split, ("question", "response_j", "response_k"), limit=cfg.max_pairs, seed=cfg.seed)
-    pairs = tokenize_pairs(ds, tok, cfg.max_length)
+    pairs = read_pairs(cfg.data, cfg.split, tok, cfg.max_length, limit=cfg.max_pairs, seed=cfg.seed)
     if not len(pairs):
         return {"pairs": 0, "dropped": pairs.dropped}
     ids_j, ids_k = pairs.reward_ids(tok.eos_token_id)
@@ -337,9 +337,9 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
                                     f"m in {list(MODELS)}"},
               **figures, "kl": kl, "rm_pairs": judges["training"]["pairs"], "seconds": t.seconds}
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
-        write_json(tmp / "result.json", result)
-        (tmp / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        save_config(cfg, tmp / "config.yaml")
+        write_json(tmp / RESULT_FILE, result)
+        (tmp / SAMPLES_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        save_config(cfg, tmp / CONFIG_FILE)
     for line in summary_lines(result):
         print0(line)
     return EvalResult(Path(cfg.out), {**result, "config": to_dict(cfg)})

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from camelid.eval.stages import Stage, read_jsonl, series
+from camelid.eval.stages import Stage, series
+from camelid.runfiles import SAMPLES_FILE, read_jsonl
 
 MODELS = ("base", "sft", "ppo", "dpo")
 
@@ -103,7 +104,7 @@ def plot_ppo(st: Stage) -> bytes | None:
 
 def plot_reward_hist(ppo: Stage, samples: list[dict[str, Any]]) -> bytes | None:
     """Held-out answers' rewards per model (eval) and PPO rollouts' scores at its first vs last sampled step."""
-    rollouts = read_jsonl(ppo.path / "samples.jsonl")
+    rollouts = read_jsonl(ppo.path / SAMPLES_FILE)
     steps = sorted({r["step"] for r in rollouts if "step" in r and "score" in r})
     if not samples and not steps:
         return None

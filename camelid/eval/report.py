@@ -9,7 +9,7 @@ counts, the SFT loss curve, both judges' accuracy beside the longer-answer basel
 KL / KL coefficient / entropy curves, DPO's loss / preference accuracy / margin, reward histograms,
 the evaluation tables (paired comparisons, the length-controlled view) with side-by-side samples,
 and every stage's resolved config. A stage that did not run says so; the report never fails on
-a partial run. The run folder layout is camelid.pipeline's contract.
+a partial run. The run folder layout is camelid.pipeline's contract (names in camelid.runfiles).
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from typing import Any
 from camelid.errors import CamelidError
 from camelid.eval.plots import plot_dpo, plot_ppo, plot_reward, plot_reward_hist, plot_sft
 from camelid.eval.render import Block, to_html, to_markdown
-from camelid.eval.stages import Stage, config_value, judge_figures, load_stage, read_json, read_jsonl, series
-from camelid.pipeline import CONFIG_FILE, METHOD_STAGES, PIPELINE_FILE, REPORT_DIR, STAGES
+from camelid.eval.stages import Stage, config_value, judge_figures, load_stage, series
+from camelid.runfiles import (CONFIG_FILE, JUDGE_DIR, METHOD_STAGES, PIPELINE_FILE, PLOTS_DIR, REPORT_DIR, REPORT_HTML,
+                              REPORT_MD, RESULT_FILE, SAMPLES_FILE, STAGES, STATS_FILE, read_json, read_jsonl)
 
 PLOTS = ("sft_loss", "reward_accuracy", "ppo_curves", "dpo_curves", "reward_hist")
 SAMPLES_SHOWN = 8
 MODELS = ("base", "sft", "ppo", "dpo")
-JUDGE_STAGE = "reward/judge"
-"""The second judge's run folder inside the reward stage's (camelid.train.reward.JUDGE_DIR)."""
+JUDGE_STAGE = f"reward/{JUDGE_DIR}"
+"""The second judge's run folder inside the reward stage's."""
 REP4_MARGIN = 0.10
 """Fluency guard: a tuned model's repeated 4-gram share may exceed SFT's by at most this."""
 KL_FACTOR = 2.0
@@ -112,7 +113,7 @@ def headline(st: Stage) -> str:
         return f"eval loss {fmt(r.get('eval_loss'))}, perplexity {fmt(r.get('perplexity'), 2)}"
     if st.name == "reward" and r.get("eval"):
         e = r["eval"]
-        second = (read_json(st.path / "judge" / "result.json").get("eval") or {}).get("accuracy")
+        second = ((read_json(st.path / JUDGE_DIR / RESULT_FILE) or {}).get("eval") or {}).get("accuracy")
         return (f"accuracy {fmt(e.get('accuracy'))} (longer wins {fmt(e.get('longer_wins_accuracy'))})"
                 + (f"; second judge {fmt(second)}" if second is not None else ""))
     if st.name == "ppo":
@@ -156,7 +157,7 @@ def run_method(run: Path) -> str:
 
 def data_section(st: Stage) -> list[Block]:
     out: list[Block] = [("h2", "Data")]
-    stats = (st.result or {}).get("stats") or read_json(st.path / "stats.json")
+    stats = (st.result or {}).get("stats") or read_json(st.path / STATS_FILE)
     if not stats:
         return out + not_run(st)
     out.append(("p", f"{stats.get('questions_kept', '?')} questions, {stats.get('answers_kept', '?')} answers, "
@@ -301,7 +302,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     if not any(st.ran for st in stages.values()):
         raise CamelidError(f"{run} holds no stage output ({', '.join(STAGES)}); is it a `camelid pipeline` run folder?")
     judge = load_stage(run, JUDGE_STAGE)
-    samples = read_jsonl(stages["eval"].path / "samples.jsonl")
+    samples = read_jsonl(stages["eval"].path / SAMPLES_FILE)
     plots = {"sft_loss": plot_sft(stages["sft"]),
              "reward_accuracy": plot_reward(stages["reward"], judge_figures(stages["reward"], judge, stages["eval"])),
              "ppo_curves": plot_ppo(stages["ppo"]), "dpo_curves": plot_dpo(stages["dpo"]),
@@ -320,13 +321,13 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, overwrite: 
     blocks += eval_section(stages["eval"], samples, plots) + config_section(stages, method)
     title = f"camelid run report: {run.name}"
     with atomic_dir(final, overwrite) as tmp:
-        (tmp / "plots").mkdir()
+        (tmp / PLOTS_DIR).mkdir()
         for name, png in plots.items():
             if png is not None:
-                (tmp / "plots" / f"{name}.png").write_bytes(png)
-        (tmp / "report.html").write_text(to_html(title, blocks), encoding="utf-8")
-        (tmp / "report.md").write_text(to_markdown(title, blocks), encoding="utf-8")
-    return ReportResult(final / "report.html", final / "report.md", {k: v is not None for k, v in plots.items()})
+                (tmp / PLOTS_DIR / f"{name}.png").write_bytes(png)
+        (tmp / REPORT_HTML).write_text(to_html(title, blocks), encoding="utf-8")
+        (tmp / REPORT_MD).write_text(to_markdown(title, blocks), encoding="utf-8")
+    return ReportResult(final / REPORT_HTML, final / REPORT_MD, {k: v is not None for k, v in plots.items()})
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camelid.pipeline import CONFIG_FILE, RESULT_FILE, read_done
+from camelid.runfiles import CONFIG_FILE, RESULT_FILE, read_done, read_json
 from camelid.train.tracking import read_metrics
 
 
@@ -37,10 +37,7 @@ class Stage:
 def load_stage(run: Path, name: str) -> Stage:
     path = run / name
     st = Stage(name, path, done=read_done(path), metrics=read_metrics(path))
-    try:
-        st.result = json.loads((path / RESULT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        st.result = (st.done or {}).get("result")
+    st.result = read_json(path / RESULT_FILE) or (st.done or {}).get("result")
     if (path / CONFIG_FILE).is_file():
         st.config_text = (path / CONFIG_FILE).read_text()
     elif st.done and st.done.get("config"):
@@ -57,25 +54,6 @@ def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
             xs.append(float(rec.get("step", len(xs))))
             ys.append(float(v))
     return xs, ys
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def config_value(st: Stage, key: str) -> Any:

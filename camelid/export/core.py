@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.export.spm import build_spm_vocab
+from camelid.export.vocab import LLAMA, GgufVocab, build_bpe_vocab, tokenizer_kind
 from camelid.export.writer import QUANTS
 from camelid.utils import camelid_home, status
 
@@ -61,12 +63,20 @@ def _check_out(out: Path) -> None:
         raise CamelidError(f"cannot write {out}: {e.strerror}; choose another --out") from None
 
 
+def build_vocab(model_dir: Path, vocab_size: int, hint_dirs: tuple[Path, ...] = ()) -> GgufVocab:
+    """The GgufVocab of the tokenizer in `model_dir`, by its kind: SentencePiece BPE with byte
+    fallback (camelid.export.spm) or byte-level BPE (camelid.export.vocab); another kind is a
+    one-line error that names it."""
+    if tokenizer_kind(model_dir) == LLAMA:
+        return build_spm_vocab(model_dir, vocab_size)
+    return build_bpe_vocab(model_dir, vocab_size, hint_dirs)
+
+
 def export_gguf(cfg: ExportConfig) -> ExportResult:
     """Export `cfg.model` to GGUF. Returns where it went and what was written."""
     from camelid.export.ollama import modelfile_text
     from camelid.export.quantize import quantize_with_llamacpp, require_llamacpp_quantizer
     from camelid.export.source import open_source
-    from camelid.export.vocab import build_vocab
     from camelid.export.writer import temp_beside, write_gguf
     from camelid.utils import Timer, atomic_write_text
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.export.vocab import LLAMA, GgufVocab, added_flags, load_hf_tokenizer, looks_special, special_ids
 
 ADDED_SCORE = -1000.0
 """llama.cpp's score for added tokens and for the padding ids past the tokenizer."""
@@ -119,8 +120,6 @@ def apply_added(p: Pieces, added: dict[int, tuple[str, bool]], where: Path) -> N
     them in raw text)."""
     from gguf import TokenType
 
-    from camelid.export.vocab import looks_special
-
     for i, (text, special) in sorted(added.items()):
         _check_size(i + 1, len(p.tokens), where)
         if special or looks_special(text):
@@ -134,8 +133,6 @@ def apply_added(p: Pieces, added: dict[int, tuple[str, bool]], where: Path) -> N
 
 def _tokenizer_or_none(model_dir: Path) -> Any:
     """The Hugging Face tokenizer where it loads; llama.cpp's converter needs only the files."""
-    from camelid.export.vocab import load_hf_tokenizer
-
     try:
         return load_hf_tokenizer(model_dir)
     except CamelidError:
@@ -158,10 +155,8 @@ def _special_vocab(model_dir: Path, vocab_size: int) -> Any:
         log.setLevel(level)
 
 
-def build_spm_vocab(model_dir: Path, vocab_size: int) -> Any:
+def build_spm_vocab(model_dir: Path, vocab_size: int) -> GgufVocab:
     """The GgufVocab of the SentencePiece tokenizer in `model_dir` (see the module docstring)."""
-    from camelid.export.vocab import LLAMA, GgufVocab, added_flags, special_ids
-
     model_file = model_dir / "tokenizer.model"
     if model_file.is_file():
         p = pieces_from_model(model_file, vocab_size)

@@ -6,7 +6,8 @@ Two kinds are exported, as llama.cpp's own converter writes them (`conversion/ba
   ids missing from the vocabulary padded as UNUSED `[PAD<i>]`, merges and special ids through
   `gguf.SpecialVocab`;
 - SentencePiece BPE with byte fallback (`"llama"`: LLaMA-1/2, Vicuna, Mistral), in
-  camelid.export.spm.
+  camelid.export.spm, on this module's shared parts (GgufVocab, special ids, add-bos/eos flags).
+`camelid.export.core.build_vocab` picks the kind (`tokenizer_kind`).
 Other kinds (Unigram, WordPiece, WordLevel tokenizers) are refused by name.
 Two things are decided from the tokenizer's behaviour rather than guessed from its files: the
 add-bos/add-eos flags (encode a string with and without special tokens) and, for byte-level BPE,
@@ -155,16 +156,12 @@ def _tokens_and_types(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[
     return tokens, types
 
 
-def build_vocab(model_dir: Path, vocab_size: int, hint_dirs: tuple[Path, ...] = ()) -> GgufVocab:
-    """Read the tokenizer in `model_dir` into GGUF vocabulary fields. For byte-level BPE the
+def build_bpe_vocab(model_dir: Path, vocab_size: int, hint_dirs: tuple[Path, ...] = ()) -> GgufVocab:
+    """Read the byte-level BPE tokenizer in `model_dir` into GGUF vocabulary fields. The
     pre-tokenizer name is taken from the GGUF the model descends from (recorded in a `hint_dirs`
     camelid.json), else detected by llama.cpp's hash."""
     import gguf
 
-    if tokenizer_kind(model_dir) == LLAMA:
-        from camelid.export.spm import build_spm_vocab
-
-        return build_spm_vocab(model_dir, vocab_size)
     tokenizer = load_hf_tokenizer(model_dir)
     source = source_gguf(hint_dirs or (model_dir,))
     pre = read_header(source, tensors=False).kv.get("tokenizer.ggml.pre") if source else None

@@ -38,6 +38,7 @@ from typing import Any
 from camelid.errors import CamelidError
 from camelid.models.lora import SCORE_HEAD, TASKS, LoraSettings, attach_lora
 from camelid.models.resolve import is_adapter_dir, is_hf_dir, resolve_model
+from camelid.runfiles import MODEL_DIR
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -73,8 +74,8 @@ def training_device() -> Any:
 def resolve_trained(name: str | os.PathLike) -> Path:
     """Like resolve_model, but a camelid run folder (sft/reward/ppo output) gives its merged `model/`."""
     p = Path(name).expanduser()
-    if p.is_dir() and not is_hf_dir(p) and is_hf_dir(p / "model"):
-        return p / "model"
+    if p.is_dir() and not is_hf_dir(p) and is_hf_dir(p / MODEL_DIR):
+        return p / MODEL_DIR
     return resolve_model(str(name))
 
 

@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from camelid.serve.access import check_origins, is_loopback
 from camelid.serve.chat_api import router as chat_router
 from camelid.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from camelid.serve.metrics import Metrics, RequestCounter
@@ -42,7 +43,6 @@ from camelid.serve.metrics import Metrics, RequestCounter
 from camelid.serve.openai_api import SSE_KEEPALIVE_S, ClientGone, router
 from camelid.serve.protocol import MAX_BODY_BYTES, APIError
 from camelid.serve.registry import ModelRegistry
-from camelid.serve.server import check_origins, is_loopback
 
 log = logging.getLogger("camelid.serve")
 STATIC = Path(__file__).parent / "static"

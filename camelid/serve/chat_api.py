@@ -8,16 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
 from camelid.errors import CamelidError
 from camelid.serve import protocol as P
 from camelid.serve import structured, tools
-from camelid.serve.openai_api import (SSE_HEADERS, Choice, Output, _finish, alternative_strings, check_room, collect,
-                                      parse_body, registry, sampling_params, stream_events, submit, token_strings,
-                                      wants_usage)
+from camelid.serve.openai_api import (Choice, Output, _finish, alternative_strings, check_room, parse_body, registry,
+                                      respond, sampling_params, submit, token_strings, wants_usage)
 from camelid.serve.prompting import chat_ids
 from camelid.serve.registry import ServedModel
 
@@ -78,10 +76,7 @@ async def chat_completions(request: Request):
     names = {t.function.name for t in tools.active_tools(req)}
     out = ChatOutput(P.new_id("chatcmpl"), served, len(ids), P.logprob_options(req)[0], job.n, wants_usage(req),
                      names, req.parallel_tool_calls is not False)
-    if req.stream:
-        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(out.whole(await collect(job, served, request)))
+    return await respond(request, req.stream, job, served, out)
 
 
 @dataclass

@@ -273,6 +273,14 @@ async def stream_events(job: Job, served: ServedModel, out: Output, keepalive_s:
         served.scheduler.cancel(job)
 
 
+async def respond(request: Request, stream: bool | None, job: Job, served: ServedModel, out: Output) -> Any:
+    """The answer to a generation request: an SSE stream of `out`'s chunks, or one JSON body."""
+    if stream:
+        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    return JSONResponse(out.whole(await collect(job, served, request)))
+
+
 def token_strings(served: ServedModel, ids: list[int]) -> list[str]:
     return [served.engine.tokenizer.decode([t]) for t in ids]
 
@@ -355,10 +363,7 @@ async def completions(request: Request):
     job = submit(served, rows, params)
     echo = [served.engine.tokenizer.decode(ids) if req.echo else "" for ids in rows]
     out = CompletionOutput(P.new_id("cmpl"), served, sum(map(len, prompts)), want_lp, echo, wants_usage(req))
-    if req.stream:
-        return StreamingResponse(stream_events(job, served, out, request.app.state.sse_keepalive_s),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
-    return JSONResponse(out.whole(await collect(job, served, request)))
+    return await respond(request, req.stream, job, served, out)
 
 
 @dataclass

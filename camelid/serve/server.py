@@ -4,10 +4,8 @@ uvicorn starts, so `--port 0` works and the printed URL is the real one."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -15,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.serve.access import check_origins, is_loopback
 
 
 @dataclass(frozen=True)
@@ -98,31 +97,6 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-"""A web origin as browsers send it: scheme, host (a name, IPv4 or bracketed IPv6), port."""
-
-
-def check_origins(origins) -> list[str]:
-    """The --allowed-origins as CORS takes them: "*" or scheme://host[:port], as a browser sends
-    its Origin header (no path, no trailing slash); anything else is a ValueError."""
-    out = []
-    for origin in origins:
-        if origin != "*" and not ORIGIN_RE.fullmatch(origin):
-            raise ValueError(f"--allowed-origins takes origins such as https://app.example.com or http://localhost:3000 "
-                             f"(scheme, host and port, no path) or *, got {origin!r}")
-        out.append(origin)
-    return out
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def url_of(sock: socket.socket) -> str:

@@ -1,5 +1,6 @@
-"""What SFT and reward training share: settings, the run folder, checkpoints and resume, the
-progress bar, trainer arguments, data reading and the final adapter + merged model.
+"""What the SFT, reward and DPO stages share: settings, the run folder, checkpoints and resume,
+the progress bar, trainer arguments and the final adapter + merged model (a stage's run of them
+is camelid.train.stage).
 
 A run folder (`--out`) holds:
 
@@ -16,35 +17,25 @@ Heavy imports (torch, transformers) happen inside functions.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.models.lora import LoraSettings
+from camelid.runfiles import ADAPTER_DIR, CHECKPOINT_DONE, CHECKPOINTS, CONFIG_FILE, MODEL_DIR
 from camelid.utils import ensure_writable_dir, rank, status, world_size
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_DONE = "checkpoint_done"
-"""Written into a checkpoint folder last, once every file in it is flushed to disk (`seal_checkpoint`);
-only folders holding it count as checkpoints, so a save cut short by a kill or a power loss is
-never resumed from."""
 # Settings that may differ on --resume: they change what is logged or kept, not what is trained.
 OUTPUT_ONLY = frozenset({"progress", "workers", "memory_limit", "report_to", "logging_steps", "save_total_limit",
                          "num_threads", "save_steps", "samples_every", "eval_steps", "overwrite"})
 """Settings that change what is printed, logged, kept or where it may go, never what a stage
 computes. One list for both rules: a change in them alone neither reruns a pipeline stage (they
 are left out of its config hash) nor blocks `--resume`."""
-
-
-def qa_text(question: str, answer: str) -> str:
-    """The prompt template of every RLHF stage (StackLLaMA's): `Question: <q>\\n\\nAnswer: <a>`."""
-    return f"Question: {question}\n\nAnswer: {answer}"
 
 
 @dataclass(frozen=True)
@@ -222,7 +213,7 @@ def prepare_run(cfg: TrainSettings, *, resume: bool, overwrite: bool) -> RunStat
     from camelid.config import load_saved, save_config
 
     run_dir = ensure_writable_dir(cfg.out)
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / CONFIG_FILE
     ckpt = last_checkpoint(run_dir)
     if resume and saved_path.is_file():
         saved = load_saved(type(cfg), saved_path)
@@ -418,45 +409,13 @@ def quiet_trainer(trainer: Any) -> Any:
     return trainer
 
 
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """No `datasets` map/filter progress bars (TRL maps our already-tokenized data: instant, noisy)."""
-    from datasets.utils import logging as ds_logging
-
-    was = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            ds_logging.enable_progress_bar()
-
-
-def load_split(data_dir: str, split: str, columns: tuple[str, ...], limit: int = 0, seed: int = 0) -> Any:
-    """A dataset split (camelid.data's reader: one-line errors for a missing folder/split/column)."""
-    from camelid.data import load_split as _load
-
-    if not Path(data_dir).is_dir():
-        raise CamelidError(f"dataset folder {data_dir} does not exist; build it with `camelid data stackexchange` or pass --data")
-    with quiet_datasets():
-        ds = _load(data_dir, split)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise CamelidError(f"the {split} split of {data_dir} lacks column(s) {', '.join(missing)}")
-    if len(ds) == 0:
-        raise CamelidError(f"the {split} split of {data_dir} is empty; build a bigger dataset or choose another split")
-    if limit and len(ds) > limit:
-        ds = ds.shuffle(seed=seed).select(range(limit))
-    return ds
-
-
 def save_final(trainer: Any, tok: Any, run_dir: Path, merge: bool) -> tuple[Path, Path | None]:
     """Write adapter/ (rank 0) and, if asked, model/ = the adapter merged into a fresh copy of
     its base (never into an 8-bit base: merging into int8 weights would lose precision)."""
     from camelid.models.merge import merge_adapter
     from camelid.utils import atomic_dir
 
-    adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if merge else None)
+    adapter_dir, model_dir = run_dir / ADAPTER_DIR, (run_dir / MODEL_DIR if merge else None)
     if trainer.accelerator.is_main_process:
         with atomic_dir(adapter_dir, overwrite=True) as tmp:  # inside the run folder
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from camelid.train.common import TrainSettings
-from camelid.train.pairs import MIN_PAIRS, PairTokens
+from camelid.train.pairs import PairResult, PairSettings, PairTokens
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REF_ADAPTER = "ref"
@@ -34,7 +32,7 @@ here, so the reference is the model with its (fresh) adapter off."""
 
 
 @dataclass(frozen=True)
-class DPOConfig(TrainSettings):
+class DPOConfig(PairSettings):
     """DPO settings (defaults: start from the SFT run in runs/sft, StackLLaMA 2's DPO rate)."""
 
     model: str = "runs/sft"
@@ -49,12 +47,6 @@ class DPOConfig(TrainSettings):
     """β: how far the policy may move from the reference (larger: less); IPO's regularisation τ."""
     loss_type: str = "sigmoid"
     """sigmoid (DPO) or ipo."""
-    max_length: int = 512
-    """Longest prompt + answer, in tokens; longer answers are cut to fit (both to the same budget)."""
-    max_prompt_length: int = 0
-    """Longest prompt (question + template), in tokens; a longer question loses its end (0: half of max_length)."""
-    min_pairs: int = MIN_PAIRS
-    """Refuse to train on fewer pairs than this (too little to learn from)."""
     train_split: str = "reward"
     """Split of preference pairs to train on (the reward model's)."""
     eval_split: str = "evaluation"
@@ -66,33 +58,12 @@ class DPOConfig(TrainSettings):
             raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.max_length < 8 or self.min_pairs < 1 or self.max_prompt_length < 0:
-            raise ValueError("need max_length >= 8, min_pairs >= 1 and max_prompt_length >= 0")
 
 
 @dataclass(frozen=True)
-class DPOResult:
-    run_dir: Path
-    adapter_dir: Path
-    model_dir: Path | None
-    steps: int
-    train_pairs: int
-    dropped_train_pairs: int
-    truncated_train_pairs: int
-    eval_pairs: int
-    train_loss: float
+class DPOResult(PairResult):
     eval: dict[str, float] | None
     """Held-out figures: loss, reward_accuracy (share of pairs with ρ(c) > ρ(r)), reward_margin (β(ρ(c) − ρ(r)))."""
-    pairs_per_s: float
-
-
-def pair_rows(cfg: DPOConfig, split: str, limit: int, tok: Any) -> PairTokens:
-    """The split's pairs as token ids, cut by the length strategy."""
-    from camelid.train.common import load_split
-    from camelid.train.pairs import tokenize_split
-
-    ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
-    return tokenize_split(ds, tok, cfg.max_length, cfg.max_prompt_length)
 
 
 def _pretokenized(trainer_cls: type) -> type:
@@ -122,8 +93,8 @@ def build_trainer(cfg: DPOConfig, run: Any, model: Any, tok: Any, train_ds: Any,
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
-                                      trainer_arguments)
+    from camelid.logs import quiet_datasets
+    from camelid.train.common import keep_trainable_dtype, quiet_trainer, seal_trainer_checkpoints, trainer_arguments
 
     # disable_dropout=False: our lora_dropout setting decides (0 by default).
     args = trainer_arguments(cfg, TRLDPOConfig, run, max_length=cfg.max_length, beta=cfg.beta,
@@ -143,44 +114,25 @@ def _dataset(pairs: PairTokens, eos: int) -> Any:
 
 def run(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> DPOResult:
     """Train, evaluate, save adapter (+ merged model); see the module docstring."""
-    from camelid.config import to_dict
-    from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
-    from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
-    from camelid.train.pairs import check_enough
-    from camelid.train.tracking import Tracker
-    from camelid.utils import seed_everything, status, world_size, write_json
+    from camelid.train.stage import open_run, train_stage, write_result
+    from camelid.train.pairs import pair_counts, stage_pairs
+    from camelid.utils import status
 
-    set_threads(cfg.num_threads)
-    path = resolve_trained(cfg.model)
-    check_model_for_task(path, "causal_lm", cfg.max_length)
-    run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
-    tok = load_tokenizer(path)
-    train_pairs = pair_rows(cfg, cfg.train_split, cfg.max_train_samples, tok)
-    check_enough(train_pairs, cfg.train_split, cfg.min_pairs, cfg.max_length)
-    eval_pairs = pair_rows(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
+    path, run, tok = open_run(cfg, "causal_lm", cfg.max_length, resume=resume, overwrite=overwrite)
+    train_pairs, eval_pairs = stage_pairs(cfg, tok)
     status(f"dpo: {len(train_pairs)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
            f"{train_pairs.dropped} dropped), {len(eval_pairs)} eval pairs; {cfg.loss_type} loss, beta {cfg.beta}")
     eos = tok.eos_token_id
     train_ds = _dataset(train_pairs, eos)
     eval_ds = _dataset(eval_pairs, eos) if len(eval_pairs) else None
 
-    seed_everything(cfg.seed)  # LoRA initialisation
-    model, tok, _ = load_for_training(path, cfg.lora(), task="causal_lm", load_8bit=cfg.load_8bit, dtype=cfg.dtype,
-                                      gradient_checkpointing=cfg.gradient_checkpointing, seq_length=cfg.max_length)
-    tracker = Tracker(run_state.run_dir, cfg.report_to, to_dict(cfg), resume_step=run_state.resume_step)
-    progress = make_progress_callback(tracker, "dpo", "pairs", cfg.batch_size * cfg.grad_accum * world_size())
-    trainer = build_trainer(cfg, run_state, model, tok, train_ds, eval_ds, [tracker.hf_callback("dpo"), progress])
-    try:
-        out = trainer.train(resume_from_checkpoint=str(run_state.resume_from) if run_state.resume_from else None)
-        held_out = held_out_figures(trainer.evaluate()) if eval_ds is not None else None
-        adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
-    finally:
-        tracker.close()
-    result = DPOResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(train_pairs),
-                       train_pairs.dropped, train_pairs.truncated, len(eval_pairs), float(out.training_loss), held_out,
-                       progress.rate(trainer.state))
-    if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / "result.json", result.__dict__)
+    def evaluate(trainer: Any, tracker: Any, tok: Any) -> dict[str, float] | None:
+        return held_out_figures(trainer.evaluate()) if eval_ds is not None else None
+
+    t = train_stage(cfg, "dpo", path, run, build_trainer, train_ds, eval_ds, task="causal_lm", seq_length=cfg.max_length,
+                    unit="pairs", evaluate=evaluate)
+    result = DPOResult(**t.outcome(run), **pair_counts(train_pairs, eval_pairs, t.rate), eval=t.held_out)
+    write_result(t, run, result.__dict__)
     return result
 
 
@@ -192,16 +144,13 @@ def held_out_figures(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.config import add_config_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(name, help="direct preference optimisation on preference pairs (LoRA)",
                        description="DPO from the SFT model on (better, worse) answer pairs, the reference being the "
                                    "SFT model itself (the adapter off). Data parallel: the same command under "
                                    "`accelerate launch --num_processes N` or torchrun.")
-    p.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `dpo:` section applies")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
-    add_config_args(p, DPOConfig)
+    add_run_args(p, DPOConfig, "dpo")
     p.set_defaults(func=_cli)
 
 
@@ -214,7 +163,6 @@ def _cli(args: argparse.Namespace) -> int:
     if r.eval:
         print0(f"eval on {r.eval_pairs} pairs: loss {r.eval.get('loss', float('nan')):.4f}, "
                f"preference accuracy {r.eval.get('reward_accuracy', float('nan')):.3f}")
-    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}  (camelid chat --model {r.model_dir})"
-                                          if r.model_dir else ""))
+    print0(r.saved())
     return 0
 

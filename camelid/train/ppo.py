@@ -30,23 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from camelid.config import add_config_args, from_args
+from camelid.config import from_args
 from camelid.errors import CamelidError, UsageError
 from camelid.train.ppo_config import PPOConfig
 from camelid.utils import print0, status
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
+    from camelid.train.stage import add_run_args
+
     p = sub.add_parser(
         name,
         help="PPO with a KL penalty against a frozen reference",
         description="Optimise a policy (SFT model + LoRA + value head) against a reward model with PPO "
         "and a per-token KL penalty to the SFT model. Works under `accelerate launch --num_processes N`.",
     )
-    p.add_argument("--preset", help="YAML preset whose `ppo:` section sets defaults (e.g. tiny, stackllama-7b)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run")
-    add_config_args(p, PPOConfig)
+    add_run_args(p, PPOConfig, "ppo")
     p.set_defaults(func=_cli)
 
 
@@ -78,7 +77,7 @@ class PPOResult:
 
 def read_questions(cfg: PPOConfig) -> list[str]:
     """The distinct questions of the rl split (it repeats a question once per answer pair)."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     questions = list(dict.fromkeys(load_split(cfg.data, "rl", ("question",))["question"]))
     return questions[: cfg.max_prompts] if cfg.max_prompts else questions
@@ -93,9 +92,9 @@ class PromptSet:
     """
 
     def __init__(self, questions: list[str], tokenizer: Any, cfg: PPOConfig) -> None:
-        from camelid.train.common import qa_text
+        from camelid.qa import qa_text
 
-        texts = [qa_text(q, "") for q in questions]
+        texts = [qa_text(q) for q in questions]
         ids = tokenizer(texts)["input_ids"]
         keep = [i for i, x in enumerate(ids) if 0 < len(x) <= cfg.max_prompt_tokens]
         self.dropped = len(texts) - len(keep)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from camelid.runfiles import ADAPTER_DIR, CHECKPOINTS, MODEL_DIR, RESULT_FILE, SAMPLES_FILE
 from camelid.train import rl
 from camelid.train.tracking import keep_steps_up_to
 from camelid.utils import atomic_dir, write_json
@@ -51,14 +52,14 @@ def save_checkpoint(run_dir: Path, cfg: Any, policy: Any, opt: Any, state: PPOSt
     """Write checkpoints/checkpoint-<step> atomically (rank 0) and prune old ones."""
     import torch
 
-    from camelid.train.common import CHECKPOINTS, checkpoint_step, fsync_path, seal_checkpoint
+    from camelid.train.common import checkpoint_step, fsync_path, seal_checkpoint
     from camelid.train.ppo_value import save_value_head
 
     final = run_dir / CHECKPOINTS / f"checkpoint-{state.step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
         with atomic_dir(final, overwrite=True) as tmp:  # inside the run folder
-            policy.lm.save_pretrained(tmp / "adapter")
+            policy.lm.save_pretrained(tmp / ADAPTER_DIR)
             save_value_head(policy.v_head, tmp)
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             torch.save({"lengths": state.lengths.state_dict()}, tmp / "rng.pt")
@@ -82,7 +83,7 @@ def load_checkpoint(path: Path, policy: Any, opt: Any, state: PPOState) -> None:
     from camelid.train.ppo_policy import load_adapter_weights
     from camelid.train.ppo_value import load_value_head
 
-    load_adapter_weights(policy, path / "adapter")
+    load_adapter_weights(policy, path / ADAPTER_DIR)
     load_value_head(policy.v_head, path)
     opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     saved = json.loads((path / STATE_FILE).read_text())
@@ -96,7 +97,7 @@ class SamplesFile:
     """samples.jsonl: one line per sampled response of the steps that are logged (all processes)."""
 
     def __init__(self, run_dir: Path, resume_step: int | None, active: bool) -> None:
-        self.path = run_dir / "samples.jsonl"
+        self.path = run_dir / SAMPLES_FILE
         self.active = active
         if not active:
             return
@@ -146,7 +147,7 @@ def save_final(run_dir: Path, cfg: Any, policy: Any, tok: Any, acc: Any, dropped
     """adapter/ (+ value head + tokenizer), model/ merged into a fresh copy of the base, result.json."""
     from camelid.train.ppo_value import save_value_head
 
-    adapter_dir, model_dir = run_dir / "adapter", (run_dir / "model" if cfg.merge else None)
+    adapter_dir, model_dir = run_dir / ADAPTER_DIR, (run_dir / MODEL_DIR if cfg.merge else None)
     acc.wait_for_everyone()
     if acc.is_main_process:
         with atomic_dir(adapter_dir, overwrite=True) as tmp:
@@ -157,6 +158,6 @@ def save_final(run_dir: Path, cfg: Any, policy: Any, tok: Any, acc: Any, dropped
             from camelid.models.merge import merge_adapter
 
             merge_adapter(adapter_dir, model_dir)
-        write_json(run_dir / "result.json", {"prompts_dropped": dropped, **{k: v for k, v in last.items()}})
+        write_json(run_dir / RESULT_FILE, {"prompts_dropped": dropped, **{k: v for k, v in last.items()}})
     acc.wait_for_everyone()
     return adapter_dir, model_dir

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from camelid.errors import CamelidError
-from camelid.train.common import TrainSettings, qa_text
-from camelid.train.pairs import MIN_PAIRS, PairTokens
+from camelid.qa import qa_text
+from camelid.runfiles import JUDGE_DIR
+from camelid.train.pairs import PairResult, PairSettings
 
 
 @dataclass(frozen=True)
-class RewardConfig(TrainSettings):
+class RewardConfig(PairSettings):
     """Reward-model settings (defaults: start from the SFT run in runs/sft, a short CPU run)."""
 
     model: str = "runs/sft"
@@ -42,14 +43,6 @@ class RewardConfig(TrainSettings):
     """Run folder: checkpoints, metrics, adapter/ and the merged model/ go here."""
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""
-    max_length: int = 512
-    """Longest side of a pair, in tokens; longer answers are cut to fit (both to the same budget)."""
-    max_prompt_length: int = 0
-    """Longest prompt (question + template), in tokens; a longer question loses its end (0: half of max_length)."""
-    min_pairs: int = MIN_PAIRS
-    """Refuse to train on fewer pairs than this (too little to learn from)."""
-    train_split: str = "reward"
-    """Split of preference pairs to train on."""
     eval_split: str = "evaluation"
     """Split for accuracy, margin and the longer-answer baseline."""
     judge_split: str = ""
@@ -59,10 +52,8 @@ class RewardConfig(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
-        if self.min_pairs < 1 or self.max_prompt_length < 0 or self.judge_steps < 0:
-            raise ValueError("need min_pairs >= 1, max_prompt_length >= 0 and judge_steps >= 0")
+        if self.judge_steps < 0:
+            raise ValueError(f"judge_steps must be >= 0, got {self.judge_steps}")
         if self.judge_split and self.judge_split in (self.train_split, self.eval_split):
             raise ValueError(f"judge_split must differ from train_split and eval_split, got {self.judge_split!r}")
 
@@ -79,19 +70,9 @@ class PairEval:
 
 
 @dataclass(frozen=True)
-class RewardResult:
-    run_dir: Path
-    adapter_dir: Path
-    model_dir: Path | None
-    steps: int
-    train_pairs: int
-    dropped_train_pairs: int
-    truncated_train_pairs: int
-    eval_pairs: int
+class RewardResult(PairResult):
     dropped_eval_pairs: int
-    train_loss: float
     eval: PairEval | None
-    pairs_per_s: float
     train_split: str = "reward"
 
 
@@ -102,14 +83,6 @@ def pairwise_loss(r_j: Any, r_k: Any) -> Any:
     import torch.nn.functional as F
 
     return -F.logsigmoid(r_j - r_k).mean()
-
-
-def tokenize_pairs(ds: Any, tok: Any, max_length: int, max_prompt: int = 0) -> PairTokens:
-    """A split's pairs cut to `max_length` (camelid.train.pairs); `.reward_ids(eos)` gives each
-    side as `tokens + [EOS]`, as RewardTrainer tokenizes."""
-    from camelid.train.pairs import tokenize_split
-
-    return tokenize_split(ds, tok, max_length, max_prompt)
 
 
 def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
@@ -208,23 +181,12 @@ def load_reward_model(name: str, dtype: str = "auto", load_8bit: bool = False) -
     return cpu.prepare_for_scoring(model).eval(), tok
 
 
-def _pair_data(cfg: RewardConfig, split: str, limit: int, tok: Any) -> PairTokens:
-    from camelid.train.common import load_split
-
-    ds = load_split(cfg.data, split, ("question", "response_j", "response_k"), limit=limit, seed=cfg.seed)
-    pairs = tokenize_pairs(ds, tok, cfg.max_length, cfg.max_prompt_length)
-    if not len(pairs):
-        raise CamelidError(f"every {split} pair has the same two answers once cut to max_length={cfg.max_length} "
-                           "tokens; raise --max-length")
-    return pairs
-
-
 def build_trainer(cfg: RewardConfig, run: Any, model: Any, tok: Any, train_ds: Any, eval_ds: Any, callbacks: list) -> Any:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
-                                      trainer_arguments)
+    from camelid.logs import quiet_datasets
+    from camelid.train.common import keep_trainable_dtype, quiet_trainer, seal_trainer_checkpoints, trainer_arguments
 
     # disable_dropout=False: TRL's default would zero the LoRA dropout our settings ask for.
     args = trainer_arguments(cfg, TRLRewardConfig, run, max_length=cfg.max_length, center_rewards_coefficient=None,
@@ -276,21 +238,15 @@ def train_model(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = Fa
     """Train one reward model, evaluate it, save adapter (+ merged model); see the module docstring."""
     import datasets
 
-    from camelid.config import to_dict
-    from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
-    from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
-    from camelid.train.pairs import check_enough
-    from camelid.train.tracking import Tracker
-    from camelid.utils import seed_everything, status, world_size, write_json
+    from camelid.train.stage import open_run, train_stage, write_result
+    from camelid.train.pairs import pair_counts, stage_pairs
+    from camelid.utils import status, write_json
 
-    set_threads(cfg.num_threads)
-    path = resolve_trained(cfg.model)
-    check_model_for_task(path, "seq_cls", cfg.max_length)
-    run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
-    tok = load_tokenizer(path)
-    train_pairs = _pair_data(cfg, cfg.train_split, cfg.max_train_samples, tok)
-    check_enough(train_pairs, cfg.train_split, cfg.min_pairs, cfg.max_length)
-    eval_pairs = _pair_data(cfg, cfg.eval_split, cfg.max_eval_samples, tok)
+    path, run, tok = open_run(cfg, "seq_cls", cfg.max_length, resume=resume, overwrite=overwrite)
+    train_pairs, eval_pairs = stage_pairs(cfg, tok)
+    if not len(eval_pairs):  # the stage reports its accuracy on them
+        raise CamelidError(f"every {cfg.eval_split} pair has the same two answers once cut to max_length={cfg.max_length} "
+                           "tokens; raise --max-length")
     (tj, tk), (ej, ek) = train_pairs.reward_ids(tok.eos_token_id), eval_pairs.reward_ids(tok.eos_token_id)
     t_drop, e_drop = train_pairs.dropped, eval_pairs.dropped
     status(f"reward: {len(tj)} {cfg.train_split} pairs ({train_pairs.truncated} cut to {cfg.max_length} tokens, "
@@ -298,14 +254,8 @@ def train_model(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = Fa
     train_ds = datasets.Dataset.from_dict({"chosen_ids": tj, "rejected_ids": tk})
     eval_ds = datasets.Dataset.from_dict({"chosen_ids": ej, "rejected_ids": ek}) if cfg.eval_steps else None
 
-    seed_everything(cfg.seed)  # the new score head and the LoRA initialisation
-    model, tok, _ = load_for_training(path, cfg.lora(), task="seq_cls", load_8bit=cfg.load_8bit, dtype=cfg.dtype,
-                                      gradient_checkpointing=cfg.gradient_checkpointing, seq_length=cfg.max_length)
-    tracker = Tracker(run_state.run_dir, cfg.report_to, to_dict(cfg), resume_step=run_state.resume_step)
-    progress = make_progress_callback(tracker, "reward", "pairs", cfg.batch_size * cfg.grad_accum * world_size())
-    trainer = build_trainer(cfg, run_state, model, tok, train_ds, eval_ds, [tracker.hf_callback("reward"), progress])
-    try:
-        out = trainer.train(resume_from_checkpoint=str(run_state.resume_from) if run_state.resume_from else None)
+    def evaluate(trainer: Any, tracker: Any, tok: Any) -> PairEval | None:
+        """Accuracy and margin on the evaluation pairs (main process), logged with the pair counts."""
         result_eval = None
         if trainer.accelerator.is_main_process:
             result_eval = evaluate_pairs(trainer.accelerator.unwrap_model(trainer.model), tok, ej, ek, cfg.batch_size)
@@ -314,24 +264,20 @@ def train_model(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = Fa
                          "reward/truncated_train_pairs": train_pairs.truncated},
                         trainer.state.global_step)
         trainer.accelerator.wait_for_everyone()
-        adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
-    finally:
-        tracker.close()
-    result = RewardResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(tj), t_drop,
-                          train_pairs.truncated, len(ej), e_drop, float(out.training_loss), result_eval,
-                          progress.rate(trainer.state), cfg.train_split)
-    if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / "result.json", {**result.__dict__, "eval": result_eval.__dict__})
-        write_json(run_state.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
+        return result_eval
+
+    t = train_stage(cfg, "reward", path, run, build_trainer, train_ds, eval_ds, task="seq_cls", seq_length=cfg.max_length,
+                    unit="pairs", evaluate=evaluate)
+    result = RewardResult(**t.outcome(run), **pair_counts(train_pairs, eval_pairs, t.rate), dropped_eval_pairs=e_drop,
+                          eval=t.held_out, train_split=cfg.train_split)
+    write_result(t, run, {**result.__dict__, "eval": getattr(t.held_out, "__dict__", None)})
+    if t.trainer.accelerator.is_main_process:
+        write_json(run.run_dir / TRAIN_QUESTIONS, {"split": cfg.train_split, "qids": sorted(set(train_pairs.qids))})
     return result
 
 
 TRAIN_QUESTIONS = "train_questions.json"
 """The question ids a reward model trained on (which questions a judge has seen)."""
-
-
-JUDGE_DIR = "judge"
-"""The second judge's run folder, inside the training judge's."""
 
 
 def judge_config(cfg: RewardConfig) -> RewardConfig:
@@ -346,7 +292,7 @@ def judge_config(cfg: RewardConfig) -> RewardConfig:
 
 def check_disjoint(data: str, split_a: str, split_b: str) -> None:
     """A one-line error when two splits share a question id: a judge must not have seen the other's questions."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     a, b = (set(load_split(data, s, ("qid",))["qid"]) for s in (split_a, split_b))
     shared = a & b
@@ -397,7 +343,7 @@ def read_score_inputs(text: str | None, file: str | None) -> list[dict[str, Any]
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.config import add_config_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(name, help="train or apply a pairwise reward model")
     rsub = p.add_subparsers(dest="reward_command", metavar="{train,score}")
@@ -405,10 +351,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         description="Train a one-output sequence classifier on (better, worse) answer pairs with "
                                     "loss -log sigmoid(r_j - r_k). Data parallel: the same command under "
                                     "`accelerate launch --num_processes N` or torchrun.")
-    t.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `reward:` section applies")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
-    add_config_args(t, RewardConfig)
+    add_run_args(t, RewardConfig, "reward")
     t.set_defaults(func=_cli_train)
     s = rsub.add_parser("score", help="print reward scores for a text or a jsonl file")
     s.add_argument("text", nargs="?", help='a full text, e.g. "Question: ...\\n\\nAnswer: ..." (\\n is unescaped)')
@@ -429,7 +372,7 @@ def _cli_train(args: argparse.Namespace) -> int:
     if r.eval is not None:
         print0(f"eval on {r.eval.pairs} pairs: accuracy {r.eval.accuracy:.3f}, mean margin {r.eval.mean_margin:.3f}, "
                f"loss {r.eval.loss:.4f}; longer-answer-wins baseline {r.eval.longer_wins_accuracy:.3f}")
-    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}" if r.model_dir else ""))
+    print0(r.saved(chat=False))
     if cfg.judge_split:
         print0(f"second judge (trained on the {cfg.judge_split} split): {judge_config(cfg).out}")
     return 0

@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
-from camelid.train.common import TrainSettings, qa_text
+from camelid.qa import qa_text
+from camelid.train.common import TrainSettings
+from camelid.train.stage import StageResult
 
 TEXT_SOURCES = ("finetune", "answers")
+MAX_LOG_PERPLEXITY = 50.0
+"""The eval loss is capped here before exp(): a diverged run reports a huge perplexity, not inf."""
 
 
 @dataclass(frozen=True)
@@ -46,14 +49,9 @@ class SFTConfig(TrainSettings):
 
 
 @dataclass(frozen=True)
-class SFTResult:
-    run_dir: Path
-    adapter_dir: Path
-    model_dir: Path | None
-    steps: int
+class SFTResult(StageResult):
     train_blocks: int
     eval_blocks: int
-    train_loss: float
     eval_loss: float | None
     perplexity: float | None
     tokens_per_s: float
@@ -61,7 +59,7 @@ class SFTResult:
 
 def sft_texts(cfg: SFTConfig, split: str, limit: int) -> list[str]:
     """The shuffled (seeded) training or evaluation texts; each (question, answer) once."""
-    from camelid.train.common import load_split
+    from camelid.qa import load_split
 
     if cfg.text_source == "answers" and split == "finetune":
         ds = load_split(cfg.data, "answers", ("question", "response", "score", "split"))
@@ -93,8 +91,8 @@ def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any,
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from camelid.train.common import (keep_trainable_dtype, quiet_datasets, quiet_trainer, seal_trainer_checkpoints,
-                                      trainer_arguments)
+    from camelid.logs import quiet_datasets
+    from camelid.train.common import keep_trainable_dtype, quiet_trainer, seal_trainer_checkpoints, trainer_arguments
 
     args = trainer_arguments(
         cfg, TRLSFTConfig, run,
@@ -111,16 +109,10 @@ def build_trainer(cfg: SFTConfig, run: Any, model: Any, tok: Any, train_ds: Any,
 
 def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFTResult:
     """Train, evaluate, save adapter (+ merged model); see the module docstring."""
-    from camelid.models.train_load import check_model_for_task, load_for_training, load_tokenizer, resolve_trained
-    from camelid.train.common import make_progress_callback, prepare_run, save_final, set_threads
-    from camelid.train.tracking import Tracker
-    from camelid.utils import seed_everything, status, world_size, write_json
+    from camelid.train.stage import open_run, train_stage, write_result
+    from camelid.utils import status
 
-    set_threads(cfg.num_threads)
-    path = resolve_trained(cfg.model)
-    check_model_for_task(path, "causal_lm", cfg.seq_length)
-    run_state = prepare_run(cfg, resume=resume, overwrite=overwrite)
-    tok = load_tokenizer(path)
+    path, run, tok = open_run(cfg, "causal_lm", cfg.seq_length, resume=resume, overwrite=overwrite)
     train_ds = packed_dataset(sft_texts(cfg, "finetune", cfg.max_train_samples), tok, cfg.seq_length)
     if len(train_ds) == 0:
         raise CamelidError(f"the training texts fill less than one block of {cfg.seq_length} tokens; lower --seq-length or add data")
@@ -130,44 +122,31 @@ def run(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> SFT
         eval_ds = None
     status(f"sft: {len(train_ds)} train blocks, {len(eval_ds or [])} eval blocks of {cfg.seq_length} tokens")
 
-    from camelid.config import to_dict
-
-    seed_everything(cfg.seed)  # LoRA initialisation
-    model, tok, _ = load_for_training(path, cfg.lora(), task="causal_lm", load_8bit=cfg.load_8bit,
-                                      dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing,
-                                      seq_length=cfg.seq_length)
-    tracker = Tracker(run_state.run_dir, cfg.report_to, to_dict(cfg), resume_step=run_state.resume_step)
-    tokens_per_step = cfg.seq_length * cfg.batch_size * cfg.grad_accum * world_size()
-    progress = make_progress_callback(tracker, "sft", "tokens", tokens_per_step)
-    trainer = build_trainer(cfg, run_state, model, tok, train_ds, eval_ds, [tracker.hf_callback("sft"), progress])
-    try:
-        out = trainer.train(resume_from_checkpoint=str(run_state.resume_from) if run_state.resume_from else None)
-        metrics = trainer.evaluate() if eval_ds is not None else {}
-        eval_loss = metrics.get("eval_loss")
-        ppl = math.exp(min(eval_loss, 50.0)) if eval_loss is not None else None
+    def evaluate(trainer: Any, tracker: Any, tok: Any) -> tuple[float | None, float | None]:
+        """(eval loss, perplexity) on the evaluation blocks; the perplexity is logged too."""
+        eval_loss = (trainer.evaluate() if eval_ds is not None else {}).get("eval_loss")
+        ppl = math.exp(min(eval_loss, MAX_LOG_PERPLEXITY)) if eval_loss is not None else None
         if ppl is not None:
             tracker.log({"sft/eval_perplexity": ppl}, trainer.state.global_step)
-        adapter_dir, model_dir = save_final(trainer, tok, run_state.run_dir, cfg.merge)
-    finally:
-        tracker.close()
-    result = SFTResult(run_state.run_dir, adapter_dir, model_dir, trainer.state.global_step, len(train_ds),
-                       len(eval_ds or []), float(out.training_loss), eval_loss, ppl, progress.rate(trainer.state))
-    if trainer.accelerator.is_main_process:
-        write_json(run_state.run_dir / "result.json", result.__dict__)
+        return eval_loss, ppl
+
+    t = train_stage(cfg, "sft", path, run, build_trainer, train_ds, eval_ds, task="causal_lm", seq_length=cfg.seq_length,
+                    unit="tokens", units_per_row=cfg.seq_length, evaluate=evaluate)
+    eval_loss, ppl = t.held_out
+    result = SFTResult(**t.outcome(run), train_blocks=len(train_ds), eval_blocks=len(eval_ds or []), eval_loss=eval_loss,
+                       perplexity=ppl, tokens_per_s=t.rate)
+    write_result(t, run, result.__dict__)
     return result
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
-    from camelid.config import add_config_args
+    from camelid.train.stage import add_run_args
 
     p = sub.add_parser(name, help="supervised fine-tuning with packing (LoRA)",
                        description="Supervised fine-tuning on `Question: ...\\n\\nAnswer: ...` texts, packed into "
                                    "constant-length blocks, with LoRA on a float or 8-bit base. Data parallel: run "
                                    "the same command under `accelerate launch --num_processes N` or torchrun.")
-    p.add_argument("--preset", help="preset name (tiny, stackllama-7b) or a YAML file; its `sft:` section applies")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if --out holds an earlier run")
-    add_config_args(p, SFTConfig)
+    add_run_args(p, SFTConfig, "sft")
     p.set_defaults(func=_cli)
 
 
@@ -179,5 +158,5 @@ def _cli(args: argparse.Namespace) -> int:
     r = run(cfg, resume=args.resume, overwrite=args.overwrite)
     ppl = f", eval loss {r.eval_loss:.4f}, perplexity {r.perplexity:.2f}" if r.eval_loss is not None else ""
     print0(f"sft: {r.steps} steps, train loss {r.train_loss:.4f}{ppl}, {r.tokens_per_s:.0f} tokens/s")
-    print0(f"adapter: {r.adapter_dir}" + (f"\nmerged model: {r.model_dir}  (camelid chat --model {r.model_dir})" if r.model_dir else ""))
+    print0(r.saved())
     return 0

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from camelid.errors import MissingExtra, UsageError
+from camelid.runfiles import METRICS_FILE, read_jsonl
 from camelid.utils import atomic_write_text, rank
 
 BACKENDS = ("tensorboard", "wandb", "trackio")
-METRICS_FILE = "metrics.jsonl"
 
 
 def parse_report_to(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -65,16 +65,7 @@ def _plain(value: Any) -> float | int | None:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of `<run_dir>/metrics.jsonl` (a torn last line from a crash is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 def step_of(line: str) -> int | None:

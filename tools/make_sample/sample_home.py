@@ -1,4 +1,4 @@
-"""Content of the bundled sample dump: cooking and gardening questions (see make_sample.py).
+"""Content of the bundled sample dump: cooking and gardening questions (make_sample.py beside it uses them).
 
 Tables give the fact a good answer states and the mistake a wrong answer makes. Temperatures
 follow the USDA safe minimum internal temperatures (https://www.fsis.usda.gov/food-safety/

@@ -1,4 +1,4 @@
-"""Content of the bundled sample dump: programming questions (see make_sample.py for how it is used).
+"""Content of the bundled sample dump: programming questions (make_sample.py beside it uses them).
 
 Each item gives the facts a good answer states (`answer`, `detail`, `code`, `steps`, `caveat`,
 `link`) and the plausible mistake a wrong answer makes (`wrong`, `wrong_code`). Every fact here

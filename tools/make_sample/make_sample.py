@@ -1,7 +1,10 @@
-"""Generate the bundled sample dump: `python -m camelid.data.make_sample [--out DIR]`.
+"""Generate the bundled sample dump (a build tool; the package ships its output, not this code).
+
+    python tools/make_sample/make_sample.py [--out DIR] [--seed N]     (or: make sample)
 
 Writes Posts.xml and Votes.xml in the real Stack Exchange dump format (UTF-8 BOM, HTML bodies
-XML-escaped, newlines as `&#xA;`, `<a><b>` tags, a few tag-wiki rows) to camelid/data/sample/.
+XML-escaped, newlines as `&#xA;`, `<a><b>` tags, a few tag-wiki rows) to camelid/data/sample/,
+which `camelid data stackexchange` reads by default.
 The output is a pure function of the seed: rerunning it gives identical bytes (a test checks).
 
 Questions come from the tables in sample_programming.py and sample_home.py. Every question gets
@@ -24,9 +27,11 @@ import argparse
 import random
 from pathlib import Path
 
-from camelid.data import sample_home as home
-from camelid.data import sample_programming as prog
+import sample_home as home  # the tables beside this file (the script's folder is on sys.path)
+import sample_programming as prog
 
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "camelid" / "data" / "sample"
+"""Where the package keeps the sample (camelid.data.SAMPLE_DIR of this checkout)."""
 SEED = 20240501
 STYLES = ("expert", "concise", "partial", "vague", "wrong", "rude")
 VOTES = {  # style -> (up range, down range)
@@ -267,8 +272,6 @@ def _xml(root: str, rows: list[str]) -> bytes:
 
 def generate(out: str | Path | None = None, seed: int = SEED) -> dict[str, int]:
     """Write Posts.xml and Votes.xml into `out` (default: the packaged camelid/data/sample/)."""
-    from camelid.data import SAMPLE_DIR
-
     out = Path(out) if out is not None else SAMPLE_DIR
     out.mkdir(parents=True, exist_ok=True)
     posts, votes, counts = build(seed)
