@@ -91,7 +91,26 @@ $(PEER_VENV)/.stamp:
 	$(PEER_VENV)/bin/python -m pip install -q $(PEER_PKGS) "$(TORCH_SPEC)"
 	touch $@
 
-bench-peer: $(PEER_VENV)/.stamp
+# The serving benchmark's peer, llama.cpp's own llama-server (bench/serve_peer.py), built once from
+# the llama.cpp sources vendored in the venv's llama-cpp-python sdist (same version as the
+# backend), with the same portable flags; static, so the binary runs on its own.
+PEER_DIR      ?= $(VENV)/peers
+PEER_JOBS     ?= $(shell nproc)
+LLAMA_SERVER_CMAKE_ARGS ?= -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+$(PEER_DIR)/.stamp-llama-server: $(VENV)/.stamp-test
+	set -e; ver=$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))'); \
+	src=$(PEER_DIR)/llama-server-src; rm -rf $$src; mkdir -p $$src; \
+	$(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$$ver" -d $$src; \
+	tar xzf $$src/llama_cpp_python-$$ver.tar.gz -C $$src; \
+	cmake -S $$src/llama_cpp_python-$$ver/vendor/llama.cpp -B $$src/build $(LLAMA_CMAKE_ARGS) $(LLAMA_SERVER_CMAKE_ARGS); \
+	cmake --build $$src/build --target llama-server -j $(PEER_JOBS); \
+	cp $$src/build/bin/llama-server $(PEER_DIR)/llama-server; \
+	echo "$(PEER_DIR)/llama-server: llama.cpp of llama-cpp-python $$ver"
+	touch $@
+
+bench-peer: $(PEER_VENV)/.stamp $(PEER_DIR)/.stamp-llama-server
 
 # Regenerate the bundled sample dump camelid/data/sample/ (standard library only; same bytes for
 # the same seed). The generator is a build tool in tools/make_sample/, not part of the package.

@@ -41,10 +41,11 @@ QUESTIONS = [
 ]
 
 
-def start_server(max_batch_size: int, threads: int, dtype: str) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch_size: int, threads: int, dtype: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A `camelid serve` on a free port (`extra`: more of its flags) and its URL, once it listens."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "camelid", "serve", "--port", "0", "--device", "cpu", "--dtype", dtype,
-           "--max-batch-size", str(max_batch_size), "--log-level", "warning"]
+           "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -59,14 +60,14 @@ def start_server(max_batch_size: int, threads: int, dtype: str) -> tuple[subproc
     raise SystemExit("server did not start within 300 s")
 
 
-def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | None = None) -> dict:
+def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | None = None, temperature: float = 0.7) -> dict:
     body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": question}], "stream": True,
-            "temperature": 0.7, "max_tokens": tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "temperature": temperature, "max_tokens": tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}
     if schema is not None:  # the answer ends where the schema does: no ignore_eos, room to finish
         body.update(ignore_eos=False, max_tokens=4 * tokens,
                     response_format={"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}})
     t0 = time.perf_counter()
-    ttft, last, usage = None, None, None
+    ttft, last, usage, chunks = None, None, None, 0
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -76,17 +77,21 @@ def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | N
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter() - t0
                 ttft = last if ttft is None else ttft
+                chunks += 1
             usage = chunk.get("usage") or usage
-    tokens = usage["completion_tokens"]
+    tokens = usage["completion_tokens"] if usage else chunks  # a server without stream usage: one chunk a token
     # decode time per token after the first (prefill, and a schema's compilation, come before it)
     per_token = (last - ttft) / (tokens - 1) if ttft is not None and tokens > 1 else 0.0
-    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens, "per_token": per_token}
+    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "tokens": tokens, "per_token": per_token,
+            "chunks": chunks}
 
 
-def load_test(url: str, clients: int, requests_each: int, tokens: int, schema: dict | None = None) -> dict:
+def load_test(url: str, clients: int, requests_each: int, tokens: int, schema: dict | None = None,
+              temperature: float = 0.7) -> dict:
     def client(i: int) -> list[dict]:
         with httpx.Client(base_url=url, timeout=600) as http:
-            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], tokens, schema) for k in range(requests_each)]
+            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], tokens, schema, temperature)
+                    for k in range(requests_each)]
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -101,6 +106,7 @@ def load_test(url: str, clients: int, requests_each: int, tokens: int, schema: d
         "requests": len(results), "wall": wall,
         "tokens_mean": statistics.mean(r["tokens"] for r in results),
         "s_per_token": statistics.mean(r["per_token"] for r in results),
+        "chunks_mean": statistics.mean(r["chunks"] for r in results),
     }
 
 
