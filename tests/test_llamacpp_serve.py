@@ -38,6 +38,10 @@ def engine(tiny_gguf):
 def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
     import torch
 
+    from camelid.engine.backend import Backend, RowBatch
+
+    assert isinstance(engine, Backend) and isinstance(engine.new_batch(), RowBatch)
+
     calls = []
     real = engine.ctx.decode
     monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -84,6 +84,7 @@ class Row:
         return len(self.prompt)
 
 
+@runtime_checkable
 class RowBatch(Protocol):
     """Running requests sharing one backend: rows join (`add`, a prefill that yields their first
     tokens), advance together (`step`), leave when they finish or are cancelled. `rebuild`
@@ -103,6 +104,7 @@ class RowBatch(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
 class Backend(Protocol):
     """A loaded model that generates: what chat, generate, serve, evaluation and PPO use."""
 
