@@ -183,13 +183,10 @@ class Batch(BatchBase):
         others go on. Rows of a failed `add` that were never merged are not here: the caller
         still holds them.
         """
-        rows = [r for r in self.rows if r.finish in (None, "cancelled")]
+        rows = list(self.rows)
         self.close()
-        deltas = []
-        for row in rows:
-            if row.finish == "cancelled":
-                deltas.append(end_delta(row))
-                continue
+        deltas = [end_delta(r) for r in rows if r.finish == "cancelled"]
+        for row in [r for r in rows if r.finish is None]:
             try:
                 deltas += self._prefill([row], [row.prompt + row.out])
             except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
