@@ -10,13 +10,17 @@ every request generates exactly --tokens tokens (`ignore_eos`), so both servers 
 Reported per run: aggregate generated tokens/s over the wall time, p50/p95 request latency and
 time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients.
 
+`--backend llama.cpp` runs both servers on the llama.cpp backend (the model exported once to
+GGUF `--quant`), whose batched server decodes every running request in one llama_decode per
+step; `--backend torch` (the default here) the torch engine at `--dtype`.
+
 Then the cost of structured output on the batched server: per-token time (a client's time from
 its first token to its last, per token, in a closed loop) of answers constrained by a JSON schema (an array of
 exactly --tokens/2 booleans, about --tokens tokens) against free answers of the same length
 (`ignore_eos`), at 1 and 16 clients. Goal: <= 1.2x.
 
     python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--json-clients 1,16] [--threads 2]
-                          [--dtype auto] [--json-only]
+                          [--backend torch|llama.cpp] [--dtype auto] [--quant q8_0] [--json-only]
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ QUESTIONS = [
 ]
 
 
-def start_server(max_batch_size: int, threads: int, dtype: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """A `camelid serve` on a free port (`extra`: more of its flags) and its URL, once it listens."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "camelid", "serve", "--port", "0", "--device", "cpu", "--dtype", dtype,
-           "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra]
+def start_server(max_batch_size: int, args, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A `camelid serve` on a free port (args: backend, threads, dtype, quant; `extra`: more of its
+    flags) and its URL, once it listens."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "camelid", "serve", "--port", "0", "--device", "cpu", "--backend", args.backend,
+           "--threads", str(args.threads), "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra]
+    # --dtype is a torch engine option; --quant the GGUF type llama.cpp runs
+    cmd += ["--dtype", args.dtype] if args.backend == "torch" else ["--quant", args.quant]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -147,7 +154,7 @@ def run(args) -> dict[str, dict[int, dict]]:
     procs, urls, out = [], {}, {name: {} for name in modes}
     try:
         for name, size in modes.items():
-            proc, urls[name] = start_server(size, args.threads, args.dtype)
+            proc, urls[name] = start_server(size, args)
             procs.append(proc)
             with httpx.Client(base_url=urls[name], timeout=600) as http:
                 one_request(http, QUESTIONS[0], 8)  # warm-up
@@ -171,16 +178,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
-    ap.add_argument("--dtype", default="auto", help="server dtype (auto = bfloat16 on CPU)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
+    ap.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"), help="the servers' generation backend")
+    ap.add_argument("--dtype", default="auto", help="torch server dtype (auto = bfloat16 on CPU)")
+    ap.add_argument("--quant", default="q8_0", help="llama.cpp server: the GGUF type the model is exported to")
     ap.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
     ap.add_argument("--json-clients", default="1,16", help="concurrency levels of the JSON-schema row (empty: skip it)")
     ap.add_argument("--json-only", action="store_true", help="only the JSON-schema row")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.json_clients = [int(c) for c in args.json_clients.split(",") if c]
-    print(f"bundled model, {args.tokens} tokens/request, {args.requests} requests/client, {args.threads} threads, "
-          f"dtype {args.dtype}", flush=True)
+    precision = f"dtype {args.dtype}" if args.backend == "torch" else f"GGUF {args.quant}"
+    print(f"bundled model, {args.backend} backend, {args.tokens} tokens/request, {args.requests} requests/client, "
+          f"{args.threads} threads, {precision}", flush=True)
     results = run(args)
     if args.json_clients:
         worst = max(results["json"].values())

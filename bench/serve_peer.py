@@ -128,8 +128,7 @@ def run(args) -> list[dict]:
     procs = []
     with tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False) as log:
         try:  # the log stays behind when a run fails
-            extra = ("--backend", args.backend, "--threads", str(args.threads), "--max-context", str(args.ctx_per_seq))
-            proc, ours = start_server(args.slots, args.threads, args.dtype, extra)
+            proc, ours = start_server(args.slots, args, ("--max-context", str(args.ctx_per_seq)))
             procs.append(proc)
             proc, peer = start_llama_server(binary, gguf, args, log)
             procs.append(proc)
@@ -159,6 +158,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
     ap.add_argument("--ctx-per-seq", type=int, default=1024, help="context tokens per sequence on both servers")
     ap.add_argument("--dtype", default="auto", help="camelid serve --dtype (torch backend)")
+    ap.add_argument("--quant", default="q4_0", help="camelid serve --quant (llama.cpp backend; llama-server runs the same file)")
     ap.add_argument("--llama-server", help="llama-server binary (default: the one `make bench-peer` builds)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

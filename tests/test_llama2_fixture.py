@@ -125,7 +125,7 @@ def test_chat_vicuna_prompt_is_fastchats_with_eos_ids(llama2_model_dir, tmp_path
 
     saved, system = tmp_path / "conv.json", "You answer cooking questions."
     script = f"How do I boil an egg?\nAnd a soft one?\n!!save {saved}\n!!exit\n"
-    args = ["chat", "--model", str(llama2_model_dir), "--conv-template", "vicuna_v1.1", "--system", system,
+    args = ["chat", "--backend", "torch", "--model", str(llama2_model_dir), "--conv-template", "vicuna_v1.1", "--system", system,
             "--style", "programmatic", "--debug", "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     r = subprocess.run([sys.executable, "-m", "camelid", *args], input=script, capture_output=True, text=True, timeout=300, env=env)
@@ -146,7 +146,7 @@ def test_chat_vicuna_prompt_is_fastchats_with_eos_ids(llama2_model_dir, tmp_path
 
 def test_generate_and_load_8bit(llama2_model_dir, capsys):
     for extra in ([], ["--load-8bit"]):
-        args = ["generate", "--model", str(llama2_model_dir), "--conv-template", "vicuna_v1.1", "--temperature", "0",
+        args = ["generate", "--backend", "torch", "--model", str(llama2_model_dir), "--conv-template", "vicuna_v1.1", "--temperature", "0",
                 "--max-new-tokens", "5", *extra, "What is a roux?"]
         assert main(args) == 0
         assert capsys.readouterr().out.endswith("\n")

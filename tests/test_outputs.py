@@ -147,7 +147,7 @@ def test_generate_prints_only_the_answer_on_stdout(tmp_path):
     only the answer (`camelid generate "..." > answer.txt`)."""
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CAMELID_HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "camelid", "generate", "What is the capital of France?",
+    out = subprocess.run([sys.executable, "-m", "camelid", "generate", "What is the capital of France?", "--backend", "torch",
                           "--temperature", "0", "--max-new-tokens", "8"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr

@@ -297,8 +297,8 @@ def test_api_key_required(tiny_model_dir):
 def test_cli_serves_on_a_free_port(tiny_model_dir, tmp_path):
     keyfile = tmp_path / "keys.txt"
     keyfile.write_text("# accepted keys\nfile-key-1\n")
-    cmd = [sys.executable, "-m", "camelid", "serve", "--model", str(tiny_model_dir), "--served-model-name", "cli-tiny",
-           "--port", "0", "--device", "cpu", "--dtype", "float32", "--api-key-file", str(keyfile), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "camelid", "serve", "--backend", "torch", "--model", str(tiny_model_dir), "--served-model-name",
+           "cli-tiny", "--port", "0", "--device", "cpu", "--dtype", "float32", "--api-key-file", str(keyfile), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "CAMELID_API_KEY": ""})
     try:

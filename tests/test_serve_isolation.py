@@ -114,7 +114,10 @@ def test_rebuild_continues_every_row_where_it_was(backend, engine, request):
     happened, and a cancelled row ends."""
     import torch
 
+    from camelid.engine.backend import Backend, RowBatch
+
     eng = engine if backend == "torch" else request.getfixturevalue("gguf_engine")
+    assert isinstance(eng, Backend) and isinstance(eng.new_batch(), RowBatch), "one interface, both backends"
     params = [SamplingParams(temperature=0, max_new_tokens=9), GOOD, SamplingParams(temperature=0, max_new_tokens=4)]
     prompts = [PROMPT, "Hi", "The quick brown fox"]
     with torch.inference_mode():
@@ -126,8 +129,7 @@ def test_rebuild_continues_every_row_where_it_was(backend, engine, request):
         batch.cancel([1])
         ends = {d.index: d.finish_reason for d in batch.rebuild()}
         assert ends[1] == "cancelled" and ends[0] is None and [r.rid for r in batch.rows] == [0]
-        if hasattr(batch, "close"):
-            batch.close()
+        batch.close()
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,7 @@ def test_no_local_path_is_shown(tiny_model_dir):
     from camelid.serve.app import create_app
     from camelid.serve.server import ServeConfig, ServerThread, build_registry
 
-    registry = build_registry(ServeConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    registry = build_registry(ServeConfig(model=str(tiny_model_dir), backend="torch", device="cpu", dtype="float32"))
     path = str(tiny_model_dir)
     with ServerThread(create_app(registry)) as base, httpx.Client(base_url=base, timeout=30) as http:
         h, models = http.get("/health"), http.get("/v1/models")
@@ -233,7 +233,7 @@ def test_max_context_past_the_model_is_refused(tiny_model_dir):
 
     with pytest.raises(CamelidError, match="max-context 4096 is more than this model's 1024 positions"):
         load_model(str(tiny_model_dir), "t", device="cpu", dtype="float32", max_context=4096)
-    r = subprocess.run([sys.executable, "-m", "camelid", "serve", "--model", str(tiny_model_dir), "--port", "0",
+    r = subprocess.run([sys.executable, "-m", "camelid", "serve", "--backend", "torch", "--model", str(tiny_model_dir), "--port", "0",
                         "--device", "cpu", "--dtype", "float32", "--max-context", "4096"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr

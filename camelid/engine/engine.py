@@ -1,6 +1,7 @@
-"""The one generation engine: batched, streaming, KV-cached, with per-request sampling.
+"""The torch generation engine: batched, streaming, KV-cached, with per-request sampling.
 
-Chat, the server, evaluation and PPO rollouts all call it. It wraps any Hugging Face causal LM
+Chat, the server, evaluation and PPO rollouts call it (or the llama.cpp backend: both implement
+`backend.Backend` and share its driver loop and per-token finish logic). It wraps any Hugging Face causal LM
 (a peft model too) and drives the decode loop itself, so that each request in a batch has its
 own sampling parameters, stop strings, seed and length, and so that requests can join a
 running batch (continuous batching: `Batch.add`) and leave it when they finish or are
@@ -19,107 +20,30 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 
-from camelid.engine import grammar
-from camelid.engine.sampling import SamplingParams, sample_rows
-from camelid.engine.text import IncrementalDecoder, StopText
-from camelid.errors import CamelidError
+from camelid.engine.backend import (  # noqa: F401 - Completion, Delta, raise_row_errors: the engine's names too
+    BackendBase,
+    BatchBase,
+    Completion,
+    Delta,
+    Row,
+    emit,
+    end_delta,
+    new_row,
+    prompt_ids,
+    raise_row_errors,
+    sample,
+)
+from camelid.engine.sampling import SamplingParams
 
 log = logging.getLogger("camelid.engine")
 DEFAULT_MAX_CONTEXT = 2048
 
 
-@dataclass
-class Delta:
-    """What one request produced in one step."""
-
-    index: int
-    """The request's position in the list given to stream() (or its id from Batch.add)."""
-    text: str
-    """New text safe to show (a possible stop string is held back until resolved)."""
-    token_ids: list[int]
-    logprobs: list[float] | None = None
-    finish_reason: str | None = None
-    """None while running; then "stop" (EOS, stop token or stop string), "length", "cancelled",
-    or "error" (this request alone failed: `error` says why)."""
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    """Per token: the `top_logprobs` most likely (token id, log-probability), when asked."""
-    error: Exception | None = None
-    """With finish_reason "error": what went wrong for this request."""
-
-
-def raise_row_errors(deltas: list[Delta]) -> list[Delta]:
-    """For callers that run one job (chat, generate, evaluation, PPO): a row's failure is theirs."""
-    for d in deltas:
-        if d.error is not None:
-            raise d.error
-    return deltas
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    """Generated ids; when generation ended on EOS or a stop token, that token is the last one."""
-    prompt_tokens: int
-    finish_reason: str
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    hidden: torch.Tensor | None = None
-    """(len(token_ids), hidden size) when `return_hidden` was asked: row t is the LM head's input
-    that token t was sampled from (the final, normalised hidden state one position before it)."""
-
-
-@dataclass
-class _Row:
-    rid: int
-    params: SamplingParams
-    prompt_len: int
-    decoder: IncrementalDecoder
-    stop_text: StopText
-    generator: torch.Generator | None
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    finish: str | None = None
-    prompt: list[int] = field(default_factory=list)
-    """The prompt's ids (`Batch.rebuild` recomputes the row from prompt + out)."""
-    error: Exception | None = None
-    matcher: object | None = None
-    """The row's grammar state (`engine.grammar`), when its params carry a grammar."""
-
-
-def advance_row(row: Any, tok: int, lp: float, alt: list[tuple[int, float]] | None, eos_ids: Any) -> Delta:
-    """Append a sampled token to a row, turn it into text, decide whether the row finished: the
-    per-token finish logic of both backends (a row here or a `llamacpp._Row`: the same fields)."""
-    if row.matcher is not None:
-        grammar.advance(row.matcher, tok)
-    row.out.append(tok)
-    row.logprobs.append(lp)
-    if alt is not None:
-        row.top.append(alt)
-    text, finish = "", None
-    if (tok in eos_ids and not row.params.ignore_eos) or tok in row.params.stop_token_ids:
-        finish = "stop"
-        text = row.stop_text.feed(row.decoder.flush())[0] + row.stop_text.finish()
-    else:
-        text, hit = row.stop_text.feed(row.decoder.push(tok))
-        if hit:
-            finish = "stop"
-        elif len(row.out) >= row.params.max_new_tokens:
-            text += row.stop_text.feed(row.decoder.flush())[0]
-            text += "" if row.stop_text.stopped else row.stop_text.finish()
-            finish = "stop" if row.stop_text.stopped else "length"
-    row.finish = finish
-    return Delta(row.rid, text, [tok], [lp] if row.params.logprobs else None, finish, [alt] if alt is not None else None)
-
-
-class Engine:
+class Engine(BackendBase):
     """Generation over a loaded model. `Engine.load(...)` resolves and loads one by name."""
 
     def __init__(self, model, tokenizer, max_context: int | None = None):
@@ -147,24 +71,6 @@ class Engine:
         engine.path = path
         return engine
 
-    # ---- prompts -------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        """Token ids of a prompt. A BOS is added only where the tokenizer adds one and the
-        prompt (e.g. a rendered chat template) does not already start with it."""
-        bos = self.tokenizer.bos_token
-        add = not (bos and prompt.startswith(bos))
-        return list(self.tokenizer(prompt, add_special_tokens=add)["input_ids"])
-
-    def fit_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Keep the prompt's last tokens so prompt + answer fit the context (with a warning)."""
-        room = self.max_context - max_new_tokens
-        if room < 1:
-            raise CamelidError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the {self.max_context}-token context")
-        if len(ids) > room:
-            log.warning("prompt of %d tokens truncated to its last %d to fit the %d-token context", len(ids), room, self.max_context)
-            return ids[-room:]
-        return ids
-
     def forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0, hidden: list | None = None) -> torch.Tensor:
         """Logits for the last `logits_to_keep` positions, through the fast path where it applies.
 
@@ -188,91 +94,27 @@ class Engine:
     def new_batch(self) -> "Batch":
         return Batch(self)
 
-    def stream(
-        self,
-        prompts: Sequence[str] | Sequence[list[int]],
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-        cancelled: set[int] | None = None,
-    ) -> Iterator[list[Delta]]:
-        """Generate for all prompts together; yield each step's deltas. `cancelled` is a set the
-        caller may add request indices to; those rows end with finish_reason "cancelled"."""
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or one for all")
-        batch = self.new_batch()
-        with torch.inference_mode():
-            for deltas in batch.add(list(range(len(prompts))), prompts, plist):
-                yield raise_row_errors(deltas)
-            while batch.rows:
-                if cancelled:
-                    batch.cancel(cancelled)
-                yield raise_row_errors(batch.step())
 
-    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
-        """Whole answers for a batch of prompts (str or token-id lists)."""
-        done: dict[int, Completion] = {}
-        texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
-        batch_rows: dict[int, _Row] = {}
-        for deltas in self._stream_rows(prompts, params, batch_rows):
-            for d in deltas:
-                texts[d.index].append(d.text)
-                if d.finish_reason:
-                    row = batch_rows[d.index]
-                    done[d.index] = Completion(
-                        "".join(texts[d.index]), list(row.out), row.prompt_len, d.finish_reason,
-                        list(row.logprobs) if row.params.logprobs else None,
-                        list(row.top) if row.params.top_logprobs else None,
-                        torch.stack(row.hidden) if row.params.return_hidden else None,
-                    )
-        return [done[i] for i in range(len(prompts))]
-
-    def _stream_rows(self, prompts, params, rows_out: dict[int, _Row]) -> Iterator[list[Delta]]:
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        batch = self.new_batch()
-        batch.on_row = lambda row: rows_out.__setitem__(row.rid, row)
-        with torch.inference_mode():
-            for deltas in batch.add(list(range(len(prompts))), prompts, plist):
-                yield raise_row_errors(deltas)
-            while batch.rows:
-                yield raise_row_errors(batch.step())
-
-
-class Batch:
+class Batch(BatchBase):
     """A running batch: rows share one KV cache; rows may join (add) and leave (finish/cancel)."""
 
     def __init__(self, engine: Engine):
-        self.engine = engine
-        self.rows: list[_Row] = []
+        super().__init__(engine)
         self.cache = None
         self.mask: torch.Tensor | None = None  # (B, T) 1 = real token
         self.next_pos: torch.Tensor | None = None  # (B,) position of the next token
         self.next_tokens: torch.Tensor | None = None  # (B,) last sampled token, fed next step
         self.seen: torch.Tensor | None = None  # (B, V) for repetition penalty, built lazily
-        self.on_row = None
 
     # Prefill new requests, then merge them into the running batch.
     def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
         """Prefill the prompts (one shared forward), merge them into the batch, yield each one's
         first token. A row whose own setup fails (e.g. its seed) ends with an error delta."""
         toks = prompt_ids(self.engine, prompts, params)
-        new_rows = [self._new_row(rid, t, sp) for rid, t, sp in zip(ids, toks, params)]
+        new_rows = [new_row(self.engine, rid, t, sp, self.on_row) for rid, t, sp in zip(ids, toks, params)]
         yield self._prefill(new_rows, toks)
 
-    def _new_row(self, rid: int, toks: list[int], sp: SamplingParams) -> _Row:
-        eng = self.engine
-        row = _Row(rid, sp, len(toks), IncrementalDecoder(eng.tokenizer), StopText(sp.stop), None, prompt=list(toks))
-        try:
-            if sp.seed is not None:
-                row.generator = torch.Generator(device=eng.device).manual_seed(sp.seed)
-            if sp.grammar is not None:
-                row.matcher = grammar.new_matcher(eng, sp.grammar)
-        except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
-            row.error = e
-        if self.on_row:
-            self.on_row(row)
-        return row
-
-    def _prefill(self, new_rows: list[_Row], toks: list[list[int]]) -> list[Delta]:
+    def _prefill(self, new_rows: list[Row], toks: list[list[int]]) -> list[Delta]:
         """One forward over `toks` (left padded), merge `new_rows` in, sample their next token."""
         eng = self.engine
         params = [r.params for r in new_rows]
@@ -341,65 +183,40 @@ class Batch:
         others go on. Rows of a failed `add` that were never merged are not here: the caller
         still holds them.
         """
-        rows = [r for r in self.rows if r.finish in (None, "cancelled")]
-        self.rows, self.cache = [], None
-        self.mask = self.next_pos = self.next_tokens = self.seen = None
-        deltas = []
-        for row in rows:
-            if row.finish == "cancelled":
-                deltas.append(Delta(row.rid, "", [], None, "cancelled"))
-                continue
+        rows = list(self.rows)
+        self.close()
+        deltas = [end_delta(r) for r in rows if r.finish == "cancelled"]
+        for row in [r for r in rows if r.finish is None]:
             try:
                 deltas += self._prefill([row], [row.prompt + row.out])
             except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
                 log.warning("row %s failed when recomputed alone: %s", row.rid, e)
                 row.finish, row.error = "error", e
-                deltas.append(Delta(row.rid, "", [], None, "error", error=e))
+                deltas.append(end_delta(row))
                 if row in self.rows:  # merged before it failed
                     self._drop_finished()
         return deltas
 
-    def cancel(self, rids: Iterable[int]) -> None:
-        rids = set(rids)
-        for row in self.rows:
-            if row.rid in rids and row.finish is None:
-                row.finish = "cancelled"
+    def close(self) -> None:
+        """Drop every row and the cache (a caller done with this batch)."""
+        self.rows, self.cache = [], None
+        self.mask = self.next_pos = self.next_tokens = self.seen = None
 
     def _emit(self, logits: torch.Tensor, first: int = 0, hidden: torch.Tensor | None = None) -> list[Delta]:
         """Sample for rows[first:] (new rows after a prefill) or all rows, update their text.
         `hidden` (len(rows[first:]), H): the head inputs the logits came from."""
         rows = self.rows[first:]
         seen = self.seen[first:] if self.seen is not None else None
-        outputs, allowed = grammar.row_constraints(self.engine, rows)
-        tokens, logps, alternatives, errors = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows], seen,
-                                                          outputs, allowed)
+        tokens, sampled = sample(self.engine, rows, logits, seen, hidden)
         if first == 0:
             self.next_tokens = tokens
         else:
             self.next_tokens[first:] = tokens
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        deltas = []
-        for i, (row, tok, lp, alt, err) in enumerate(zip(rows, tokens.tolist(), logps, alternatives, errors)):
-            if row.finish == "cancelled":
-                deltas.append(Delta(row.rid, "", [], None, "cancelled"))
-                continue
-            row.error = row.error or err
-            if row.error is None:
-                try:
-                    deltas.append(self._advance(row, tok, lp, alt, hidden[i] if row.params.return_hidden else None))
-                    continue
-                except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
-                    row.error = e
-            row.finish = "error"
-            deltas.append(Delta(row.rid, "", [], None, "error", error=row.error))
+        deltas = emit(rows, sampled, self.engine.eos_ids)
         self._drop_finished()
         return deltas
-
-    def _advance(self, row: _Row, tok: int, lp: float, alt, hidden: torch.Tensor | None) -> Delta:
-        if hidden is not None:
-            row.hidden.append(hidden.clone())
-        return advance_row(row, tok, lp, alt, self.engine.eos_ids)
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if r.finish is None]
@@ -420,14 +237,6 @@ class Batch:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-
-
-def prompt_ids(engine, prompts, params: list[SamplingParams]) -> list[list[int]]:
-    """Token ids of each prompt (str or ids), cut to fit the context; shared by every backend."""
-    toks = [engine.fit_prompt(p if isinstance(p, list) else engine.encode(p), sp.max_new_tokens) for p, sp in zip(prompts, params)]
-    if any(len(t) == 0 for t in toks):
-        raise CamelidError("empty prompt: give at least one token of text")
-    return toks
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

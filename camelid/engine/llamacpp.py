@@ -1,12 +1,13 @@
 """The llama.cpp backend: the engine's interface over a GGUF file, run by llama-cpp-python.
 
-Same surface as `camelid.engine.Engine` (encode, stream, generate, new_batch -> Batch with
-add/step/cancel, tokenizer, max_context), so chat, generate and serve take it unchanged. What
-differs is only who computes the logits: llama.cpp decodes one batch holding one token per
-running request (each request its own sequence in one KV cache, as llama-server does), and the
-logits go through camelid's own sampler (`engine.sampling.sample_next`) and stop-string /
-detokenisation helpers (`engine.text`), so the sampling flags, seeds, stop strings and streaming
-behave exactly as with the torch engine. The model is a `.gguf` given directly, or any model
+A `backend.Backend` like the torch engine, sharing its driver loop and per-token finish logic
+(`engine.backend`), so chat, generate and serve's continuous-batching scheduler take it
+unchanged. What differs is only who computes the logits: llama.cpp decodes one batch holding one
+token per running request (each request its own sequence in one KV cache, as llama-server does;
+new requests' prompts are prefilled together the same way), and the logits go through camelid's
+own sampler (`engine.sampling.sample_next`) and stop-string / detokenisation helpers
+(`engine.text`), so the sampling flags, seeds, stop strings and streaming behave exactly as with
+the torch engine. The model is a `.gguf` given directly, or any model
 camelid can load exported on the fly into the cache ($CAMELID_HOME/gguf, see export.core).
 """
 
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from camelid.engine import grammar
-from camelid.engine.engine import Completion, Delta, advance_row, prompt_ids, raise_row_errors
+from camelid.engine.backend import BackendBase, BatchBase, Delta, Row, Sampled, emit, new_row, prompt_ids, sample
 from camelid.engine.sampling import SamplingParams
-from camelid.engine.text import IncrementalDecoder, StopText
+from camelid.engine.select import DEFAULT_QUANT
 from camelid.errors import CamelidError
 
 INSTALL_HINT = "pip install 'camelid[llamacpp]' (compiles llama.cpp, ~10 minutes; pip caches the wheel)"
@@ -141,28 +141,15 @@ def _or_none(tid: int) -> int | None:
 
 
 @dataclass
-class _Row:
-    rid: int
-    params: SamplingParams
-    slot: int  # the llama.cpp sequence id holding this request's KV cache
-    prompt: list[int]
-    decoder: IncrementalDecoder
-    stop_text: StopText
-    rng: Any  # torch.Generator or None
-    error: Exception | None = None
+class SeqRow(Row):
+    """A row and the llama.cpp sequence that holds its KV cache."""
+
+    slot: int = -1
     pos: int = 0
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish: str | None = None
-    matcher: Any = None  # the row's grammar state (engine.grammar), when its params carry a grammar
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt)
+    """The position of the next token fed to its sequence."""
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(BackendBase):
     """Generation over a GGUF with llama.cpp. Build it with `load_llamacpp_engine`."""
 
     def __init__(self, gguf: Path, threads: int | None = None, max_context: int | None = None, parallel: int = DEFAULT_PARALLEL):
@@ -177,7 +164,7 @@ class LlamaCppEngine:
             raise CamelidError(f"llama.cpp cannot load {gguf} ({e}); is it a complete GGUF of an architecture llama.cpp supports?") from None
         self.max_context = sequence_context(max_context, self.model.n_ctx_train(), parallel,
                                             kv_bytes_per_token(lc, self.model.model), physical_memory())
-        self.parallel = parallel
+        self.parallel = self.max_rows = parallel
         self.threads = threads or os.cpu_count() or 1
         cparams = lc.llama_context_default_params()
         # `parallel` sequences, each with its own max_context-token slice of the KV cache.
@@ -200,17 +187,6 @@ class LlamaCppEngine:
         self.batch_buf.close()
         self.ctx.close()
         self.model.close()
-
-    # ---- the same prompt handling as the torch engine --------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        """Token ids; BOS only where the tokenizer adds one and the prompt lacks it."""
-        bos = self.tokenizer.bos_token
-        return self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
-
-    def fit_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        from camelid.engine.engine import Engine
-
-        return Engine.fit_prompt(self, ids, max_new_tokens)  # type: ignore[arg-type]
 
     # ---- llama.cpp calls -------------------------------------------------------------------
     def decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
@@ -242,7 +218,7 @@ class LlamaCppEngine:
         self.ctx.kv_cache_seq_rm(slot, -1, -1)
         self._free_slots.append(slot)
 
-    # ---- generation (mirrors engine.Engine) -----------------------------------------------
+    # ---- generation (backend.BackendBase drives it) ----------------------------------------
     def new_batch(self) -> "LlamaCppBatch":
         """A fresh batch; one is live at a time, so a batch the caller dropped (the server does
         after a failed step) gives its sequences back here."""
@@ -251,177 +227,97 @@ class LlamaCppEngine:
         self._live = LlamaCppBatch(self)
         return self._live
 
-    def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), cancelled: set[int] | None = None) -> Iterator[list[Delta]]:
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or one for all")
-        batch = self.new_batch()
-        try:
-            # More prompts than sequences: the rest join as earlier ones finish.
-            pending = list(range(len(prompts)))
-            while pending or batch.rows:
-                room = self.parallel - len(batch.rows)
-                take, pending = pending[:room], pending[room:]
-                if take:
-                    for deltas in batch.add(take, [prompts[i] for i in take], [plist[i] for i in take]):
-                        yield raise_row_errors(deltas)
-                if cancelled:
-                    batch.cancel(cancelled)
-                if batch.rows:
-                    yield raise_row_errors(batch.step())
-        finally:
-            batch.close()
 
-    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
-        """Whole answers for a batch of prompts (str or token-id lists)."""
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
-        ids: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-        logps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
-        tops: dict[int, list] = {i: [] for i in range(len(prompts))}
-        done: dict[int, Completion] = {}
-        for deltas in self.stream(prompts, plist):
-            for d in deltas:
-                texts[d.index].append(d.text)
-                ids[d.index] += d.token_ids
-                logps[d.index] += d.logprobs or []
-                tops[d.index] += d.top_logprobs or []
-                if d.finish_reason:
-                    n_prompt = len(self._prompt_ids(prompts[d.index], plist[d.index]))
-                    lp = logps[d.index] if plist[d.index].logprobs else None
-                    top = tops[d.index] if plist[d.index].top_logprobs else None
-                    done[d.index] = Completion("".join(texts[d.index]), ids[d.index], n_prompt, d.finish_reason, lp, top)
-        return [done[i] for i in range(len(prompts))]
-
-    def _prompt_ids(self, prompt, params: SamplingParams) -> list[int]:
-        return self.fit_prompt(prompt if isinstance(prompt, list) else self.encode(prompt), params.max_new_tokens)
-
-
-class LlamaCppBatch:
-    """Running requests, one llama.cpp sequence each; `add` prefills, `step` decodes one token
-    for every row in one llama_decode call. Same contract as engine.Batch."""
-
-    def __init__(self, engine: LlamaCppEngine):
-        self.engine = engine
-        self.rows: list[_Row] = []
-        self.on_row = None
+class LlamaCppBatch(BatchBase):
+    """Running requests, one llama.cpp sequence each (`backend.RowBatch`): `add` prefills the new
+    prompts, `step` decodes one token for every row, each in one llama_decode call over a
+    batch whose tokens carry their own sequence ids."""
 
     def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
-        import torch
-
         eng = self.engine
         toks = prompt_ids(eng, prompts, params)
         if len(self.rows) + len(toks) > eng.parallel:
             raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
-        new_rows, logits = [], []
-        for rid, t, sp in zip(ids, toks, params):
-            row = _Row(rid, sp, eng.take_slot(), t, IncrementalDecoder(eng.tokenizer), StopText(sp.stop), None, pos=len(t))
-            try:
-                row.rng = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
-                row.matcher = grammar.new_matcher(eng, sp.grammar) if sp.grammar is not None else None
-            except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
-                row.error = e
-            self.rows.append(row)
-            new_rows.append(row)
-            if self.on_row:
-                self.on_row(row)
-            logits += eng.decode([(tok, i, row.slot, i == len(t) - 1) for i, tok in enumerate(t)])
-        yield self._emit(new_rows, logits)
+        new_rows = [new_row(eng, rid, t, sp, self.on_row, SeqRow, slot=eng.take_slot(), pos=len(t))
+                    for rid, t, sp in zip(ids, toks, params)]
+        for row in new_rows:
+            if row.params.return_hidden and row.error is None:
+                row.error = CamelidError("return_hidden needs the torch engine (--backend torch)")
+        self.rows += new_rows
+        yield self._emit(new_rows, self._prefill([r for r in new_rows if r.error is None]))
+
+    def _prefill(self, rows: list[SeqRow]) -> list[Any]:
+        """Decode each row's whole history (prompt + answer so far) into its cleared sequence,
+        all rows in one batch; one logits row per row, from its last token."""
+        items = []
+        for row in rows:
+            toks = row.prompt + row.out
+            self.engine.ctx.kv_cache_seq_rm(row.slot, -1, -1)
+            items += [(tok, i, row.slot, i == len(toks) - 1) for i, tok in enumerate(toks)]
+            row.pos = len(toks)
+        return self.engine.decode(items)
 
     def step(self) -> list[Delta]:
-        rows = list(self.rows)
-        live = [r for r in rows if r.finish is None]
+        live = [r for r in self.rows if r.finish is None]
         logits = self.engine.decode([(r.out[-1], r.pos, r.slot, True) for r in live])
         for r in live:
             r.pos += 1
-        by_row = dict(zip((id(r) for r in live), logits))
-        return self._emit(rows, [by_row.get(id(r)) for r in rows])
+        return self._emit(list(self.rows), logits)
 
     def rebuild(self) -> list[Delta]:
         """As `engine.Batch.rebuild`: after a failed decode, each row's sequence is cleared and
         recomputed alone from its tokens (prompt + answer so far), one step's result per row; a
         row that fails alone ends with an error delta."""
-        rows, logits = [], []
-        for row in list(self.rows):
-            if row.finish is not None:
-                rows.append(row)
-                logits.append(None)
-                continue
-            toks = row.prompt + row.out
-            try:
-                self.engine.ctx.kv_cache_seq_rm(row.slot, -1, -1)
-                logits += self.engine.decode([(tok, i, row.slot, i == len(toks) - 1) for i, tok in enumerate(toks)])
-                row.pos = len(toks)
-            except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
-                row.error = e
-                logits.append(None)
-            rows.append(row)
-        return self._emit(rows, logits)
-
-    def cancel(self, rids: Iterable[int]) -> None:
-        rids = set(rids)
+        logits = []
         for row in self.rows:
-            if row.rid in rids and row.finish is None:
-                row.finish = "cancelled"
+            if row.finish is None and row.error is None:
+                try:
+                    logits += self._prefill([row])
+                except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
+                    row.error = e
+        return self._emit(list(self.rows), logits)
 
     def close(self) -> None:
         for row in self.rows:
             self.engine.release_slot(row.slot)
         self.rows = []
 
-    def _emit(self, rows: list[_Row], logits: list[Any]) -> list[Delta]:
-        live = [(r, lg) for r, lg in zip(rows, logits) if r.finish is None and r.error is None and lg is not None]
-        sampled = dict(zip((id(r) for r, _ in live), zip(*_sample(self.engine, [r for r, _ in live], [lg for _, lg in live])))) if live else {}
-        deltas = []
-        for row in rows:
-            if row.finish == "cancelled":
-                deltas.append(Delta(row.rid, "", [], None, "cancelled"))
-                continue
-            if row.error is None:
-                tok, lp, alt, row.error = sampled[id(row)]
-            if row.error is None:
-                try:
-                    deltas.append(self._advance(row, tok, lp, alt))
-                    continue
-                except Exception as e:  # noqa: BLE001 - this row's failure, reported with it
-                    row.error = e
-            row.finish = "error"
-            deltas.append(Delta(row.rid, "", [], None, "error", error=row.error))
+    def _emit(self, rows: list[SeqRow], logits: list[Any]) -> list[Delta]:
+        """Sample for `rows`: the running ones without an error of their own each have a logits
+        row, in order; then the rows that finished leave and give their sequences back."""
+        live = [r for r in rows if r.finish is None and r.error is None]
+        by_row = dict(zip(map(id, live), _sample(self.engine, live, logits))) if live else {}
+        none = (0, 0.0, None, None)  # the row ends this step: cancelled or failed
+        tokens, logps, alts, errors = zip(*(by_row.get(id(r), none) for r in rows)) if rows else ((),) * 4
+        deltas = emit(rows, Sampled(list(tokens), list(logps), list(alts), list(errors)), self.engine.eos_ids)
         for row in [r for r in self.rows if r.finish is not None]:
             self.engine.release_slot(row.slot)
         self.rows = [r for r in self.rows if r.finish is None]
         return deltas
 
-    def _advance(self, row: _Row, tok: int, lp: float, alt: list[tuple[int, float]] | None) -> Delta:
-        return advance_row(row, tok, lp, alt, self.engine.eos_ids)
 
-
-def _sample(engine: LlamaCppEngine, rows: list[_Row], logits: list[Any]) -> tuple[list[int], list[float], list, list]:
-    """Next token per row with camelid's sampler (identical semantics to the torch engine: the
-    same penalties, logit_bias and grammar masks), and each row's own failure or None
-    (`sampling.sample_rows`); plain greedy rows take a numpy argmax, which is what the sampler
+def _sample(engine: LlamaCppEngine, rows: list[SeqRow], logits: list[Any]) -> list[tuple[int, float, Any, Exception | None]]:
+    """(token, log-probability, alternatives, error) per row from camelid's sampler: the same
+    penalties, logit_bias and grammar masks as the torch engine, and each row's own failure
+    (`sampling.sample_rows`). Plain greedy rows take a numpy argmax, which is what the sampler
     would return."""
     import numpy as np
 
     arr = np.stack(logits)
     if all(r.params.greedy and r.params.plain and not r.params.logprobs and not r.params.top_logprobs for r in rows):
-        return arr.argmax(-1).tolist(), [0.0] * len(rows), [None] * len(rows), [None] * len(rows)
+        return [(int(t), 0.0, None, None) for t in arr.argmax(-1)]
     import torch
-
-    from camelid.engine.sampling import sample_rows
 
     seen = None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         seen = torch.zeros(arr.shape, dtype=torch.bool)
         for i, r in enumerate(rows):
             seen[i, torch.tensor(r.prompt + r.out, dtype=torch.long)] = True
-    outputs, allowed = grammar.row_constraints(engine, rows)
-    tokens, logps, alternatives, errors = sample_rows(torch.from_numpy(arr), [r.params for r in rows], [r.rng for r in rows], seen,
-                                                      outputs, allowed)
-    return tokens.tolist(), logps, alternatives, errors
+    _, s = sample(engine, rows, torch.from_numpy(arr), seen)
+    return list(zip(s.tokens, s.logprobs, s.alternatives, s.errors))
 
 
-def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | None = None, quant: str = "q8_0",
+def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | None = None, quant: str = DEFAULT_QUANT,
                          max_context: int | None = None, parallel: int = DEFAULT_PARALLEL) -> LlamaCppEngine:
     """The llama.cpp engine for `model`: a .gguf file, or any model camelid loads (bundled name,
     HF folder, adapter folder), exported to GGUF (`quant`) into the cache on first use."""
@@ -433,6 +329,8 @@ def load_llamacpp_engine(model: str | os.PathLike | None = None, threads: int | 
     name = str(model or DEFAULT_MODEL)
     if name.endswith(".gguf"):
         path = Path(name).expanduser()
+        if not path.is_file():
+            raise CamelidError(f"cannot use {path} with llama.cpp: it does not exist (or is not a file)")
         try:
             read_header(path, tensors=False)
         except (OSError, ValueError) as e:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from camelid.engine.select import DEFAULT_QUANT
 from camelid.errors import UsageError
 from camelid.serve.prompting import chat_ids
 from camelid.serve.protocol import APIError
@@ -95,27 +96,25 @@ def load_model(
     max_queue: int = 256,
     max_context: int | None = None,
     backend: str = "torch",
+    quant: str = DEFAULT_QUANT,
     threads: int | None = None,
 ) -> ServedModel:
-    """Load weights with the engine, start its scheduler thread, pick its template."""
+    """Load weights with the backend (`engine.select`), start its scheduler thread, pick its template."""
+    from camelid.engine.select import load_backend
     from camelid.templates import pick_template
+    from camelid.utils import status
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    if backend == "llama.cpp":
-        from camelid.engine.llamacpp import load_llamacpp_engine
-
-        # llama.cpp decodes at most `parallel` sequences together: size it to the batch.
-        engine = load_llamacpp_engine(model, threads=threads, max_context=max_context, parallel=max_batch_size)
-    else:
-        from camelid.engine import Engine
-
-        engine = Engine.load(model, device=device, dtype=dtype, load_8bit=load_8bit, max_context=max_context)
+    # llama.cpp decodes at most `parallel` sequences together: sized to the batch.
+    engine, line = load_backend(model, backend, device=device, dtype=dtype, load_8bit=load_8bit, quant=quant,
+                                max_context=max_context, threads=threads, parallel=max_batch_size)
     check_context(engine, max_context)
     name = served_name or public_name(engine.name)
     tmpl = pick_template(template, engine.tokenizer, engine.path)
+    status(line)
     return ServedModel(name, engine, Scheduler(engine, max_batch_size, max_queue), tmpl, root=str(model or engine.path))
 
 

@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from camelid.engine.select import DEFAULT_QUANT, option_conflict
 from camelid.errors import CamelidError
+from camelid.export.writer import QUANTS
 from camelid.serve.access import check_origins, is_loopback
 
 
@@ -39,8 +41,12 @@ class ServeConfig:
     """auto, float32, bfloat16 or float16."""
     load_8bit: bool = False
     """Int8 weights (about half of bfloat16's memory; torch backend)."""
-    backend: str = "torch"
-    """torch, or llama.cpp (a .gguf, or the model exported to GGUF q8_0 on the fly)."""
+    backend: str = "auto"
+    """auto (llama.cpp where it can run the model, else torch; a status line says which and why),
+    torch, or llama.cpp (a .gguf, or the model exported to GGUF once into $CAMELID_HOME/gguf)."""
+    quant: str = DEFAULT_QUANT
+    """GGUF weight type the model is exported to for llama.cpp: f16, q8_0, q4_0 (faster, smaller,
+    some cost in quality) or q4_k_m; a .gguf runs as it is."""
     threads: int = 0
     """CPU threads for generation (0 = all cores)."""
     template: str = ""
@@ -64,10 +70,11 @@ class ServeConfig:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if self.max_context < 0:
             raise ValueError("max_context must be >= 0")
-        if self.backend not in ("torch", "llama.cpp"):
-            raise ValueError(f"backend must be torch or llama.cpp, got {self.backend!r}")
-        if self.backend == "llama.cpp" and self.load_8bit:
-            raise ValueError("--load-8bit is for the torch backend; with llama.cpp export a q8_0 file (camelid export gguf --quant q8_0)")
+        conflict = option_conflict(self.backend, self.load_8bit)
+        if conflict:
+            raise ValueError(conflict)
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if any(not k or k != k.strip() for k in self.api_keys):
             raise ValueError("API keys must be non-empty and have no surrounding spaces")
         check_origins(self.allowed_origins)
@@ -80,7 +87,7 @@ def build_registry(cfg: ServeConfig):
     registry.add(load_model(
         cfg.model, cfg.served_model_name or None, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
         template=cfg.template or None, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-        max_context=cfg.max_context or None, backend=cfg.backend, threads=cfg.threads or None,
+        max_context=cfg.max_context or None, backend=cfg.backend, quant=cfg.quant, threads=cfg.threads or None,
     ), aliases=(cfg.model,))
     return registry
 

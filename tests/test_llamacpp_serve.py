@@ -1,0 +1,146 @@
+"""Continuous batching on the llama.cpp backend: running requests decode together, one
+llama_decode per step (each its own sequence), and over a real HTTP server concurrent requests
+get exactly the greedy text they get one at a time, while one client's bad request fails alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llamacpp
+
+from camelid.engine import SamplingParams  # noqa: E402
+from camelid.engine.llamacpp import load_llamacpp_engine  # noqa: E402
+from camelid.export.core import ExportConfig, export_gguf  # noqa: E402
+
+PARALLEL = 4
+SEQ_CONTEXT = 256
+PROMPTS = [f"Question {i}: tell me about the number {i * 7}." for i in range(6)]  # more than PARALLEL: some wait
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lcpp-serve") / "tiny-f16.gguf"
+    return export_gguf(ExportConfig(model=str(tiny_model_dir), out=str(out), quant="f16", progress=False, modelfile=False)).path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    eng = load_llamacpp_engine(str(tiny_gguf), threads=2, max_context=SEQ_CONTEXT, parallel=PARALLEL)
+    yield eng
+    eng.close()
+
+
+def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
+    import torch
+
+    from camelid.engine.backend import Backend, RowBatch
+
+    assert isinstance(engine, Backend) and isinstance(engine.new_batch(), RowBatch)
+
+    calls = []
+    real = engine.ctx.decode
+    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    params = [SamplingParams(temperature=0, max_new_tokens=5 + i) for i in range(3)]
+    want = [c.token_ids for c in (engine.generate([p], sp)[0] for p, sp in zip(PROMPTS, params))]
+    got = {i: [] for i in range(3)}
+    batch = engine.new_batch()
+    calls.clear()
+    with torch.inference_mode():
+        for deltas in batch.add([0, 1, 2], PROMPTS[:3], params):
+            for d in deltas:
+                got[d.index] += d.token_ids
+        assert calls == [sum(len(engine.encode(p)) for p in PROMPTS[:3])], "the three prompts prefilled in one decode"
+        while batch.rows:
+            calls.clear()
+            running = len(batch.rows)
+            for d in batch.step():
+                got[d.index] += d.token_ids
+            assert calls == [running], "one decode holds one token of every running row"
+    assert [got[i] for i in range(3)] == want, "batched greedy equals each prompt alone"
+    assert sorted(engine._free_slots) == list(range(PARALLEL))
+
+
+def _serve(eng, tiny_model_dir):
+    """A registry serving a loaded llama.cpp engine as "m", through the server's own scheduler."""
+    from camelid.serve.registry import ModelRegistry, ServedModel
+    from camelid.serve.scheduler import Scheduler
+    from camelid.templates import pick_template
+
+    registry = ModelRegistry()
+    registry.add(ServedModel("m", eng, Scheduler(eng, PARALLEL, 64), pick_template(None, eng.tokenizer, tiny_model_dir)))
+    return registry
+
+
+def test_concurrent_requests_over_http_equal_one_at_a_time(tiny_gguf):
+    """`camelid serve --backend llama.cpp` (build_registry from its config): more concurrent
+    streams than sequences; each gets the text it gets alone, and requests ran batched."""
+    from camelid.engine.llamacpp import LlamaCppEngine
+    from camelid.serve.app import create_app
+    from camelid.serve.server import ServeConfig, ServerThread, build_registry
+
+    registry = build_registry(ServeConfig(model=str(tiny_gguf), served_model_name="m", backend="llama.cpp",
+                                          max_batch_size=PARALLEL, max_context=SEQ_CONTEXT, threads=2))
+    assert isinstance(registry.get("m").engine, LlamaCppEngine) and registry.get("m").engine.parallel == PARALLEL
+    body = {"model": "m", "temperature": 0}
+    try:
+        with ServerThread(create_app(registry)) as base, httpx.Client(base_url=base, timeout=120) as http:
+            alone = [http.post("/v1/completions", json={**body, "prompt": p, "max_tokens": 8 + i}).json()["choices"][0]["text"]
+                     for i, p in enumerate(PROMPTS)]
+
+            def stream(i: int) -> tuple[str, str]:
+                with httpx.Client(base_url=base, timeout=120) as own:
+                    r = own.post("/v1/completions", json={**body, "prompt": PROMPTS[i], "max_tokens": 8 + i, "stream": True})
+                chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+                return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+
+            with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+                together = list(pool.map(stream, range(len(PROMPTS))))
+            stats = http.get("/health").json()["models"]["m"]
+    finally:
+        registry.close()
+    assert [t for t, _ in together] == alone
+    assert all(finish == "length" for _, finish in together)
+    assert stats["peak_running_sequences"] > 1, "requests that arrived together ran in one batch"
+
+
+def test_a_bad_request_beside_a_stream_fails_alone(tiny_gguf, tiny_model_dir):
+    """Beside a running stream: a request the API refuses (400), and one whose sequence breaks
+    the shared llama_decode (its KV slice overflows: an engine told a longer context than its
+    sequences hold, which --max-context cannot set up). Each fails on its own; the stream ends
+    with the text it has alone, and the server goes on."""
+    from camelid.serve.app import create_app
+    from camelid.serve.server import ServerThread
+
+    eng = load_llamacpp_engine(str(tiny_gguf), threads=2, max_context=SEQ_CONTEXT, parallel=PARALLEL)
+    eng.max_context = 4 * SEQ_CONTEXT
+    registry = _serve(eng, tiny_model_dir)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Tell me about the garden"}], "temperature": 0,
+            "max_tokens": 120, "ignore_eos": True}
+    long_ids = eng.encode("word " * 2000)[: SEQ_CONTEXT - 6]  # overflows its sequence on its sixth new token
+    try:
+        with ServerThread(create_app(registry)) as base, httpx.Client(base_url=base, timeout=120) as http:
+            whole = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+            with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as good:
+                lines = good.iter_lines()
+                assert next(lines).startswith("data: ")  # it is running
+                refused = http.post("/v1/completions", json={"model": "m", "prompt": "hi", "temperature": -1})
+                broken = http.post("/v1/completions", json={"model": "m", "prompt": long_ids, "max_tokens": 12, "temperature": 0})
+                events = [line[len("data: "):] for line in [*lines] if line.startswith("data: ")]
+            after = http.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+            stats = http.get("/health").json()["models"]["m"]
+    finally:
+        registry.close()
+        eng.close()
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature"
+    assert broken.status_code == 500 and broken.json()["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("error" not in c for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == whole == after
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert stats["peak_running_sequences"] >= 2 and stats["alive"], "the two ran in one batch; the server lives on"
