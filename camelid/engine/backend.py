@@ -11,7 +11,6 @@ failures). Chat, generate, serve's scheduler, evaluation and PPO call a backend 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, runtime_checkable
@@ -187,8 +186,7 @@ class BackendBase:
                     if batch.rows:
                         yield raise_row_errors(batch.step())
         finally:
-            with contextlib.suppress(Exception):  # the error being raised, if any, is the one to see
-                batch.close()
+            batch.close()
 
 
 def completion(row: Row, text: str) -> Completion:
