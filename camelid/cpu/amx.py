@@ -85,6 +85,8 @@ def _platform_fits() -> bool:
 def expected() -> bool:
     """Whether `kernel()` gives the kernel, or would on first use, without building it: the
     platform fits, a compiler is there and no earlier build or self-test failed."""
+    if not _platform_fits():  # the switches are read here, not only when the kernel first loaded
+        return False
     if kernel.cache_info().currsize:
         return kernel() is not None
     cc = _platform_fits() and _compiler()

@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 from camelid.engine.backend import BackendBase, BatchBase, Delta, Row, Sampled, emit, new_row, prompt_ids, sample
 from camelid.engine.sampling import SamplingParams
-from camelid.engine.select import DEFAULT_QUANT
 from camelid.errors import CamelidError
+from camelid.export.writer import DEFAULT_QUANT
 
 INSTALL_HINT = "pip install 'camelid[llamacpp]' (compiles llama.cpp, ~10 minutes; pip caches the wheel)"
 DEFAULT_MAX_CONTEXT = 4096

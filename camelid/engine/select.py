@@ -17,14 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError, UsageError
+from camelid.export.writer import DEFAULT_QUANT
 
 BACKENDS = ("auto", "torch", "llama.cpp")
-DEFAULT_QUANT = "q8_0"
-"""The GGUF weight type a model is exported to for llama.cpp (`--quant`): 8-bit keeps the model's
-answers (greedy text equal to the torch engine's on the bundled model); q4_0 is faster and
-smaller at some cost in quality."""
-
-
 @dataclass(frozen=True)
 class Choice:
     backend: str

@@ -23,6 +23,10 @@ from camelid.export.vocab import GgufVocab, write_vocab
 # quant name -> (general.file_type, block type of the weight matrices); q4_k_m goes through
 # llama.cpp's own quantizer (the gguf package has no Q4_K/Q6_K quantizers), see quantize.py.
 QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
+DEFAULT_QUANT = "q8_0"
+"""The GGUF weight type a model is exported to for llama.cpp (`--quant`): 8-bit keeps the model's
+answers (greedy text equal to the torch engine's on the bundled model); q4_0 is faster and
+smaller at some cost in quality."""
 
 
 @dataclass
