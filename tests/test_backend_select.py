@@ -13,7 +13,7 @@ import pytest
 from camelid.cli import main
 from camelid.engine.select import choose
 
-GENERATE = ["generate", "--raw", "--temperature", "0", "--max-new-tokens", "6", "--threads", "2", "The quick brown fox"]
+GENERATE = ["generate", "--backend", "auto", "--raw", "--temperature", "0", "--max-new-tokens", "6", "--threads", "2", "The quick brown fox"]
 
 
 @pytest.fixture
