@@ -106,7 +106,7 @@ $(PEER_DIR)/.stamp-llama-server: $(VENV)/.stamp-test
 	tar xzf $$src/llama_cpp_python-$$ver.tar.gz -C $$src; \
 	cmake -S $$src/llama_cpp_python-$$ver/vendor/llama.cpp -B $$src/build $(LLAMA_CMAKE_ARGS) $(LLAMA_SERVER_CMAKE_ARGS); \
 	cmake --build $$src/build --target llama-server -j $(PEER_JOBS); \
-	cp $$src/build/bin/llama-server $(PEER_DIR)/llama-server; \
+	cp $$src/build/bin/llama-server $(PEER_DIR)/llama-server; rm -rf $$src; \
 	echo "$(PEER_DIR)/llama-server: llama.cpp of llama-cpp-python $$ver"
 	touch $@
 

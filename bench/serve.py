@@ -67,6 +67,16 @@ def start_server(max_batch_size: int, args, extra: tuple[str, ...] = ()) -> tupl
     raise SystemExit("server did not start within 300 s")
 
 
+def post_stream(http: httpx.Client, body: dict) -> httpx.Response:
+    """The streamed response to a chat completion. A server may close a kept-alive connection just
+    as the client reuses it: then once more, on a new one."""
+    request = http.build_request("POST", "/v1/chat/completions", json=body)
+    try:
+        return http.send(request, stream=True)
+    except httpx.RemoteProtocolError:
+        return http.send(request, stream=True)
+
+
 def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | None = None, temperature: float = 0.7) -> dict:
     body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": question}], "stream": True,
             "temperature": temperature, "max_tokens": tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}
@@ -75,7 +85,8 @@ def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | N
                     response_format={"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}})
     t0 = time.perf_counter()
     ttft, last, usage, chunks = None, None, None, 0
-    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+    r = post_stream(http, body)
+    try:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -86,6 +97,8 @@ def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | N
                 ttft = last if ttft is None else ttft
                 chunks += 1
             usage = chunk.get("usage") or usage
+    finally:
+        r.close()
     tokens = usage["completion_tokens"] if usage else chunks  # a server without stream usage: one chunk a token
     # decode time per token after the first (prefill, and a schema's compilation, come before it)
     per_token = (last - ttft) / (tokens - 1) if ttft is not None and tokens > 1 else 0.0

@@ -39,7 +39,12 @@ from pathlib import Path
 
 import httpx
 
-from serve import QUESTIONS, load_test, one_request, start_server
+from serve import QUESTIONS, load_test, one_request, start_server  # bench/serve.py, beside this file
+
+# bench/gguf.py is named like the `gguf` package that camelid.export imports: with bench/ first on
+# sys.path it would be found instead. bench/serve.py is imported; take bench/ off.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 MODEL = "smollm2-135m"
 QUANT = "q8_0"  # what camelid's llama.cpp backend exports a model to
