@@ -33,7 +33,9 @@ SCHEMAS = {
 
 @pytest.fixture
 def fresh_reports(monkeypatch):
-    """Forget which paths were reported off and which line was logged, for this test only."""
+    """The kit on, and which paths were reported off and which line was logged forgotten, for
+    this test only."""
+    monkeypatch.delenv(cpu.SWITCH, raising=False)
     internals.missing_names.cache_clear()
     monkeypatch.setattr(internals, "_broken", {})
     monkeypatch.setattr(cpu, "_logged", [])
