@@ -8,6 +8,12 @@ PIP_TORCH_ARGS ?=
 # Optional extras (pyproject.toml): `make run` trains (train), `make chat` needs none; serve and
 # 8-bit training come along so that every command works in this venv.
 EXTRAS        ?= train,serve,8bit
+# The llama.cpp backend (the default of chat, generate and serve where it runs) is compiled at
+# set-up; LLAMACPP=0 leaves it out (then they use the torch engine).
+LLAMACPP      ?= 1
+INSTALL_LLAMACPP = @echo "compiling llama.cpp for the llama.cpp backend (once, ~10 min on 2 cores; LLAMACPP=0 skips it)"; \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -c $(CONSTRAINTS) -e ".[llamacpp]" "$(TORCH_SPEC)" || \
+	echo "llama-cpp-python did not build: chat, generate and serve use the torch engine"
 # llama.cpp is compiled for a portable x86-64 baseline (AVX2/FMA/F16C), not -march=native: some
 # virtual machines advertise CPU features (AMX) they then fault on (SIGILL in llama_decode).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
@@ -30,6 +36,7 @@ $(VENV)/.stamp-torch:
 # dependencies) into $CAMELID_HOME on first use and converts it once.
 $(VENV)/.stamp-setup: $(VENV)/.stamp-torch pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]" "$(TORCH_SPEC)"
+	$(if $(filter 1,$(LLAMACPP)),$(INSTALL_LLAMACPP))
 	$(CAMELID) models fetch
 	touch $@
 

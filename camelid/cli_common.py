@@ -21,10 +21,10 @@ def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
         from camelid.engine.select import BACKENDS, DEFAULT_QUANT
         from camelid.export.writer import QUANTS
 
-        g.add_argument("--backend", default="torch", choices=BACKENDS,
-                       help="torch (default), llama.cpp (a .gguf, or the model exported to GGUF once into "
-                            "$CAMELID_HOME/gguf), or auto (llama.cpp where it can run the model, else torch; a status "
-                            "line says which and why)")
+        g.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="auto (default: llama.cpp where it can run the model, else torch; a status line says "
+                            "which and why), torch, or llama.cpp (a .gguf, or the model exported to GGUF once into "
+                            "$CAMELID_HOME/gguf)")
         g.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,
                        help=f"GGUF weight type the model is exported to for llama.cpp (default: {DEFAULT_QUANT}; "
                             "q4_0 is faster and smaller at some cost in quality; a .gguf runs as it is)")

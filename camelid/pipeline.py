@@ -220,9 +220,9 @@ def as_json(obj: Any) -> Any:
     return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
 
 
-def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, fresh: bool) -> None:
+def run_stage(name: str, step: str, stage_cfg: Any, run_dir: Path, h: str, *, fresh: bool) -> None:
     """Run one stage (resuming from its checkpoints when it was cut short with this config) and
-    write its done marker last."""
+    write its done marker last. `step`: its place among the stages this run has, e.g. "2/5"."""
     from camelid.config import to_dict
     from camelid.utils import Timer, print0, status, write_json
 
@@ -234,7 +234,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
         shutil.rmtree(sdir, ignore_errors=True)
     sdir.mkdir(parents=True, exist_ok=True)
     write_json(sdir / STARTED_FILE, {"stage": name, "config_hash": h, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    status(f"\n[{index + 1}/{len(STAGES)}] {name}: {'resuming from its last checkpoint' if resume else 'running'} ({sdir})")
+    status(f"\n[{step}] {name}: {'resuming from its last checkpoint' if resume else 'running'} ({sdir})")
     try:
         with Timer() as t, PeakMemory() as mem:
             result = stage_function(name)(stage_cfg, resume=resume)
@@ -244,7 +244,7 @@ def run_stage(name: str, index: int, stage_cfg: Any, run_dir: Path, h: str, *, f
     write_json(sdir / DONE_FILE, {"stage": name, "config_hash": h, "config": to_dict(stage_cfg), "seconds": t.seconds,
                                   "peak_mb": mem.mb, "peak_kind": mem.kind, "result": as_json(result),
                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    status(f"[{index + 1}/{len(STAGES)}] {name}: done in {t.seconds:.0f} s, peak memory {mem.mb:,.0f} MB")
+    status(f"[{step}] {name}: done in {t.seconds:.0f} s, peak memory {mem.mb:,.0f} MB")
 
 
 def _stage_marker(folder: Path, name: str) -> bool:
@@ -299,6 +299,7 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
     force_from = STAGES.index(cfg.force) if cfg.force else len(STAGES)
     hashes: dict[str, str] = {}
     ran: list[str] = []
+    planned = [name for name in STAGES if cfg.runs(name)]
     for i, name in enumerate(STAGES):
         if not cfg.runs(name):
             hashes[name] = NOT_RUN
@@ -307,10 +308,11 @@ def run(cfg: PipelineConfig, preset: str | None = "tiny", overrides: dict[str, d
         h = config_hash(_portable(to_dict(configs[name]), run_dir), upstream)
         hashes[name] = h
         done = read_done(run_dir / name)
+        step = f"{planned.index(name) + 1}/{len(planned)}"
         if i < force_from and done is not None and done.get("config_hash") == h:
-            status(f"[{i + 1}/{len(STAGES)}] {name}: complete with the same config ({h}); skipped")
+            status(f"[{step}] {name}: complete with the same config ({h}); skipped")
             continue
-        run_stage(name, i, configs[name], run_dir, h, fresh=i >= force_from)
+        run_stage(name, step, configs[name], run_dir, h, fresh=i >= force_from)
         ran.append(name)
     report = build_report(run_dir)
     tuned = run_dir / ("ppo" if cfg.runs("ppo") else "dpo")

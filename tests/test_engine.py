@@ -42,6 +42,33 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     assert a.token_ids != c.token_ids
 
 
+@pytest.mark.parametrize("path", ["fast", "hf"])
+def test_a_repeated_prompt_is_prefilled_once_and_answers_as_alone(engine, path, monkeypatch):
+    """n answers to one prompt: the prefill forward sees each distinct prompt once, and every row
+    (its own seed, its own length) answers exactly as when generated alone."""
+    eng = engine if path == "fast" else Engine(engine.model, engine.tokenizer)
+    if path == "hf":
+        eng.fast = None
+    batches = []
+    real = eng.forward
+
+    def counting(input_ids, *args, **kwargs):
+        batches.append(input_ids.shape[0])
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(eng, "forward", counting)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0]]
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=n, seed=s, logprobs=True)
+              for s, n in ((1, 8), (2, 8), (3, 5), (4, 8))]
+    together = eng.generate(prompts, params)
+    assert batches[0] == 2  # PROMPTS[0] and PROMPTS[1], once each
+    assert len({tuple(c.token_ids) for c in together}) == 4  # the seeds differ, so do the answers
+    for prompt, sp, got in zip(prompts, params, together):
+        alone = eng.generate([prompt], sp)[0]
+        assert got.token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=1e-4)
+
+
 def test_per_request_lengths_and_logprobs(engine):
     params = [SamplingParams(temperature=0, max_new_tokens=n, logprobs=True) for n in (3, 7, 5)]
     outs = engine.generate(PROMPTS, params)
@@ -276,11 +303,11 @@ def test_fast_path_decodes_bfloat16_like_the_model(tiny_model_dir):
     rounding, and the same greedy tokens over several steps."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from camelid.engine.engine import _cache_kwarg
+    from camelid.engine.engine import cache_kwarg
     from camelid.cpu.fastllama import FastLlama
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     ids = torch.randint(100, 4000, (3, 20), generator=torch.Generator().manual_seed(0))
     fast, hf_cache, fast_cache = FastLlama(model), DynamicCache(), DynamicCache()
     mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1]).expand(3, -1)

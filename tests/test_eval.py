@@ -116,14 +116,15 @@ def test_eval_writes_results_samples_and_a_paired_verdict(models, tmp_path):
 
 def test_each_model_samples_with_its_own_seeds(models, tmp_path):
     """SFT == base and PPO == its reference: different answers (each model its own seeds), the
-    same answers again on a rerun, and a KL of exactly zero."""
+    same answers again on a rerun, and a KL of zero (up to float rounding: PPO's log-probs come
+    from the states its answers were sampled from, the reference's from a teacher-forced pass)."""
     cfg = _cfg(models, tmp_path / "a", sft_model=str(models["base"]), ppo_model=str(models["base"]))
     run(cfg)
     run(replace(cfg, out=str(tmp_path / "b")))
     (result, samples), (_, again) = _read(tmp_path / "a"), _read(tmp_path / "b")
     assert samples == again
     assert any(r["base"] != r["sft"] for r in samples) and any(r["sft"] != r["ppo"] for r in samples)
-    assert result["kl"]["ppo"]["per_answer"] == pytest.approx(0.0, abs=1e-6)
+    assert result["kl"]["ppo"]["per_answer"] == pytest.approx(0.0, abs=2e-3)
 
 
 def test_several_answers_per_question(models, tmp_path):
@@ -160,3 +161,65 @@ def test_eval_cli_run_folder_and_bad_input(models, tmp_path, capsys):
         run(_cfg(models, tmp_path / "e2", reward_model=str(models["base"])))
     with pytest.raises(CamelidError, match="not a reward model"):
         run(_cfg(models, tmp_path / "e3", judge_model=str(models["sft"])))
+
+
+def test_shared_prompt_passes_equal_the_full_passes(models):
+    """The prompt-once forward passes give what a full pass over each text gives: a reward model's
+    score (`score_texts`) and a causal LM's teacher-forced log-probability of each answer, for
+    answers of different lengths to a few prompts, in batches that split a prompt's answers."""
+    import torch
+
+    from camelid.eval.evaluate import answer_logprobs
+    from camelid.eval.prefix import continuation_hidden, logprobs_shared, score_texts_shared
+    from camelid.models.load import load_for_inference
+    from camelid.qa import qa_text
+    from camelid.train.ppo_batch import pack, response_logprobs
+    from camelid.train.reward import load_reward_model, score_texts
+
+    rm, tok = load_reward_model(str(models["rm"]), "float32")
+    groups = [[qa_text("How do I boil an egg?", a) for a in ("In water.", "Put it in boiling water for nine minutes.", "Fry it")],
+              [qa_text("Why is the sky blue?", a) for a in ("Rayleigh scattering of sunlight.", "Because")]]
+    shared = score_texts_shared(rm, tok, groups, batch_size=2)
+    full = [score_texts(rm, tok, g) for g in groups]
+    torch.testing.assert_close(torch.tensor(sum(shared, [])), torch.tensor(sum(full, [])), atol=1e-4, rtol=1e-4)
+
+    lm, ltok, _ = load_for_inference(str(models["sft"]), device="cpu", dtype="float32")
+    prompts = [ltok(qa_text(q))["input_ids"] for q in ("How do I boil an egg?", "Why is the sky blue?", "How do I boil an egg?")]
+    responses = [ltok(" In water for nine minutes.")["input_ids"], ltok(" Scattering")["input_ids"], ltok(" Fry")["input_ids"]]
+    got = logprobs_shared(lm, prompts, responses, ltok.eos_token_id, batch_size=2)
+    with torch.no_grad():
+        want = (response_logprobs(lm, pack(prompts, responses, 0, torch.device("cpu")))
+                * pack(prompts, responses, 0, torch.device("cpu")).mask).sum(1).tolist()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
+    answers = [{"prompt_ids": p, "response_ids": r} for p, r in zip(prompts, responses)]
+    cfg = EvalConfig(data=str(models["data"]), reward_model=str(models["rm"]), dtype="float32", device="cpu", batch_size=2)
+    torch.testing.assert_close(torch.tensor(answer_logprobs(str(models["sft"]), answers, cfg)), torch.tensor(want), atol=1e-4, rtol=1e-4)
+    # Row t predicts continuation token t; the last row reads the whole text.
+    hidden = continuation_hidden(lm, prompts[:1], responses[:1], ltok.eos_token_id, batch_size=1)[0]
+    assert hidden.shape == (len(responses[0]) + 1, lm.config.hidden_size)
+
+
+def test_a_judges_recorded_accuracy_is_reused_only_for_the_same_pairs(models, tmp_path):
+    """A reward run folder whose result.json measured the accuracy on the pairs eval would read
+    (same data, split, max_length, pair count, seed) is not scored again; any difference is."""
+    import shutil
+
+    import yaml
+
+    from camelid.eval.evaluate import pair_accuracy
+    from camelid.train.reward import load_reward_model
+
+    run_dir = tmp_path / "reward"
+    shutil.copytree(models["rm"], run_dir / "model")
+    trained = {"data": str(models["data"]), "eval_split": "evaluation", "max_length": 512, "max_eval_samples": 200,
+               "seed": 0, "max_prompt_length": 0}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(trained))
+    recorded = {"pairs": 5, "accuracy": 0.6, "mean_margin": 0.1, "loss": 0.6, "longer_wins_accuracy": 0.4}
+    (run_dir / "result.json").write_text(json.dumps({"eval": recorded, "dropped_eval_pairs": 1}))
+    rm, tok = load_reward_model(str(run_dir / "model"), "float32")
+    cfg = EvalConfig(data=str(models["data"]), reward_model=str(run_dir), max_pairs=200, max_length=512)
+    got = pair_accuracy(rm, tok, cfg, run_dir / "model")
+    assert got["accuracy"] == 0.6 and got["pairs"] == 5 and got["from"].endswith("result.json")
+    scored = pair_accuracy(rm, tok, replace(cfg, max_pairs=3), run_dir / "model")
+    assert "from" not in scored and scored["pairs"] == 3
+    assert "from" not in pair_accuracy(rm, tok, replace(cfg, seed=1), run_dir / "model")

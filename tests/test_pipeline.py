@@ -87,7 +87,8 @@ def test_pipeline_end_to_end_resume_skip_and_force(setup, monkeypatch, capsys):
     monkeypatch.setattr(ppo_mod, "ppo_step", real_step)
     res = pipeline.run(cfg, preset)
     err = capsys.readouterr().err  # stage lines are status lines
-    assert res.ran == ("ppo", "eval") and "ppo: resuming from its last checkpoint" in err
+    assert res.ran == ("ppo", "eval") and "[4/5] ppo: resuming from its last checkpoint" in err
+    assert "[3/5] reward: complete with the same config" in err and "[5/5] eval: done in" in err  # DPO not counted
     assert {k: v for k, v in _finished(run).items() if k in ("data", "sft", "reward")} == \
         {k: v for k, v in before.items() if k in ("data", "sft", "reward")}
     steps = [json.loads(x)["step"] for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()

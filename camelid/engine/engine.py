@@ -54,7 +54,7 @@ class Engine(BackendBase):
         self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", 0) or DEFAULT_MAX_CONTEXT)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.cache_kw = _cache_kwarg(model)
+        self.cache_kw = cache_kwarg(model)
         self.fast = None
         if os.environ.get("CAMELID_FAST_PATH", "1") != "0":
             from camelid import cpu
@@ -115,13 +115,19 @@ class Batch(BatchBase):
         yield self._prefill(new_rows, toks)
 
     def _prefill(self, new_rows: list[Row], toks: list[list[int]]) -> list[Delta]:
-        """One forward over `toks` (left padded), merge `new_rows` in, sample their next token."""
+        """One forward over `toks` (left padded), merge `new_rows` in, sample their next token.
+
+        A prompt that comes several times (n answers to one question) runs once; its rows share
+        copies of its cache and logits."""
         eng = self.engine
         params = [r.params for r in new_rows]
-        width = max(len(t) for t in toks)
-        input_ids = torch.full((len(toks), width), eng.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(toks), width), dtype=torch.long)
-        for i, t in enumerate(toks):
+        first_of: dict[tuple[int, ...], int] = {}
+        inverse = [first_of.setdefault(tuple(t), len(first_of)) for t in toks]
+        unique = [list(t) for t in first_of]
+        width = max(len(t) for t in unique)
+        input_ids = torch.full((len(unique), width), eng.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(unique), width), dtype=torch.long)
+        for i, t in enumerate(unique):
             input_ids[i, width - len(t):] = torch.tensor(t)
             mask[i, width - len(t):] = 1
         input_ids, mask = input_ids.to(eng.device), mask.to(eng.device)
@@ -131,6 +137,13 @@ class Batch(BatchBase):
         cache = DynamicCache()
         hidden = [] if any(sp.return_hidden for sp in params) else None
         logits = eng.forward(input_ids, mask, pos, cache, logits_to_keep=1, hidden=hidden)
+        if len(unique) < len(toks):
+            idx = torch.tensor(inverse, device=eng.device)
+            input_ids, mask, pos, logits = input_ids[idx], mask[idx], pos[idx], logits[idx]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            if hidden:
+                hidden[0] = hidden[0][idx]
         seen = None
         if any(sp.repetition_penalty != 1.0 for sp in params):
             seen = torch.zeros((len(toks), logits.shape[-1]), dtype=torch.bool, device=eng.device)
@@ -248,7 +261,7 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.2x renamed `past_key_values` to `cache`; accept either version."""
     import inspect
 

@@ -150,77 +150,121 @@ def resolve(name: str) -> Path:
     return resolve_trained(name)
 
 
-def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: str) -> list[dict[str, Any]]:
+def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: str, logprobs: bool = False) -> list[dict[str, Any]]:
     """Each prompt n answered by `model` with the shared sampling settings and the model's seed
-    `cfg.seed + SEED_STRIDE · MODELS.index(desc) + n`."""
+    `cfg.seed + SEED_STRIDE · MODELS.index(desc) + n`. With `logprobs`, each answer also carries
+    "logprob": Σ_t log π(a_t | prompt, a_<t) at temperature 1, from the hidden states its tokens
+    were sampled from (the LM head again, not another forward pass)."""
+    import torch
     from tqdm.auto import tqdm
 
-    from camelid.logs import bars_off
-
     from camelid.engine import Engine, SamplingParams
+    from camelid.logs import bars_off
     from camelid.qa import qa_text
+    from camelid.train.ppo_batch import head_logprobs
 
     first = cfg.seed + SEED_STRIDE * MODELS.index(desc)
     engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=cfg.dtype)
     tok = engine.tokenizer
     prompts = [list(tok(qa_text(q))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
-    out: list[dict[str, Any]] = []
+    # The answers to one question go in the same batch, where the engine prefills its prompt once;
+    # each keeps its own seed, and `out` its place.
+    first_seen = {q: n for n, q in reversed(list(enumerate(questions)))}
+    order = sorted(range(len(prompts)), key=lambda n: (first_seen[questions[n]], n))
+    out: list[dict[str, Any]] = [{}] * len(prompts)
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch", disable=bars_off(),
                       dynamic_ncols=True):
-        chunk = prompts[start : start + cfg.batch_size]
+        chunk = order[start : start + cfg.batch_size]
         params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 max_new_tokens=cfg.max_new_tokens, seed=first + start + i) for i in range(len(chunk))]
-        for p, c in zip(chunk, engine.generate(chunk, params)):
+                                 max_new_tokens=cfg.max_new_tokens, seed=first + n, return_hidden=logprobs) for n in chunk]
+        for n, c in zip(chunk, engine.generate([prompts[n] for n in chunk], params)):
             ids = [t for t in c.token_ids if t not in engine.eos_ids]
-            out.append({"prompt_ids": p, "ids": ids, "response_ids": list(c.token_ids),
-                        "text": tok.decode(ids, skip_special_tokens=True).strip(), "finish": c.finish_reason})
+            out[n] = {"prompt_ids": prompts[n], "ids": ids, "response_ids": list(c.token_ids),
+                      "text": tok.decode(ids, skip_special_tokens=True).strip(), "finish": c.finish_reason}
+            if logprobs:
+                with torch.no_grad():
+                    lp = head_logprobs(engine.model, c.hidden[None], torch.tensor([c.token_ids], device=c.hidden.device))[0]
+                out[n]["logprob"] = float(lp.sum())
     del engine
     gc.collect()
     return out
 
 
 def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalConfig) -> list[float]:
-    """Σ_t log π(a_t | prompt, a_<t) per answer, teacher-forced at temperature 1 (no gradient)."""
-    import torch
-
+    """Σ_t log π(a_t | prompt, a_<t) per answer, teacher-forced at temperature 1 (no gradient);
+    each distinct prompt runs once per batch (`eval.prefix`)."""
+    from camelid.eval.prefix import logprobs_shared
     from camelid.models.load import load_for_inference
-    from camelid.train.ppo_batch import pack, response_logprobs
 
     lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=cfg.dtype)
-    device = next(lm.parameters()).device
-    sums: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(answers), cfg.batch_size):
-            part = answers[start : start + cfg.batch_size]
-            sb = pack([a["prompt_ids"] for a in part], [a["response_ids"] or [tok.eos_token_id] for a in part],
-                      tok.pad_token_id or 0, device)
-            # The LM head runs on the answer positions only, not on every prompt token.
-            lp = response_logprobs(lm, sb) * sb.mask
-            sums += lp.sum(1).float().cpu().tolist()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    sums = logprobs_shared(lm, [a["prompt_ids"] for a in answers], [a["response_ids"] or [tok.eos_token_id] for a in answers],
+                           pad, cfg.batch_size)
     del lm
     gc.collect()
     return sums
 
 
-def score_answers(rm: Any, tok: Any, questions: list[str], texts: list[str], batch_size: int) -> list[float]:
+def score_answers(rm: Any, tok: Any, questions: list[str], answers: dict[str, list[dict[str, Any]]],
+                  batch_size: int) -> dict[str, list[float]]:
+    """The judge's score of every model's answers (`questions[n]` is answer n's question); the
+    texts answering one question share their prompt's forward pass (`eval.prefix`)."""
+    from camelid.eval.prefix import score_texts_shared
     from camelid.qa import qa_text
-    from camelid.train.reward import score_texts
 
-    return score_texts(rm, tok, [qa_text(q, a) for q, a in zip(questions, texts)], batch_size)
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for m, ans in answers.items():
+        for n in range(len(ans)):
+            groups.setdefault(questions[n], []).append((m, n))
+    texts = [[qa_text(q, answers[m][n]["text"]) for m, n in members] for q, members in groups.items()]
+    out = {m: [0.0] * len(ans) for m, ans in answers.items()}
+    for members, scores in zip(groups.values(), score_texts_shared(rm, tok, texts, batch_size)):
+        for (m, n), score in zip(members, scores):
+            out[m][n] = score
+    return out
 
 
-def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig) -> dict[str, Any]:
+def pair_accuracy(rm: Any, tok: Any, cfg: EvalConfig, judge: Path | None = None) -> dict[str, Any]:
     """The judge's accuracy on the split's pairs (cut to max_length as in training) beside the
-    longer-answer baseline."""
+    longer-answer baseline. A judge that `camelid reward train` measured on these very pairs
+    (`recorded_accuracy`) is not scored again."""
     from camelid.train.pairs import read_pairs
     from camelid.train.reward import evaluate_pairs
 
+    recorded = recorded_accuracy(judge, cfg) if judge is not None else None
+    if recorded is not None:
+        return recorded
     pairs = read_pairs(cfg.data, cfg.split, tok, cfg.max_length, limit=cfg.max_pairs, seed=cfg.seed)
     if not len(pairs):
         return {"pairs": 0, "dropped": pairs.dropped}
     ids_j, ids_k = pairs.reward_ids(tok.eos_token_id)
     return {**evaluate_pairs(rm, tok, ids_j, ids_k, cfg.batch_size).__dict__, "dropped": pairs.dropped,
             "truncated": pairs.truncated}
+
+
+def recorded_accuracy(judge: Path, cfg: EvalConfig) -> dict[str, Any] | None:
+    """The held-out accuracy a reward run wrote (its result.json), when it was read on the pairs
+    `pair_accuracy` would read: same dataset, split, length, pair count and seed. Else None."""
+    import json
+
+    import yaml
+
+    run = judge.parent if judge.name == MODEL_DIR else None
+    try:
+        trained = yaml.safe_load((run / CONFIG_FILE).read_text()) if run else None
+        result = json.loads((run / RESULT_FILE).read_text()) if run else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(trained, dict) or not isinstance(result, dict) or not isinstance(result.get("eval"), dict):
+        return None
+    trained = trained.get("reward", trained)
+    same = (Path(str(trained.get("data", ""))).resolve() == Path(cfg.data).resolve()
+            and trained.get("eval_split") == cfg.split and trained.get("max_length") == cfg.max_length
+            and trained.get("max_eval_samples") == cfg.max_pairs and trained.get("seed") == cfg.seed
+            and not trained.get("max_prompt_length"))
+    if not same:
+        return None
+    return {**result["eval"], "dropped": result.get("dropped_eval_pairs", 0), "from": str(run / RESULT_FILE)}
 
 
 def summarise(questions: list[str], n_questions: int, answers: dict[str, list[dict[str, Any]]],
@@ -260,7 +304,7 @@ def summarise(questions: list[str], n_questions: int, answers: dict[str, list[di
 def kl_to_reference(cfg: EvalConfig, model: str, answers: list[dict[str, Any]]) -> dict[str, Any]:
     """KL of a tuned model to its reference on the model's own answers: per answer (sum) and per token."""
     ref = cfg.reference_model or cfg.sft_model
-    lp = answer_logprobs(model, answers, cfg)
+    lp = [a["logprob"] for a in answers] if all("logprob" in a for a in answers) else answer_logprobs(model, answers, cfg)
     lp_ref = answer_logprobs(ref, answers, cfg)
     per_answer = [a - b for a, b in zip(lp, lp_ref)]
     tokens = sum(max(len(a["response_ids"]), 1) for a in answers)
@@ -318,14 +362,13 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
     # Answer j of question i is prompt i + j * len(held_out): seed `seed + i + j * len(held_out)`.
     questions = held_out * cfg.answers_per_question
     with Timer() as t:
-        answers = {m: generate_answers(name, questions, cfg, m) for m, name in cfg.models().items()}
+        answers = {m: generate_answers(name, questions, cfg, m, logprobs=m in ALIGNED) for m, name in cfg.models().items()}
         kl = {m: kl_to_reference(cfg, cfg.models()[m], answers[m]) for m in ALIGNED if m in answers}
         rewards, judges = {}, {}
         for role, name in cfg.judges().items():  # one judge in memory at a time
             rm, rm_tok = load_reward_model(str(resolve(name)), cfg.dtype)
-            rewards[role] = {m: score_answers(rm, rm_tok, questions, [a["text"] for a in ans], cfg.batch_size)
-                             for m, ans in answers.items()}
-            judges[role] = {"path": str(resolve(name)), "pairs": pair_accuracy(rm, rm_tok, cfg)}
+            rewards[role] = score_answers(rm, rm_tok, questions, answers, cfg.batch_size)
+            judges[role] = {"path": str(resolve(name)), "pairs": pair_accuracy(rm, rm_tok, cfg, resolve(name))}
             del rm
             gc.collect()
     figures, rows = summarise(questions, len(held_out), answers, rewards, paths, cfg)

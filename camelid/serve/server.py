@@ -41,9 +41,9 @@ class ServeConfig:
     """auto, float32, bfloat16 or float16."""
     load_8bit: bool = False
     """Int8 weights (about half of bfloat16's memory; torch backend)."""
-    backend: str = "torch"
-    """torch, llama.cpp (a .gguf, or the model exported to GGUF once into $CAMELID_HOME/gguf), or auto
-    (llama.cpp where it can run the model, else torch; a status line says which and why)."""
+    backend: str = "auto"
+    """auto (llama.cpp where it can run the model, else torch; a status line says which and why),
+    torch, or llama.cpp (a .gguf, or the model exported to GGUF once into $CAMELID_HOME/gguf)."""
     quant: str = DEFAULT_QUANT
     """GGUF weight type the model is exported to for llama.cpp: f16, q8_0, q4_0 (faster, smaller,
     some cost in quality) or q4_k_m; a .gguf runs as it is."""
