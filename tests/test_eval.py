@@ -170,7 +170,11 @@ def test_shared_prompt_passes_equal_the_full_passes(models):
     import torch
 
     from camelid.eval.evaluate import answer_logprobs
-    from camelid.eval.prefix import continuation_hidden, logprobs_shared, score_texts_shared
+    from camelid.eval.prefix import (
+        continuation_hidden,
+        logprobs_shared,
+        score_texts_shared,
+    )
     from camelid.models.load import load_for_inference
     from camelid.qa import qa_text
     from camelid.train.ppo_batch import pack, response_logprobs
@@ -181,7 +185,7 @@ def test_shared_prompt_passes_equal_the_full_passes(models):
               [qa_text("Why is the sky blue?", a) for a in ("Rayleigh scattering of sunlight.", "Because")]]
     shared = score_texts_shared(rm, tok, groups, batch_size=2)
     full = [score_texts(rm, tok, g) for g in groups]
-    torch.testing.assert_close(torch.tensor(sum(shared, [])), torch.tensor(sum(full, [])), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor([x for g in shared for x in g]), torch.tensor([x for g in full for x in g]), atol=1e-4, rtol=1e-4)
 
     lm, ltok, _ = load_for_inference(str(models["sft"]), device="cpu", dtype="float32")
     prompts = [ltok(qa_text(q))["input_ids"] for q in ("How do I boil an egg?", "Why is the sky blue?", "How do I boil an egg?")]

@@ -26,9 +26,8 @@ def continuation_hidden(model: Any, prefixes: Sequence[Sequence[int]], continuat
     import torch
     from transformers import DynamicCache
 
-    from camelid.models.lora import unwrap
-
     from camelid.engine.engine import cache_kwarg
+    from camelid.models.lora import unwrap
 
     inner = unwrap(model)
     body = getattr(inner, inner.base_model_prefix)
