@@ -95,7 +95,7 @@ class EvalConfig:
     batch_size: int = 8
     """Questions generated (and scored) together."""
     dtype: str = "auto"
-    """Model dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16."""
+    """Model dtype: auto (bfloat16 on GPUs that support it and on CPUs with AMX, else float32), float32, bfloat16."""
     device: str = "auto"
     """auto, cpu, cuda or mps."""
     num_threads: int = 0
@@ -164,7 +164,7 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     from camelid.train.ppo_batch import head_logprobs
 
     first = cfg.seed + SEED_STRIDE * MODELS.index(desc)
-    engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=cfg.dtype)
+    engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=model_dtype(cfg.dtype))
     tok = engine.tokenizer
     prompts = [list(tok(qa_text(q))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
     # The answers to one question go in the same batch, where the engine prefills its prompt once;
@@ -190,13 +190,23 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     return out
 
 
+def model_dtype(name: str) -> str:
+    """The dtype the evaluated models run in: "auto" as PPO's (bfloat16 on a GPU that supports it
+    and on a CPU that multiplies bfloat16 in hardware, else float32). Evaluation decodes wide
+    batches, whose products are compute-bound: on a CPU without AMX float32 runs them faster
+    than bfloat16 (chat's batch of one is bandwidth-bound, hence its own rule)."""
+    from camelid.models.train_load import training_dtype
+
+    return str(training_dtype(name, cpu_bf16=True)).removeprefix("torch.")
+
+
 def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalConfig) -> list[float]:
     """Σ_t log π(a_t | prompt, a_<t) per answer, teacher-forced at temperature 1 (no gradient);
-    each distinct prompt runs once per batch (`eval.prefix`)."""
-    from camelid.eval.prefix import logprobs_shared
+    each distinct prompt runs once per batch (`train.prefix`)."""
+    from camelid.train.prefix import logprobs_shared
     from camelid.models.load import load_for_inference
 
-    lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=cfg.dtype)
+    lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=model_dtype(cfg.dtype))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sums = logprobs_shared(lm, [a["prompt_ids"] for a in answers], [a["response_ids"] or [tok.eos_token_id] for a in answers],
                            pad, cfg.batch_size)
@@ -208,8 +218,8 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
 def score_answers(rm: Any, tok: Any, questions: list[str], answers: dict[str, list[dict[str, Any]]],
                   batch_size: int) -> dict[str, list[float]]:
     """The judge's score of every model's answers (`questions[n]` is answer n's question); the
-    texts answering one question share their prompt's forward pass (`eval.prefix`)."""
-    from camelid.eval.prefix import score_texts_shared
+    texts answering one question share their prompt's forward pass (`train.prefix`)."""
+    from camelid.train.prefix import score_texts_shared
     from camelid.qa import qa_text
 
     groups: dict[str, list[tuple[str, int]]] = {}

@@ -2,10 +2,11 @@
 
 Evaluation scores 4+ answers to every held-out question, from each model: the reward models read
 `Question: <q>\\n\\nAnswer: <a>` whole, and the KL of a tuned model reads its answers under the
-reference model. The question is most of each text (the sample's prompts ~160 tokens, answers up
-to 40), so running each question once into a KV cache, copying the cache to its answers and
-running only the answers costs about a quarter of the full passes. Causal attention makes the
-result the same as the full pass: a continuation token attends to the same prompt keys/values.
+reference model; a reward model's held-out pairs are two answers to one question. The question
+is most of each text (the sample's prompts ~160 tokens, eval answers up to 40), so running each
+question once into a KV cache, copying the cache to its answers and running only the answers
+costs a fraction of the full passes. Causal attention makes the result the same as the full
+pass: a continuation token attends to the same prompt keys/values.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ def continuation_hidden(model: Any, prefixes: Sequence[Sequence[int]], continuat
     `model`: a transformers causal LM or sequence classifier (or a peft wrapper of one). Items
     run in batches of `batch_size`, those with the same prefix together, each distinct prefix
     once per batch. Every continuation must be non-empty."""
-    import torch
-    from transformers import DynamicCache
-
     from camelid.engine.engine import cache_kwarg
     from camelid.models.lora import unwrap
 
@@ -36,6 +34,20 @@ def continuation_hidden(model: Any, prefixes: Sequence[Sequence[int]], continuat
     out: list[Any] = [None] * len(prefixes)
     seen: dict[tuple[int, ...], int] = {}
     order = sorted(range(len(prefixes)), key=lambda i: (seen.setdefault(tuple(prefixes[i]), i), i))
+    was_training = model.training
+    model.eval()
+    try:
+        _run(body, cache_kw, device, prefixes, continuations, order, pad_id, batch_size, out)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _run(body: Any, cache_kw: str, device: Any, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+         order: list[int], pad_id: int, batch_size: int, out: list[Any]) -> None:
+    import torch
+    from transformers import DynamicCache
+
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -69,7 +81,6 @@ def continuation_hidden(model: Any, prefixes: Sequence[Sequence[int]], continuat
             for j, (i, x) in enumerate(zip(rows, conts)):
                 out[i] = torch.cat([h_prefix[inverse[j]][None], hidden[j, : len(x)]])
             del cache
-    return out
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -86,17 +97,21 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 def score_texts_shared(rm: Any, tok: Any, groups: Sequence[Sequence[str]], batch_size: int) -> list[list[float]]:
     """A reward model's score of every text, texts grouped by the prompt they answer: each group's
-    common token prefix runs once (EOS appended as in training, as `train.reward.score_texts`).
+    common token prefix runs once (EOS appended as in training, as `train.reward.score_texts`)."""
+    return score_ids_shared(rm, [[x + [tok.eos_token_id] for x in tok(list(g))["input_ids"]] for g in groups], batch_size)
+
+
+def score_ids_shared(rm: Any, groups: Sequence[Sequence[Sequence[int]]], batch_size: int) -> list[list[float]]:
+    """A reward model's score of token lists, grouped so that each group's common prefix runs once.
     The score is read where transformers' sequence classifier reads it: at the rightmost token
     that is not the padding id (where EOS is the padding id, the token before it)."""
     import torch
 
     from camelid.models.lora import unwrap
 
-    ids = [[x + [tok.eos_token_id] for x in tok(list(g))["input_ids"]] for g in groups]
     pad = unwrap(rm).config.pad_token_id
     prefixes, conts, where, pooled = [], [], [], []
-    for gi, g in enumerate(ids):
+    for gi, g in enumerate(groups):
         k = common_prefix(g)
         for ti, x in enumerate(g):
             prefixes.append(x[:k])
@@ -104,12 +119,12 @@ def score_texts_shared(rm: Any, tok: Any, groups: Sequence[Sequence[str]], batch
             where.append((gi, ti))
             last = max((p for p, t in enumerate(x) if t != pad), default=len(x) - 1)
             pooled.append(max(last - (k - 1), 0))  # row 0 is position k - 1
-    hidden = continuation_hidden(rm, prefixes, conts, pad if pad is not None else tok.eos_token_id, batch_size)
+    hidden = continuation_hidden(rm, prefixes, conts, pad if pad is not None else 0, batch_size)
     head = unwrap(rm).score
     out = [[0.0] * len(g) for g in groups]
     with torch.no_grad():
         last = torch.stack([h[row] for h, row in zip(hidden, pooled)])
-        scores = head(last.to(head.weight.dtype))[:, 0].float().tolist()
+        scores = head(last.to(next(head.parameters()).dtype))[:, 0].float().tolist()
     for (gi, ti), s in zip(where, scores):
         out[gi][ti] = s
     return out
