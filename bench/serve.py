@@ -8,7 +8,9 @@ completions in a closed loop (each client sends its next request when the last o
 every request generates exactly --tokens tokens (`ignore_eos`), so both servers do equal work.
 
 Reported per run: aggregate generated tokens/s over the wall time, p50/p95 request latency and
-time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients.
+time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients. With one
+client among the levels: its decode rate (per token after the first) beside the same backend's
+decode of one stream in-process. Goal: >= 0.9x.
 
 `--backend llama.cpp` runs both servers on the llama.cpp backend (the model exported once to
 GGUF `--quant`), whose batched server decodes every running request in one llama_decode per
@@ -147,6 +149,42 @@ def json_schema_cost(url: str, clients: list[int], requests_each: int, tokens: i
     return ratios
 
 
+IN_PROCESS = """
+import json, sys, time
+from camelid.engine import SamplingParams
+from camelid.engine.select import load_backend
+a = json.loads(sys.argv[1])
+engine, _ = load_backend(None, a["backend"], device="cpu", dtype=a["dtype"], quant=a["quant"], threads=a["threads"])
+if a["backend"] == "torch":
+    import torch
+    torch.set_num_threads(a["threads"])
+prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": a["question"]}], tokenize=False, add_generation_prompt=True)
+params = SamplingParams(temperature=0.7, max_new_tokens=a["tokens"], ignore_eos=True, seed=0)
+rates = []
+for _ in range(a["rounds"] + 1):  # the first is warm-up
+    steps = engine.stream([prompt], params)
+    next(steps)
+    t0, n = time.perf_counter(), 1
+    for deltas in steps:
+        n += len(deltas)
+    rates.append((n - 1) / (time.perf_counter() - t0))
+print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
+"""
+
+
+def in_process_rate(args) -> float:
+    """Decode tokens/s of one stream on the same backend in the benchmark's own process: what one
+    client of the server could get at most (median of 3, after a warm-up; same prompt, length,
+    sampling and threads as the clients)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    spec = {"backend": args.backend, "dtype": args.dtype, "quant": args.quant, "threads": args.threads,
+            "tokens": args.tokens, "question": QUESTIONS[0], "rounds": 3}
+    r = subprocess.run([sys.executable, "-c", IN_PROCESS, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0:
+        raise SystemExit(f"in-process decode failed:\n{r.stderr[-2000:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
 def _pct(sorted_vals: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     k = max(0, min(len(sorted_vals) - 1, round(p / 100 * len(sorted_vals) + 0.5) - 1))
@@ -212,6 +250,11 @@ def main() -> None:
     if args.json_only:
         return
     batched, single = results["camelid batched"], results["one-at-a-time"]
+    if 1 in args.clients:
+        local = in_process_rate(args)
+        served = 1 / batched[1]["s_per_token"]
+        print(f"\none streaming client: {served:.1f} tok/s decode (after the first token) vs in-process {local:.1f} tok/s"
+              f" -> x{served / local:.2f} (goal >= 0.9: {'MET' if served >= 0.9 * local else 'NOT MET'})")
     print("\nratio batched / one-at-a-time (throughput; latency p50 as one-at-a-time / batched):")
     for c in args.clients:
         b, s = batched[c], single[c]

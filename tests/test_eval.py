@@ -187,16 +187,6 @@ def test_shared_prompt_passes_equal_the_full_passes(models):
     full = [score_texts(rm, tok, g) for g in groups]
     torch.testing.assert_close(torch.tensor([x for g in shared for x in g]), torch.tensor([x for g in full for x in g]), atol=1e-4, rtol=1e-4)
 
-    # A reward model's held-out pairs: both answers share their question's pass.
-    from camelid.train.reward import evaluate_pairs, score_ids
-
-    texts = [tok(t)["input_ids"] + [tok.eos_token_id] for t in groups[0] + groups[1]]
-    ids_j, ids_k = [texts[0], texts[3]], [texts[1], texts[4]]
-    pe = evaluate_pairs(rm, tok, ids_j, ids_k, batch_size=1)
-    r_j, r_k = torch.tensor(score_ids(rm, tok, ids_j)), torch.tensor(score_ids(rm, tok, ids_k))
-    assert pe.pairs == 2 and pe.accuracy == float((r_j > r_k).float().mean())
-    assert pe.mean_margin == pytest.approx(float((r_j - r_k).mean()), abs=1e-4)
-
     lm, ltok, _ = load_for_inference(str(models["sft"]), device="cpu", dtype="float32")
     prompts = [ltok(qa_text(q))["input_ids"] for q in ("How do I boil an egg?", "Why is the sky blue?", "How do I boil an egg?")]
     responses = [ltok(" In water for nine minutes.")["input_ids"], ltok(" Scattering")["input_ids"], ltok(" Fry")["input_ids"]]

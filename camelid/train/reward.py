@@ -138,21 +138,13 @@ def score_texts(model: Any, tok: Any, texts: Sequence[str], batch_size: int = 8)
     return score_ids(model, tok, ids, batch_size)
 
 
-EVAL_BATCH = 32
-"""Texts per forward pass when a reward model scores held-out pairs."""
-
-
 def evaluate_pairs(model: Any, tok: Any, ids_j: list[list[int]], ids_k: list[list[int]], batch_size: int = 8) -> PairEval:
     """Accuracy, mean margin and loss of the model on the pairs, beside the longer-answer baseline
     (token length; a tie counts half, as a coin flip would)."""
     import torch
 
-    from camelid.train.prefix import score_ids_shared
-
-    # The two answers of a pair share their question's forward pass (`train.prefix`); no
-    # gradient, so batches of EVAL_BATCH texts whatever the training batch.
-    scores = score_ids_shared(model, [[j, k] for j, k in zip(ids_j, ids_k)], max(batch_size, EVAL_BATCH))
-    r_j, r_k = torch.tensor([s[0] for s in scores]), torch.tensor([s[1] for s in scores])
+    r_j = torch.tensor(score_ids(model, tok, ids_j, batch_size))
+    r_k = torch.tensor(score_ids(model, tok, ids_k, batch_size))
     longer = [1.0 if len(a) > len(b) else 0.5 if len(a) == len(b) else 0.0 for a, b in zip(ids_j, ids_k)]
     return PairEval(
         pairs=len(ids_j),
