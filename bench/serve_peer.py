@@ -47,7 +47,6 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 MODEL = "smollm2-135m"
-QUANT = "q8_0"  # what camelid's llama.cpp backend exports a model to
 START_TIMEOUT_S = 300
 METRICS = ("tok_s", "p50", "p95", "ttft_p50", "ttft_p95", "chunks_mean", "tokens_mean")
 TIMES = ("p50", "p95", "ttft_p50", "ttft_p95")
@@ -90,11 +89,11 @@ def start_llama_server(binary: Path, gguf: Path, args, log) -> tuple[subprocess.
     raise SystemExit(f"llama-server did not start within {START_TIMEOUT_S} s; its log: {log.name}")
 
 
-def peer_gguf() -> Path:
-    """The GGUF camelid's llama.cpp backend serves for the bundled model (exported once)."""
+def peer_gguf(quant: str) -> Path:
+    """The GGUF camelid's llama.cpp backend serves for the bundled model at `quant` (exported once)."""
     from camelid.export.core import cached_gguf
 
-    return cached_gguf(MODEL, QUANT)
+    return cached_gguf(MODEL, quant)
 
 
 def medians(runs: list[dict]) -> dict:
@@ -128,7 +127,7 @@ def measure(urls: dict[str, str], args) -> list[dict]:
 
 def run(args) -> list[dict]:
     binary = find_llama_server(args.llama_server)
-    gguf = peer_gguf()
+    gguf = peer_gguf(args.quant)
     print(f"peer: {binary} on {gguf}\nours: camelid serve --backend {args.backend}", flush=True)
     procs = []
     with tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False) as log:
@@ -163,7 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
     ap.add_argument("--ctx-per-seq", type=int, default=1024, help="context tokens per sequence on both servers")
     ap.add_argument("--dtype", default="auto", help="camelid serve --dtype (torch backend)")
-    ap.add_argument("--quant", default="q4_0", help="camelid serve --quant (llama.cpp backend; llama-server runs the same file)")
+    ap.add_argument("--quant", default="q8_0", help="camelid serve --quant (llama.cpp backend; llama-server runs the same file; default: camelid's)")
     ap.add_argument("--llama-server", help="llama-server binary (default: the one `make bench-peer` builds)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
