@@ -22,7 +22,7 @@ exactly --tokens/2 booleans, about --tokens tokens) against free answers of the 
 (`ignore_eos`), at 1 and 16 clients. Goal: <= 1.2x.
 
     python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--json-clients 1,16] [--threads 2]
-                          [--backend torch|llama.cpp] [--dtype auto] [--quant q8_0] [--json-only]
+                          [--backend torch|llama.cpp] [--dtype auto] [--quant q4_0] [--json-only]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import threading
 import time
 
 import httpx
+
+from camelid.export.writer import DEFAULT_QUANT
 
 QUESTIONS = [
     "Write a haiku about the sea.", "Explain what a hash table is.", "Give three tips for learning to code.",
@@ -232,7 +234,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
     ap.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"), help="the servers' generation backend")
     ap.add_argument("--dtype", default="auto", help="torch server dtype (auto = bfloat16 on CPU)")
-    ap.add_argument("--quant", default="q8_0", help="llama.cpp server: the GGUF type the model is exported to")
+    ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"llama.cpp server: the GGUF type the model is exported to (default: {DEFAULT_QUANT}, camelid's)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
     ap.add_argument("--json-clients", default="1,16", help="concurrency levels of the JSON-schema row (empty: skip it)")
     ap.add_argument("--json-only", action="store_true", help="only the JSON-schema row")

@@ -2,7 +2,7 @@
 
 Both serve the bundled model (SmolLM2-135M-Instruct) on free ports, started by this script:
 llama-server (built by `make bench-peer` from the llama.cpp that llama-cpp-python vendors) on
-the GGUF that camelid's llama.cpp backend uses (the q8_0 export in $CAMELID_HOME/gguf, made
+the GGUF that camelid's llama.cpp backend uses (its --quant export in $CAMELID_HOME/gguf, made
 once if missing), with --parallel slots; camelid serve with the --backend asked for and as many
 sequences per batch. Both get the same threads and the same context per sequence.
 llama-server keeps its shipped defaults otherwise (prompt cache included).
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from serve import QUESTIONS, load_test, one_request, start_server  # bench/serve.py, beside this file
+from serve import DEFAULT_QUANT, QUESTIONS, load_test, one_request, start_server  # bench/serve.py, beside this file
 
 # bench/gguf.py is named like the `gguf` package that camelid.export imports: with bench/ first on
 # sys.path it would be found instead. bench/serve.py is imported; take bench/ off.
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of each server")
     ap.add_argument("--ctx-per-seq", type=int, default=1024, help="context tokens per sequence on both servers")
     ap.add_argument("--dtype", default="auto", help="camelid serve --dtype (torch backend)")
-    ap.add_argument("--quant", default="q8_0", help="camelid serve --quant (llama.cpp backend; llama-server runs the same file; default: camelid's)")
+    ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"camelid serve --quant (llama.cpp backend; llama-server runs the same file; default: {DEFAULT_QUANT}, camelid's)")
     ap.add_argument("--llama-server", help="llama-server binary (default: the one `make bench-peer` builds)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

@@ -26,8 +26,8 @@ def add_model_args(p: argparse.ArgumentParser, backend: bool = True) -> None:
                             "which and why), torch, or llama.cpp (a .gguf, or the model exported to GGUF once into "
                             "$CAMELID_HOME/gguf)")
         g.add_argument("--quant", default=DEFAULT_QUANT, choices=QUANTS,
-                       help=f"GGUF weight type the model is exported to for llama.cpp (default: {DEFAULT_QUANT}; "
-                            "q4_0 is faster and smaller at some cost in quality; a .gguf runs as it is)")
+                       help=f"GGUF weight type the model is exported to for llama.cpp (default: {DEFAULT_QUANT}, the "
+                            "fastest; q8_0 keeps the model's quality at about half the speed; a .gguf runs as it is)")
         g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 

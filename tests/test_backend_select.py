@@ -12,6 +12,7 @@ import pytest
 
 from camelid.cli import main
 from camelid.engine.select import choose
+from camelid.export.writer import DEFAULT_QUANT
 
 GENERATE = ["generate", "--backend", "auto", "--raw", "--temperature", "0", "--max-new-tokens", "6", "--threads", "2", "The quick brown fox"]
 
@@ -43,8 +44,8 @@ def test_auto_runs_llama_cpp_on_the_exported_gguf(tiny_model_dir, home, capsys):
 
     assert main([*GENERATE, "--model", str(tiny_model_dir)]) == 0
     out, err = capsys.readouterr()
-    assert status_lines(err) == ["backend: llama.cpp q8_0 (auto; --backend torch for the torch engine)"]
-    [gguf] = (home / "gguf").glob("*-q8_0.gguf")
+    assert status_lines(err) == [f"backend: llama.cpp {DEFAULT_QUANT} (auto; --backend torch for the torch engine)"]
+    [gguf] = (home / "gguf").glob(f"*-{DEFAULT_QUANT}.gguf")
     eng = load_llamacpp_engine(str(gguf), threads=2, parallel=1)
     try:
         want = eng.generate(["The quick brown fox"], SamplingParams(temperature=0, max_new_tokens=6))[0].text

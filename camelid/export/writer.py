@@ -23,10 +23,11 @@ from camelid.export.vocab import GgufVocab, write_vocab
 # quant name -> (general.file_type, block type of the weight matrices); q4_k_m goes through
 # llama.cpp's own quantizer (the gguf package has no Q4_K/Q6_K quantizers), see quantize.py.
 QUANTS = ("f16", "q8_0", "q4_0", "q4_k_m")
-DEFAULT_QUANT = "q8_0"
-"""The GGUF weight type a model is exported to for llama.cpp (`--quant`): 8-bit keeps the model's
-answers (greedy text equal to the torch engine's on the bundled model); q4_0 is faster and
-smaller at some cost in quality."""
+DEFAULT_QUANT = "q4_0"
+"""The GGUF weight type chat, generate and serve export a model to for llama.cpp (`--quant`): the
+fastest type on a CPU (the token embedding, which is also a tied output layer, stays Q8_0).
+Its quality cost is measured by bench/quality.py (docs/benchmarks.md): q8_0 keeps the model's
+perplexity, q4_0 costs some; `--quant q8_0` trades speed for it."""
 
 
 @dataclass

@@ -45,8 +45,8 @@ class ServeConfig:
     """auto (llama.cpp where it can run the model, else torch; a status line says which and why),
     torch, or llama.cpp (a .gguf, or the model exported to GGUF once into $CAMELID_HOME/gguf)."""
     quant: str = DEFAULT_QUANT
-    """GGUF weight type the model is exported to for llama.cpp: f16, q8_0, q4_0 (faster, smaller,
-    some cost in quality) or q4_k_m; a .gguf runs as it is."""
+    """GGUF weight type the model is exported to for llama.cpp: q4_0 (the default, fastest), q8_0
+    (the model's quality, slower), f16 or q4_k_m; a .gguf runs as it is."""
     threads: int = 0
     """CPU threads for generation (0 = all cores)."""
     template: str = ""
