@@ -49,6 +49,7 @@ def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
     want = [c.token_ids for c in (engine.generate([p], sp)[0] for p, sp in zip(PROMPTS, params))]
     got = {i: [] for i in range(3)}
     batch = engine.new_batch()
+    engine.clear_cache()  # the prompts are cached from the runs above: prefill them in full
     calls.clear()
     with torch.inference_mode():
         for deltas in batch.add([0, 1, 2], PROMPTS[:3], params):
@@ -63,6 +64,46 @@ def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
             assert calls == [running], "one decode holds one token of every running row"
     assert [got[i] for i in range(3)] == want, "batched greedy equals each prompt alone"
     assert sorted(engine._free_slots) == list(range(PARALLEL))
+
+
+def test_a_request_reuses_the_cache_of_one_that_started_the_same_way(engine, monkeypatch):
+    """A sequence keeps its cache after its request; a request that starts the same way (the same
+    prompt again, the next turn of a conversation) prefills only what is new, and its answer is
+    the one a full prefill gives. A sequence whose decode failed is not reused."""
+    calls = []
+    real = engine.ctx.decode
+    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    engine.clear_cache()
+    first = engine.generate([PROMPTS[0]], greedy)[0]
+    n_prompt = len(engine.encode(PROMPTS[0]))
+    assert calls[0] == n_prompt
+    calls.clear()
+    assert engine.generate([PROMPTS[0]], greedy)[0].token_ids == first.token_ids
+    assert calls[0] == 1, "the same prompt again: only its last token is decoded (for its logits)"
+    turn = engine.encode(PROMPTS[0]) + first.token_ids + engine.encode(" And then?")
+    calls.clear()
+    again = engine.generate([turn], greedy)[0]
+    # the cache holds the prompt and the answer but its last token (sampled, never fed back)
+    assert calls[0] == len(turn) - (n_prompt + len(first.token_ids) - 1)
+    engine.clear_cache()
+    calls.clear()
+    assert engine.generate([turn], greedy)[0].token_ids == again.token_ids
+    assert calls[0] == len(turn), "after clear_cache the prompt is prefilled in full"
+
+    def fail(batch):
+        if batch.batch.n_tokens == 1:
+            raise RuntimeError("decode failed")
+        return real(batch)
+
+    ids = engine.encode(PROMPTS[1])
+    monkeypatch.setattr(engine.ctx, "decode", fail)
+    with pytest.raises(RuntimeError):
+        engine.generate([PROMPTS[1]], greedy)  # its prompt was prefilled, then its first step failed
+    assert all(engine._cached[s][: len(ids)] != ids for s in engine._free_slots), "a failed sequence is not kept"
+    monkeypatch.setattr(engine.ctx, "decode", real)
+    engine.clear_cache()
+    assert engine.generate([PROMPTS[1]], greedy)[0].token_ids == engine.generate([PROMPTS[1]], greedy)[0].token_ids
 
 
 def _serve(eng, tiny_model_dir):

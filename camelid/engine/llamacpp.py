@@ -4,7 +4,11 @@ A `backend.Backend` like the torch engine, sharing its driver loop and per-token
 (`engine.backend`), so chat, generate and serve's continuous-batching scheduler take it
 unchanged. What differs is only who computes the logits: llama.cpp decodes one batch holding one
 token per running request (each request its own sequence in one KV cache, as llama-server does;
-new requests' prompts are prefilled together the same way), and the logits go through camelid's
+new requests' prompts are prefilled together the same way). A sequence keeps its tokens' keys and
+values after its request ends, and a new request takes the free sequence that already holds the
+longest start of its prompt and prefills only the rest (llama-server's prompt cache): the next
+turn of a chat, or another request with the same system prompt, skips what was computed. The
+logits go through camelid's
 own sampler (`engine.sampling.sample_next`) and stop-string / detokenisation helpers
 (`engine.text`), so the sampling flags, seeds, stop strings and streaming behave exactly as with
 the torch engine. The model is a `.gguf` given directly, or any model
@@ -23,6 +27,7 @@ from camelid.engine.backend import BackendBase, BatchBase, Delta, Row, Sampled, 
 from camelid.engine.sampling import SamplingParams
 from camelid.errors import CamelidError
 from camelid.export.writer import DEFAULT_QUANT
+from camelid.utils import shared_start
 
 INSTALL_HINT = "pip install 'camelid[llamacpp]' (compiles llama.cpp, ~10 minutes; pip caches the wheel)"
 DEFAULT_MAX_CONTEXT = 4096
@@ -147,6 +152,8 @@ class SeqRow(Row):
     slot: int = -1
     pos: int = 0
     """The position of the next token fed to its sequence."""
+    synced: bool = False
+    """Its sequence holds exactly its first `pos` tokens (its last decode succeeded)."""
 
 
 class LlamaCppEngine(BackendBase):
@@ -182,6 +189,10 @@ class LlamaCppEngine(BackendBase):
         self.name, self.path = self.gguf.stem, self.gguf
         self.device = "cpu"
         self._free_slots = list(range(parallel))
+        """Free sequences, the one released longest ago first."""
+        self._cached: list[list[int]] = [[] for _ in range(parallel)]
+        """Per sequence, the tokens its KV cache holds from position 0 (kept after its request
+        ends, for the next request that starts the same way)."""
 
     def close(self) -> None:
         self.batch_buf.close()
@@ -209,14 +220,41 @@ class LlamaCppEngine(BackendBase):
                     out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
         return out
 
-    def take_slot(self) -> int:
+    def take_slot(self, tokens: Sequence[int] = ()) -> int:
+        """A free sequence for a request starting with `tokens`: the one whose cache shares the
+        longest start with them, else the one released longest ago (`reuse` then keeps that
+        start). Without `tokens`, an empty sequence."""
         if not self._free_slots:
             raise CamelidError(f"the llama.cpp backend runs at most {self.parallel} requests at once")
-        return self._free_slots.pop(0)
+        slot = max(self._free_slots, key=lambda s: shared_start(self._cached[s], tokens))
+        self._free_slots.remove(slot)
+        if not tokens:
+            self.reuse(slot, ())
+        return slot
 
-    def release_slot(self, slot: int) -> None:
-        self.ctx.kv_cache_seq_rm(slot, -1, -1)
+    def release_slot(self, slot: int, tokens: Sequence[int] | None = None) -> None:
+        """Give a sequence back; its cache stays for reuse when `tokens` (what it holds from
+        position 0) is given, else it is cleared."""
+        if tokens is None:
+            self.ctx.kv_cache_seq_rm(slot, -1, -1)
+        self._cached[slot] = list(tokens or ())
         self._free_slots.append(slot)
+
+    def reuse(self, slot: int, tokens: Sequence[int]) -> int:
+        """Keep the start of `slot`'s cache that `tokens` begins with, drop the rest; how many
+        tokens were kept. The last token is always recomputed (its logits are wanted)."""
+        keep = min(shared_start(self._cached[slot], tokens), len(tokens) - 1)
+        self._cached[slot] = []  # until the caller's decode has filled it (release_slot says)
+        if keep <= 0 or not self.ctx.kv_cache_seq_rm(slot, keep, -1):
+            self.ctx.kv_cache_seq_rm(slot, -1, -1)
+            return 0
+        return keep
+
+    def clear_cache(self) -> None:
+        """Forget what the free sequences hold (the next requests prefill in full)."""
+        for slot in self._free_slots:
+            self.ctx.kv_cache_seq_rm(slot, -1, -1)
+            self._cached[slot] = []
 
     # ---- generation (backend.BackendBase drives it) ----------------------------------------
     def new_batch(self) -> "LlamaCppBatch":
@@ -238,7 +276,7 @@ class LlamaCppBatch(BatchBase):
         toks = prompt_ids(eng, prompts, params)
         if len(self.rows) + len(toks) > eng.parallel:
             raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
-        new_rows = [new_row(eng, rid, t, sp, self.on_row, SeqRow, slot=eng.take_slot(), pos=len(t))
+        new_rows = [new_row(eng, rid, t, sp, self.on_row, SeqRow, slot=eng.take_slot(t), pos=len(t))
                     for rid, t, sp in zip(ids, toks, params)]
         for row in new_rows:
             if row.params.return_hidden and row.error is None:
@@ -246,22 +284,28 @@ class LlamaCppBatch(BatchBase):
         self.rows += new_rows
         yield self._emit(new_rows, self._prefill([r for r in new_rows if r.error is None]))
 
-    def _prefill(self, rows: list[SeqRow]) -> list[Any]:
-        """Decode each row's whole history (prompt + answer so far) into its cleared sequence,
-        all rows in one batch; one logits row per row, from its last token."""
+    def _prefill(self, rows: list[SeqRow], reuse: bool = True) -> list[Any]:
+        """Decode each row's history (prompt + answer so far) into its sequence, all rows in one
+        batch, from the first token its cache does not already hold (from the start when not
+        `reuse`); one logits row per row, from its last token."""
         items = []
         for row in rows:
             toks = row.prompt + row.out
-            self.engine.ctx.kv_cache_seq_rm(row.slot, -1, -1)
-            items += [(tok, i, row.slot, i == len(toks) - 1) for i, tok in enumerate(toks)]
-            row.pos = len(toks)
-        return self.engine.decode(items)
+            keep = self.engine.reuse(row.slot, toks if reuse else ())
+            items += [(tok, i, row.slot, i == len(toks) - 1) for i, tok in enumerate(toks) if i >= keep]
+            row.pos, row.synced = len(toks), False
+        logits = self.engine.decode(items)
+        for row in rows:
+            row.synced = True
+        return logits
 
     def step(self) -> list[Delta]:
         live = [r for r in self.rows if r.finish is None]
+        for r in live:
+            r.synced = False
         logits = self.engine.decode([(r.out[-1], r.pos, r.slot, True) for r in live])
         for r in live:
-            r.pos += 1
+            r.pos, r.synced = r.pos + 1, True
         return self._emit(list(self.rows), logits)
 
     def rebuild(self) -> list[Delta]:
@@ -272,15 +316,20 @@ class LlamaCppBatch(BatchBase):
         for row in self.rows:
             if row.finish is None and row.error is None:
                 try:
-                    logits += self._prefill([row])
+                    logits += self._prefill([row], reuse=False)
                 except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
                     row.error = e
         return self._emit(list(self.rows), logits)
 
     def close(self) -> None:
         for row in self.rows:
-            self.engine.release_slot(row.slot)
+            self._release(row)
         self.rows = []
+
+    def _release(self, row: SeqRow) -> None:
+        """A row's sequence back to the engine, its cache kept when it is known to be whole."""
+        whole = row.synced and row.error is None
+        self.engine.release_slot(row.slot, (row.prompt + row.out)[: row.pos] if whole else None)
 
     def _emit(self, rows: list[SeqRow], logits: list[Any]) -> list[Delta]:
         """Sample for `rows`: the running ones without an error of their own each have a logits
@@ -291,7 +340,7 @@ class LlamaCppBatch(BatchBase):
         tokens, logps, alts, errors = zip(*(by_row.get(id(r), none) for r in rows)) if rows else ((),) * 4
         deltas = emit(rows, Sampled(list(tokens), list(logps), list(alts), list(errors)), self.engine.eos_ids)
         for row in [r for r in self.rows if r.finish is not None]:
-            self.engine.release_slot(row.slot)
+            self._release(row)
         self.rows = [r for r in self.rows if r.finish is None]
         return deltas
 
