@@ -121,27 +121,17 @@ class Batch(BatchBase):
         copies of its cache and logits."""
         eng = self.engine
         params = [r.params for r in new_rows]
-        first_of: dict[tuple[int, ...], int] = {}
-        inverse = [first_of.setdefault(tuple(t), len(first_of)) for t in toks]
-        unique = [list(t) for t in first_of]
-        width = max(len(t) for t in unique)
-        input_ids = torch.full((len(unique), width), eng.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(unique), width), dtype=torch.long)
-        for i, t in enumerate(unique):
-            input_ids[i, width - len(t):] = torch.tensor(t)
-            mask[i, width - len(t):] = 1
-        input_ids, mask = input_ids.to(eng.device), mask.to(eng.device)
+        input_ids, mask, inverse = distinct_left_padded(toks, eng.pad_id, eng.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         from transformers import DynamicCache
 
         cache = DynamicCache()
         hidden = [] if any(sp.return_hidden for sp in params) else None
         logits = eng.forward(input_ids, mask, pos, cache, logits_to_keep=1, hidden=hidden)
-        if len(unique) < len(toks):
+        if len(input_ids) < len(toks):
             idx = torch.tensor(inverse, device=eng.device)
             input_ids, mask, pos, logits = input_ids[idx], mask[idx], pos[idx], logits[idx]
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            select_cache_rows(cache, idx)
             if hidden:
                 hidden[0] = hidden[0][idx]
         seen = None
@@ -250,6 +240,28 @@ class Batch(BatchBase):
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+
+def distinct_left_padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The distinct token lists among `seqs`, left padded (every one ends in the last column):
+    (ids, attention mask) on `device`, and for each of `seqs` the row holding it. A sequence
+    that comes several times (n answers to one prompt) is computed once; `select_cache_rows`
+    then gives each of its copies the cache."""
+    first_of: dict[tuple[int, ...], int] = {}
+    inverse = [first_of.setdefault(tuple(t), len(first_of)) for t in seqs]
+    width = max(len(t) for t in first_of)
+    ids = torch.full((len(first_of), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(first_of), width), dtype=torch.long)
+    for i, t in enumerate(first_of):
+        ids[i, width - len(t):] = torch.tensor(t)
+        mask[i, width - len(t):] = 1
+    return ids.to(device), mask.to(device), inverse
+
+
+def select_cache_rows(cache, idx: torch.Tensor) -> None:
+    """Make a transformers KV cache's rows `cache[idx]`, in place (rows repeat where idx does)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

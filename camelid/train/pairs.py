@@ -28,6 +28,7 @@ from typing import Any, Sequence
 from camelid.errors import CamelidError
 from camelid.train.common import TrainSettings
 from camelid.train.stage import StageResult
+from camelid.utils import shared_start
 
 MIN_PAIRS = 50
 """Fewest training pairs a reward model or DPO run may learn from (their `min_pairs` default)."""
@@ -122,14 +123,6 @@ class PairTokens:
                 "rejected_ids": [a + [eos] if w else a for a, w in zip(self.rejected, self.rejected_whole)]}
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def fit_question(tok: Any, question: str, max_prompt: int) -> str:
     """`question`, cut at its end so that the prompt `Question: <q>\\n\\nAnswer: ` takes at most
     `max_prompt` tokens (the whole question when it fits)."""
@@ -171,7 +164,7 @@ def tokenize_pairs(questions: Sequence[str], chosen: Sequence[str], rejected: Se
     full_k = tok([qa_text(q, a) for q, a in zip(fitted, rejected)])["input_ids"]
     out = PairTokens(inputs=len(questions))
     for i, (head, j, k) in enumerate(zip(heads, full_j, full_k)):
-        p = min(common_prefix(head, j), common_prefix(head, k))
+        p = min(shared_start(head, j), shared_start(head, k))
         budget = max_length - p - 1  # one token for EOS
         a_j, a_k = j[p:], k[p:]
         if a_j[:budget] == a_k[:budget]:

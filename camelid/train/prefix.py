@@ -50,25 +50,17 @@ def _run(body: Any, cache_kw: str, device: Any, prefixes: Sequence[Sequence[int]
     import torch
     from transformers import DynamicCache
 
+    from camelid.engine.engine import distinct_left_padded, select_cache_rows
+
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            first: dict[tuple[int, ...], int] = {}
-            inverse = [first.setdefault(tuple(prefixes[i]), len(first)) for i in rows]
-            unique = list(first)
-            p = max(len(u) for u in unique)
-            ids = torch.full((len(unique), p), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(unique), p), dtype=torch.long)
-            for j, u in enumerate(unique):  # left-padded: every prefix ends at column p - 1
-                ids[j, p - len(u):] = torch.tensor(u)
-                mask[j, p - len(u):] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask, inverse = distinct_left_padded([list(prefixes[i]) for i in rows], pad_id, device)
             cache = DynamicCache()
             h_prefix = body(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                             use_cache=True, **{cache_kw: cache}).last_hidden_state[:, -1]
             idx = torch.tensor(inverse, device=device)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            select_cache_rows(cache, idx)
             conts = [list(continuations[i]) for i in rows]
             c = max(len(x) for x in conts)
             cids = torch.full((len(conts), c), pad_id, dtype=torch.long)
@@ -87,13 +79,11 @@ def _run(body: Any, cache_kw: str, device: Any, prefixes: Sequence[Sequence[int]
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     """The length of the longest token prefix all of `seqs` share, leaving each at least one token."""
+    from camelid.utils import shared_start
+
     n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
     for s in seqs[1:]:
-        k = 0
-        while k < n and s[k] == first[k]:
-            k += 1
-        n = k
+        n = min(n, shared_start(seqs[0], s))
     return max(n, 0)
 
 
