@@ -114,6 +114,31 @@ def test_eval_writes_results_samples_and_a_paired_verdict(models, tmp_path):
     assert res.result["config"]["max_questions"] == 4
 
 
+def test_long_questions_are_cut_so_prompt_and_answer_fit_the_judges(models, tmp_path):
+    """A held-out question whose prompt would leave no room for an answer within max_length is cut
+    at its end (as the pair stages cut it); the others are kept whole; the report counts them."""
+    from transformers import AutoTokenizer
+
+    from camelid.eval.evaluate import fit_questions, held_out_questions
+    from camelid.qa import qa_text
+
+    tok = AutoTokenizer.from_pretrained(models["sft"])
+    cfg = _cfg(models, tmp_path / "cut", max_length=24, max_new_tokens=6)
+    questions = held_out_questions(cfg) + ["word " * 200]
+    fitted, cut = fit_questions(questions, cfg, str(models["sft"]))
+    lengths = [len(tok(qa_text(q))["input_ids"]) for q in questions]
+    assert cut == sum(n > 18 for n in lengths) >= 1
+    for q, f, n in zip(questions, fitted, lengths):
+        assert len(tok(qa_text(f))["input_ids"]) <= 18
+        assert f == q if n <= 18 else q.startswith(f) and len(f) < len(q)
+    run(replace(cfg, max_length=24))
+    result, samples = _read(tmp_path / "cut")
+    assert result["questions_cut"] == sum(n > 18 for n in lengths[: result["questions"]])
+    assert {r["question"] for r in samples} == set(fitted[: result["questions"]])
+    with pytest.raises(CamelidError, match="no room for a question"):
+        fit_questions(questions, replace(cfg, max_length=6), str(models["sft"]))
+
+
 def test_each_model_samples_with_its_own_seeds(models, tmp_path):
     """SFT == base and PPO == its reference: different answers (each model its own seeds), the
     same answers again on a rerun, and a KL of zero (up to float rounding: PPO's log-probs come

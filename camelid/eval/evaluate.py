@@ -81,7 +81,9 @@ class EvalConfig:
     max_pairs: int = 200
     """Score at most this many pairs for each judge's accuracy (0: all)."""
     max_length: int = 512
-    """Longest pair side, in tokens, for the judges' accuracy (longer answers are cut, as in training)."""
+    """Longest text a judge reads, in tokens: pair sides for its accuracy are cut to it as in
+    training, and a held-out question is cut at its end so that its prompt and an answer of
+    max_new_tokens fit it."""
     max_new_tokens: int = 96
     """Longest answer, in tokens."""
     temperature: float = 0.7
@@ -138,6 +140,23 @@ def held_out_questions(cfg: EvalConfig) -> list[str]:
     return questions[: cfg.max_questions] if cfg.max_questions else questions
 
 
+def fit_questions(questions: list[str], cfg: EvalConfig, model: str) -> tuple[list[str], int]:
+    """The questions, each cut at its end (as the pair stages cut them) so that its prompt leaves
+    room for `max_new_tokens` within `max_length`; and how many were cut. Real questions run to
+    thousands of tokens: uncut, one would widen every batch it lands in and give the judges texts
+    far longer than any they were trained on."""
+    from camelid.models.train_load import load_tokenizer
+    from camelid.train.pairs import fit_question
+
+    room = cfg.max_length - cfg.max_new_tokens
+    if room < 1:
+        raise CamelidError(f"max_length {cfg.max_length} leaves no room for a question beside max_new_tokens "
+                           f"{cfg.max_new_tokens}; raise --max-length")
+    tok = load_tokenizer(resolve(model))
+    fitted = [fit_question(tok, q, room) for q in questions]
+    return fitted, sum(f != q for f, q in zip(fitted, questions))
+
+
 def resolve(name: str) -> Path:
     """A run folder (its merged model/, else its adapter/), a model folder or a bundled name, as a
     local path (an adapter is merged into its base when loaded)."""
@@ -167,10 +186,11 @@ def generate_answers(model: str, questions: list[str], cfg: EvalConfig, desc: st
     engine = Engine.load(str(resolve(model)), device=cfg.device, dtype=model_dtype(cfg.dtype))
     tok = engine.tokenizer
     prompts = [list(tok(qa_text(q))["input_ids"]) for q in questions]  # as PPO's rollouts tokenize them
-    # The answers to one question go in the same batch, where the engine prefills its prompt once;
-    # each keeps its own seed, and `out` its place.
+    # The answers to one question go in the same batch, where the engine prefills its prompt once,
+    # and questions of similar length together (a batch is as wide as its longest prompt); each
+    # answer keeps its own seed, and `out` its place.
     first_seen = {q: n for n, q in reversed(list(enumerate(questions)))}
-    order = sorted(range(len(prompts)), key=lambda n: (first_seen[questions[n]], n))
+    order = sorted(range(len(prompts)), key=lambda n: (len(prompts[n]), first_seen[questions[n]], n))
     out: list[dict[str, Any]] = [{}] * len(prompts)
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"eval: {desc} answers", unit="batch", disable=bars_off(),
                       dynamic_ncols=True):
@@ -368,7 +388,7 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
     ensure_writable_dir(Path(cfg.out).parent)
     check_replaceable(cfg.out, cfg.overwrite)
     paths = check_inputs(cfg)
-    held_out = held_out_questions(cfg)
+    held_out, cut = fit_questions(held_out_questions(cfg), cfg, next(iter(cfg.models().values())))
     # Answer j of question i is prompt i + j * len(held_out): seed `seed + i + j * len(held_out)`.
     questions = held_out * cfg.answers_per_question
     with Timer() as t:
@@ -382,7 +402,7 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
             del rm
             gc.collect()
     figures, rows = summarise(questions, len(held_out), answers, rewards, paths, cfg)
-    result = {"questions": len(held_out), "answers_per_question": cfg.answers_per_question,
+    result = {"questions": len(held_out), "questions_cut": cut, "answers_per_question": cfg.answers_per_question,
               "split": cfg.split, "reward_model": judges["training"]["path"], "judges": judges,
               "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
@@ -400,7 +420,9 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     k = result.get("answers_per_question", 1)
-    lines = [f"eval: {result['questions']} held-out questions" + (f", {k} answers to each" if k > 1 else "")]
+    cut = result.get("questions_cut", 0)
+    lines = [f"eval: {result['questions']} held-out questions" + (f" ({cut} cut to fit the judges' length)" if cut else "")
+             + (f", {k} answers to each" if k > 1 else "")]
     for m, v in result["models"].items():
         second = (v.get("reward") or {}).get("second")
         lines.append(f"  {m:<5} reward {v['reward_mean']:+.3f} ± {v['reward_std']:.3f}"
