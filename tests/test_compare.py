@@ -92,5 +92,10 @@ def test_verdict_states_interval_and_questions_and_flags_disagreement():
     # A point estimate above 50% under the training judge is not enough: its interval must clear it.
     unsure = verdict("dpo", "sft", _cmp(24, 43, 24 / 43, 0.42, 0.70), _cmp(20, 43, 20 / 43, 0.33, 0.61))
     assert not unsure["passed"] and not unsure["judges_disagree"] and unsure["lines"][0].startswith("DPO beats SFT on 24")
+    # Both lean towards DPO, only the second clears its bar: unsure, not a disagreement.
+    leaning = verdict("dpo", "sft", _cmp(36, 64, 36 / 64, 0.44, 0.69), _cmp(39, 64, 39 / 64, 0.48, 0.72))
+    assert not leaning["passed"] and not leaning["judges_disagree"] and len(leaning["lines"]) == 2
+    opposed = verdict("dpo", "sft", _cmp(20, 43, 20 / 43, 0.33, 0.61), _cmp(25, 43, 25 / 43, 0.44, 0.72))
+    assert opposed["judges_disagree"] and opposed["lines"][-1] == "the judges disagree: the second judge prefers DPO, the training judge does not"
     alone = verdict("ppo", "sft", train, None)
     assert not alone["passed"] and "no second judge" in alone["lines"][1]

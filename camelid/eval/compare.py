@@ -14,7 +14,7 @@ the question, not the answer: answers to one question are not independent draws.
   questions too.
 - Verdict (A vs SFT): the lower end of the paired 95% interval above 50% under the training judge
   (the reward model PPO optimised), and the point estimate above 50% under a second judge trained
-  on pairs the first never saw. When the two judges' parts disagree the verdict says so.
+  on pairs the first never saw. When one judge prefers A and the other does not, the verdict says so.
 
 Standard library only (the report imports it without torch).
 """
@@ -123,11 +123,17 @@ def verdict(a: str, b: str, training: dict[str, Any], second: dict[str, Any] | N
         lines.append("no second judge: the bar needs one that PPO never saw")
     else:
         lines.append(describe(a, b, second, "second judge"))
-    disagree = second is not None and train_ok != second_ok
-    if disagree:
-        lines.append("the judges disagree: possible reward hacking" if train_ok else
-                     f"the judges disagree: the second judge prefers {NAMES.get(a, a)}, "
-                     f"the training judge's interval does not clear {BAR:.2f}")
+    # Disagreement: one judge prefers A and the other does not. The training judge's preference
+    # counts when its interval clears the bar (a point estimate above it is not one it
+    # can defend), so does the second judge's above it; a training judge that leans the same way as
+    # the second, without clearing the bar, is unsure, not in disagreement.
+    hacked = second is not None and train_ok and not second_ok
+    unseen = second is not None and second_ok and training["rate"] <= BAR
+    disagree = hacked or unseen
+    if hacked:
+        lines.append("the judges disagree: possible reward hacking")
+    elif unseen:
+        lines.append(f"the judges disagree: the second judge prefers {NAMES.get(a, a)}, the training judge does not")
     return {"passed": train_ok and second_ok, "training_passed": train_ok, "second_passed": second_ok,
             "judges_disagree": disagree, "lines": lines,
             "bar": f"lower end of the paired 95% CI above {BAR:.2f} under the training judge, "
