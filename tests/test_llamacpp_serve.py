@@ -66,6 +66,30 @@ def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
     assert sorted(engine._free_slots) == list(range(PARALLEL))
 
 
+def test_decode_takes_items_in_any_sequence_order(engine):
+    """Items of several sequences, interleaved and out of order, give each wanted item its own
+    logits, in the items' order (llama.cpp gets them sorted by sequence)."""
+    import numpy as np
+
+    prompts = [engine.encode(p) for p in PROMPTS[:3]]
+    slots = [engine.take_slot() for _ in prompts]
+    try:
+        alone = []
+        for slot, ids in zip(slots, prompts):
+            alone += engine.decode([(t, i, slot, i == len(ids) - 1) for i, t in enumerate(ids)])
+            engine.reuse(slot, ())
+        items = [(t, i, slot, i == len(ids) - 1) for slot, ids in zip(slots, prompts) for i, t in enumerate(ids)]
+        items = items[::-1]  # last sequence first, each one's positions backwards
+        together = engine.decode(items)
+        wanted = [slots.index(it[2]) for it in items if it[3]]
+        assert wanted == [2, 1, 0]
+        for got, k in zip(together, wanted):
+            assert np.abs(got - alone[k]).max() < 1e-3 * np.abs(alone[k]).max() + 1e-4
+    finally:
+        for slot in slots:
+            engine.release_slot(slot)
+
+
 def test_a_request_reuses_the_cache_of_one_that_started_the_same_way(engine, monkeypatch):
     """A sequence keeps its cache after its request; a request that starts the same way (the same
     prompt again, the next turn of a conversation) prefills only what is new, and its answer is

@@ -202,23 +202,28 @@ class LlamaCppEngine(BackendBase):
     # ---- llama.cpp calls -------------------------------------------------------------------
     def decode(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Run (token, position, sequence, want_logits) items; return a numpy logits row per
-        wanted item. Chunked by the context's batch size (long prompts)."""
+        wanted item, in the items' order. Chunked by the context's batch size (long prompts).
+
+        The items go to llama.cpp sorted by sequence: with a KV cache per sequence, a batch whose
+        sequence ids come out of order is split into several computations (a 16-sequence decode
+        step of the bundled model ran at half the speed)."""
         import numpy as np
 
-        out = []
+        order = sorted(range(len(items)), key=lambda i: (items[i][2], items[i][1]))
+        rows: dict[int, Any] = {}
         b = self.batch_buf.batch
-        for start in range(0, len(items), self.batch_buf._n_tokens):
-            chunk = items[start : start + self.batch_buf._n_tokens]
+        for start in range(0, len(order), self.batch_buf._n_tokens):
+            chunk = order[start : start + self.batch_buf._n_tokens]
             b.n_tokens = len(chunk)
-            for i, (tok, pos, seq, want) in enumerate(chunk):
+            for i, k in enumerate(chunk):
+                tok, pos, seq, want = items[k]
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
                 b.seq_id[i][0] = seq
             self.ctx.decode(self.batch_buf)
-            for i, (*_, want) in enumerate(chunk):
-                if want:
-                    ptr = self.ctx.get_logits_ith(i)
-                    out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-        return out
+            for i, k in enumerate(chunk):
+                if items[k][3]:
+                    rows[k] = np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy()
+        return [rows[k] for k in sorted(rows)]
 
     def take_slot(self, tokens: Sequence[int] = ()) -> int:
         """A free sequence for a request starting with `tokens`: the one whose cache shares the
