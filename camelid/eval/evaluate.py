@@ -229,14 +229,14 @@ def answer_logprobs(model_name: str, answers: list[dict[str, Any]], cfg: EvalCon
     lm, tok, _ = load_for_inference(str(resolve(model_name)), device=cfg.device, dtype=model_dtype(cfg.dtype))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sums = logprobs_shared(lm, [a["prompt_ids"] for a in answers], [a["response_ids"] or [tok.eos_token_id] for a in answers],
-                           pad, cfg.batch_size)
+                           pad, cfg.batch_size, desc=f"eval: log-probs under {Path(model_name).name}")
     del lm
     gc.collect()
     return sums
 
 
 def score_answers(rm: Any, tok: Any, questions: list[str], answers: dict[str, list[dict[str, Any]]],
-                  batch_size: int) -> dict[str, list[float]]:
+                  batch_size: int, desc: str | None = None) -> dict[str, list[float]]:
     """The judge's score of every model's answers (`questions[n]` is answer n's question); the
     texts answering one question share their prompt's forward pass (`train.prefix`)."""
     from camelid.train.prefix import score_texts_shared
@@ -248,7 +248,7 @@ def score_answers(rm: Any, tok: Any, questions: list[str], answers: dict[str, li
             groups.setdefault(questions[n], []).append((m, n))
     texts = [[qa_text(q, answers[m][n]["text"]) for m, n in members] for q, members in groups.items()]
     out = {m: [0.0] * len(ans) for m, ans in answers.items()}
-    for members, scores in zip(groups.values(), score_texts_shared(rm, tok, texts, batch_size)):
+    for members, scores in zip(groups.values(), score_texts_shared(rm, tok, texts, batch_size, desc)):
         for (m, n), score in zip(members, scores):
             out[m][n] = score
     return out
@@ -397,7 +397,7 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
         rewards, judges = {}, {}
         for role, name in cfg.judges().items():  # one judge in memory at a time
             rm, rm_tok = load_reward_model(str(resolve(name)), cfg.dtype)
-            rewards[role] = score_answers(rm, rm_tok, questions, answers, cfg.batch_size)
+            rewards[role] = score_answers(rm, rm_tok, questions, answers, cfg.batch_size, f"eval: {role} judge's scores")
             judges[role] = {"path": str(resolve(name)), "pairs": pair_accuracy(rm, rm_tok, cfg, resolve(name))}
             del rm
             gc.collect()

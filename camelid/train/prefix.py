@@ -18,14 +18,14 @@ from typing import Any
 
 
 def continuation_hidden(model: Any, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                        pad_id: int, batch_size: int) -> list[Any]:
+                        pad_id: int, batch_size: int, desc: str | None = None) -> list[Any]:
     """For item i, the decoder's final hidden states (len(continuations[i]) + 1, H) at the
     prefix's last position and at each continuation token: row t predicts continuation token t,
     the last row reads the whole text.
 
     `model`: a transformers causal LM or sequence classifier (or a peft wrapper of one). Items
     run in batches of `batch_size`, those with the same prefix together, each distinct prefix
-    once per batch. Every continuation must be non-empty."""
+    once per batch. Every continuation must be non-empty. With `desc`, a progress bar of batches."""
     from camelid.engine.engine import cache_kwarg
     from camelid.models.lora import unwrap
 
@@ -39,21 +39,25 @@ def continuation_hidden(model: Any, prefixes: Sequence[Sequence[int]], continuat
     was_training = model.training
     model.eval()
     try:
-        _run(body, cache_kw, device, prefixes, continuations, order, pad_id, batch_size, out)
+        _run(body, cache_kw, device, prefixes, continuations, order, pad_id, batch_size, out, desc)
     finally:
         model.train(was_training)
     return out
 
 
 def _run(body: Any, cache_kw: str, device: Any, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-         order: list[int], pad_id: int, batch_size: int, out: list[Any]) -> None:
+         order: list[int], pad_id: int, batch_size: int, out: list[Any], desc: str | None) -> None:
     import torch
+    from tqdm.auto import tqdm
     from transformers import DynamicCache
+
+    from camelid.logs import bars_off
 
     from camelid.engine.engine import distinct_left_padded, select_cache_rows
 
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None or bars_off(),
+                          dynamic_ncols=True):
             rows = order[start : start + batch_size]
             ids, mask, inverse = distinct_left_padded([list(prefixes[i]) for i in rows], pad_id, device)
             cache = DynamicCache()
@@ -87,13 +91,13 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def score_texts_shared(rm: Any, tok: Any, groups: Sequence[Sequence[str]], batch_size: int) -> list[list[float]]:
+def score_texts_shared(rm: Any, tok: Any, groups: Sequence[Sequence[str]], batch_size: int, desc: str | None = None) -> list[list[float]]:
     """A reward model's score of every text, texts grouped by the prompt they answer: each group's
     common token prefix runs once (EOS appended as in training, as `train.reward.score_texts`)."""
-    return score_ids_shared(rm, [[x + [tok.eos_token_id] for x in tok(list(g))["input_ids"]] for g in groups], batch_size)
+    return score_ids_shared(rm, [[x + [tok.eos_token_id] for x in tok(list(g))["input_ids"]] for g in groups], batch_size, desc)
 
 
-def score_ids_shared(rm: Any, groups: Sequence[Sequence[Sequence[int]]], batch_size: int) -> list[list[float]]:
+def score_ids_shared(rm: Any, groups: Sequence[Sequence[Sequence[int]]], batch_size: int, desc: str | None = None) -> list[list[float]]:
     """A reward model's score of token lists, grouped so that each group's common prefix runs once.
     The score is read where transformers' sequence classifier reads it: at the rightmost token
     that is not the padding id (where EOS is the padding id, the token before it)."""
@@ -111,7 +115,7 @@ def score_ids_shared(rm: Any, groups: Sequence[Sequence[Sequence[int]]], batch_s
             where.append((gi, ti))
             last = max((p for p, t in enumerate(x) if t != pad), default=len(x) - 1)
             pooled.append(max(last - (k - 1), 0))  # row 0 is position k - 1
-    hidden = continuation_hidden(rm, prefixes, conts, pad if pad is not None else 0, batch_size)
+    hidden = continuation_hidden(rm, prefixes, conts, pad if pad is not None else 0, batch_size, desc)
     head = unwrap(rm).score
     out = [[0.0] * len(g) for g in groups]
     with torch.no_grad():
@@ -123,13 +127,13 @@ def score_ids_shared(rm: Any, groups: Sequence[Sequence[Sequence[int]]], batch_s
 
 
 def logprobs_shared(lm: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                    pad_id: int, batch_size: int) -> list[float]:
+                    pad_id: int, batch_size: int, desc: str | None = None) -> list[float]:
     """Σ_t log π(r_t | prompt, r_<t) per (prompt, response), teacher-forced at temperature 1."""
     import torch
 
     from camelid.train.ppo_batch import head_logprobs
 
-    hidden = continuation_hidden(lm, prompts, responses, pad_id, batch_size)
+    hidden = continuation_hidden(lm, prompts, responses, pad_id, batch_size, desc)
     sums = []
     with torch.no_grad():
         for h, r in zip(hidden, responses):
