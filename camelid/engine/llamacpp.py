@@ -234,15 +234,16 @@ class LlamaCppEngine(BackendBase):
         slot = max(self._free_slots, key=lambda s: shared_start(self._cached[s], tokens))
         self._free_slots.remove(slot)
         if not tokens:
-            self.reuse(slot, ())
+            self._clear(slot)
         return slot
 
     def release_slot(self, slot: int, tokens: Sequence[int] | None = None) -> None:
         """Give a sequence back; its cache stays for reuse when `tokens` (what it holds from
         position 0) is given, else it is cleared."""
         if tokens is None:
-            self.ctx.kv_cache_seq_rm(slot, -1, -1)
-        self._cached[slot] = list(tokens or ())
+            self._clear(slot)
+        else:
+            self._cached[slot] = list(tokens)
         self._free_slots.append(slot)
 
     def reuse(self, slot: int, tokens: Sequence[int]) -> int:
@@ -251,15 +252,18 @@ class LlamaCppEngine(BackendBase):
         keep = min(shared_start(self._cached[slot], tokens), len(tokens) - 1)
         self._cached[slot] = []  # until the caller's decode has filled it (release_slot says)
         if keep <= 0 or not self.ctx.kv_cache_seq_rm(slot, keep, -1):
-            self.ctx.kv_cache_seq_rm(slot, -1, -1)
+            self._clear(slot)
             return 0
         return keep
+
+    def _clear(self, slot: int) -> None:
+        self.ctx.kv_cache_seq_rm(slot, -1, -1)
+        self._cached[slot] = []
 
     def clear_cache(self) -> None:
         """Forget what the free sequences hold (the next requests prefill in full)."""
         for slot in self._free_slots:
-            self.ctx.kv_cache_seq_rm(slot, -1, -1)
-            self._cached[slot] = []
+            self._clear(slot)
 
     # ---- generation (backend.BackendBase drives it) ----------------------------------------
     def new_batch(self) -> "LlamaCppBatch":

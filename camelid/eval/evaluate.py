@@ -140,11 +140,11 @@ def held_out_questions(cfg: EvalConfig) -> list[str]:
     return questions[: cfg.max_questions] if cfg.max_questions else questions
 
 
-def fit_questions(questions: list[str], cfg: EvalConfig, model: str) -> tuple[list[str], int]:
+def fit_questions(questions: list[str], cfg: EvalConfig, model: str | Path) -> tuple[list[str], int]:
     """The questions, each cut at its end (as the pair stages cut them) so that its prompt leaves
     room for `max_new_tokens` within `max_length`; and how many were cut. Real questions run to
     thousands of tokens: uncut, one would widen every batch it lands in and give the judges texts
-    far longer than any they were trained on."""
+    far longer than any they were trained on. `model`: whose tokenizer counts (a name or folder)."""
     from camelid.models.train_load import load_tokenizer
     from camelid.train.pairs import fit_question
 
@@ -388,7 +388,7 @@ def run(cfg: EvalConfig, *, resume: bool = False, overwrite: bool = False) -> Ev
     ensure_writable_dir(Path(cfg.out).parent)
     check_replaceable(cfg.out, cfg.overwrite)
     paths = check_inputs(cfg)
-    held_out, cut = fit_questions(held_out_questions(cfg), cfg, next(iter(cfg.models().values())))
+    held_out, cut = fit_questions(held_out_questions(cfg), cfg, next(iter(paths.values())))
     # Answer j of question i is prompt i + j * len(held_out): seed `seed + i + j * len(held_out)`.
     questions = held_out * cfg.answers_per_question
     with Timer() as t:
