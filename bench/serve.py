@@ -10,7 +10,8 @@ every request generates exactly --tokens tokens (`ignore_eos`), so both servers 
 Reported per run: aggregate generated tokens/s over the wall time, p50/p95 request latency and
 time to first token; then batched / one-at-a-time ratios. Goal: >= 4x at 16 clients. With one
 client among the levels: its decode rate (per token after the first) beside the same backend's
-decode of one stream in-process. Goal: >= 0.9x.
+decode of one stream in a process without a server, in --rounds alternating rounds (medians
+shown). Goal: >= 0.9x.
 
 `--backend llama.cpp` runs both servers on the llama.cpp backend (the model exported once to
 GGUF `--quant`), whose batched server decodes every running request in one llama_decode per
@@ -22,6 +23,7 @@ exactly --tokens/2 booleans, about --tokens tokens) against free answers of the 
 (`ignore_eos`), at 1 and 16 clients. Goal: <= 1.2x.
 
     python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--json-clients 1,16] [--threads 2]
+                          [--rounds 5]
                           [--backend torch|llama.cpp] [--dtype auto] [--quant q4_0] [--json-only]
 """
 
@@ -162,29 +164,60 @@ if a["backend"] == "torch":
     torch.set_num_threads(a["threads"])
 prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": a["question"]}], tokenize=False, add_generation_prompt=True)
 params = SamplingParams(temperature=0.7, max_new_tokens=a["tokens"], ignore_eos=True, seed=0)
-rates = []
-for _ in range(a["rounds"] + 1):  # the first is warm-up
+def rate():
     steps = engine.stream([prompt], params)
     next(steps)
     t0, n = time.perf_counter(), 1
     for deltas in steps:
         n += len(deltas)
-    rates.append((n - 1) / (time.perf_counter() - t0))
-print(json.dumps(sorted(rates[1:])[len(rates[1:]) // 2]))
+    return (n - 1) / (time.perf_counter() - t0)
+rate()  # warm-up
+print("ready", flush=True)
+for line in sys.stdin:  # one line per round: that many streams, their median rate back
+    rates = sorted(rate() for _ in range(int(line)))
+    print(json.dumps(rates[len(rates) // 2]), flush=True)
 """
 
 
-def in_process_rate(args) -> float:
-    """Decode tokens/s of one stream on the same backend in the benchmark's own process: what one
-    client of the server could get at most (median of 3, after a warm-up; same prompt, length,
-    sampling and threads as the clients)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    spec = {"backend": args.backend, "dtype": args.dtype, "quant": args.quant, "threads": args.threads,
-            "tokens": args.tokens, "question": QUESTIONS[0], "rounds": 3}
-    r = subprocess.run([sys.executable, "-c", IN_PROCESS, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=900)
-    if r.returncode != 0:
-        raise SystemExit(f"in-process decode failed:\n{r.stderr[-2000:]}")
-    return float(r.stdout.strip().splitlines()[-1])
+class InProcess:
+    """One stream's decode tokens/s on the same backend in a process of its own, without a server:
+    what one client of the server could get at most (same prompt, length, sampling and threads as
+    the clients). The process stays up, so its rounds can alternate with the served ones."""
+
+    def __init__(self, args) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+        spec = {"backend": args.backend, "dtype": args.dtype, "quant": args.quant, "threads": args.threads,
+                "tokens": args.tokens, "question": QUESTIONS[0]}
+        self.proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS, json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the in-process decode failed to start")
+
+    def rate(self, streams: int) -> float:
+        self.proc.stdin.write(f"{streams}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def one_client_vs_in_process(url: str, args, rounds: int) -> tuple[float, float]:
+    """Median decode tokens/s of one streaming client and of the in-process stream, measured in
+    alternating rounds (served, in-process, served, ...): the host's speed drifts within minutes,
+    and alternating spreads the drift over both sides. Each round: --requests streams."""
+    local = InProcess(args)
+    served, inproc = [], []
+    try:
+        for _ in range(rounds):
+            r = load_test(url, 1, args.requests, args.tokens)
+            served.append(1 / r["s_per_token"])
+            inproc.append(local.rate(args.requests))
+            print(f"one client round: served {served[-1]:.1f} tok/s, in-process {inproc[-1]:.1f} tok/s", flush=True)
+    finally:
+        local.close()
+    return statistics.median(served), statistics.median(inproc)
 
 
 def _pct(sorted_vals: list[float], p: float) -> float:
@@ -217,6 +250,8 @@ def run(args) -> dict[str, dict[int, dict]]:
                 report(name, c, out[name][c])
         if args.json_clients:
             out["json"] = json_schema_cost(urls["camelid batched"], args.json_clients, args.requests, args.tokens)
+        if 1 in args.clients and not args.json_only:
+            out["one client"] = one_client_vs_in_process(urls["camelid batched"], args, args.rounds)
     finally:
         for proc in procs:
             proc.terminate()
@@ -237,6 +272,7 @@ def main() -> None:
     ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"llama.cpp server: the GGUF type the model is exported to (default: {DEFAULT_QUANT}, camelid's)")
     ap.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
     ap.add_argument("--json-clients", default="1,16", help="concurrency levels of the JSON-schema row (empty: skip it)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of one served client vs in-process")
     ap.add_argument("--json-only", action="store_true", help="only the JSON-schema row")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -253,9 +289,9 @@ def main() -> None:
         return
     batched, single = results["camelid batched"], results["one-at-a-time"]
     if 1 in args.clients:
-        local = in_process_rate(args)
-        served = 1 / batched[1]["s_per_token"]
+        served, local = results["one client"]
         print(f"\none streaming client: {served:.1f} tok/s decode (after the first token) vs in-process {local:.1f} tok/s"
+              f" (medians of {args.rounds} alternating rounds)"
               f" -> x{served / local:.2f} (goal >= 0.9: {'MET' if served >= 0.9 * local else 'NOT MET'})")
     print("\nratio batched / one-at-a-time (throughput; latency p50 as one-at-a-time / batched):")
     for c in args.clients:
