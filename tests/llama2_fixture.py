@@ -22,6 +22,10 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = REPO / "camelid" / "data" / "sample" / "Posts.xml"
