@@ -81,12 +81,19 @@ BUNDLED_SHAPE = SHAPES[0]
 
 # Peak resident memory measured on the bundled model (SmolLM2-135M, CPU, fp32 unless the method
 # says 8-bit) by `bench/memory.py`; each row says what ran. Rerun the bench to refresh it and paste
-# the table it prints; never edit a figure by hand. Only the methods it finished are here (on the
-# shared 2-core machine the other runs did not finish within the bench's time limit); for the
-# rest, `--run RUN` reads the peaks a pipeline run measured.
+# the table it prints; never edit a figure by hand. `--run RUN` reads the peaks a pipeline run
+# measured instead.
 MEASURED: dict[str, dict[str, object]] = {
-    "inference": {"peak_gb": 1.070, "runtime_gb": 0.318, "dtype": "fp32", "seq_len": 512, "batch": 1,
-                  "what": "bench/memory.py 2026-11-29, CPU, peak RSS, camelid Engine, 448-token prompt + 64 new"},
+    "inference": {"peak_gb": 1.003, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+                 "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
+    "inference-8bit": {"peak_gb": 1.401, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+                      "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
+    "full": {"peak_gb": 3.451, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+            "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
+    "lora": {"peak_gb": 2.523, "runtime_gb": 0.251, "dtype": "fp32", "seq_len": 512, "batch": 1,
+            "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
+    "lora-8bit": {"peak_gb": 3.099, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+                 "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
 }
 
 
