@@ -36,3 +36,19 @@ def test_8bit_loads_answers_and_halves_memory(bf16):
     ratio = weight_bytes(q8.model) / weight_bytes(bf16.model)
     assert ratio <= 0.55, ratio
     assert any(b.dtype == torch.int8 for b in q8.model.buffers())
+
+
+def test_8bit_holds_no_view_of_the_checkpoint_and_keeps_float32_tables(bf16):
+    """The int8 model quantises from the memory-mapped checkpoint and then owns every float tensor
+    it keeps (no view of the file keeps the mapping, and every page read, resident); what stays in
+    floating point is in the engine's dtype, rotary tables in float32 as transformers keeps them."""
+    from camelid.cpu.int8 import file_mappings
+
+    q8 = Engine.load("smollm2-135m", device="cpu", load_8bit=True)
+    mapped = file_mappings()
+    assert mapped  # Linux: the test reads /proc/self/maps
+    tensors = list(q8.model.parameters()) + list(q8.model.buffers())
+    inside = [t.shape for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in mapped)]
+    assert inside == []
+    assert {p.dtype for p in q8.model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for n, b in q8.model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.models.load import from_pretrained, read_weights  # noqa: F401  (read_weights: tests)
 from camelid.models.lora import SCORE_HEAD, TASKS, LoraSettings, attach_lora
 from camelid.models.resolve import is_adapter_dir, is_hf_dir, resolve_model
 from camelid.runfiles import MODEL_DIR
@@ -134,44 +135,6 @@ def _bnb_config(task: str) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def read_weights(path: Path, dtype: Any) -> dict[str, Any] | None:
-    """The folder's safetensors weights, each tensor read (pread, not mmap) and cast to `dtype` one
-    at a time, when some need a cast; None when none do or the folder has no safetensors (then
-    from_pretrained reads the files itself).
-
-    from_pretrained memory-maps the files, and every page it touches counts in the process's
-    resident memory until it is done: loading a float32 checkpoint of the bundled model in
-    bfloat16 peaked at ~2x the file's size above the result (1.12 GB for a 0.6 GB model).
-    Here the peak is the result plus one float32 tensor. Where no tensor needs a cast, the
-    memory map is the cheaper way (the weights are used where they are mapped)."""
-    import json
-
-    import torch
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        return None
-    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-    stored = set()
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            stored |= {f.get_slice(key).get_dtype() for key in f.keys()}
-    if not stored & {"F64", "F32", "F16", "BF16"} - {names.get(dtype)}:
-        return None
-    state = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                state[key] = t.to(dtype) if t.is_floating_point() else t
-    return state
-
-
 def load_base(
     model: str | os.PathLike,
     *,
@@ -201,16 +164,7 @@ def load_base(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        state = None if load_8bit else read_weights(path, dt)
-        if state is None:
-            m = cls.from_pretrained(str(path), **kwargs)
-        else:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(str(path), **{k: v for k, v in kwargs.items() if k == "num_labels"})
-            m = cls._model_mapping[type(config)].from_pretrained(None, config=config, state_dict=state, dtype=dt)
-            m.name_or_path = m.config._name_or_path = str(path)  # as from_pretrained(path) records it (peft's adapters name it)
-            del state
+        m = from_pretrained(cls, path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CamelidError(f"cannot load model weights from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     finally:
