@@ -168,12 +168,14 @@ def run_ours_here(root: Path, steps: int, threads: int, dtype: str) -> None:
     """The child process's job: camelid ppo on the bench inputs; prints one JSON line."""
     import shutil
 
+    from camelid.logs import NORMAL, output_level
     from camelid.train.ppo import run
     from camelid.train.tracking import read_metrics
     from camelid.utils import peak_rss_mb
 
     shutil.rmtree(root / "run", ignore_errors=True)
-    run(ppo_config(root, steps, threads, dtype))
+    with output_level(NORMAL):  # as `camelid ppo` shows it: third-party notices filtered
+        run(ppo_config(root, steps, threads, dtype))
     rows = read_metrics(root / "run")  # all steps, as the peer prints them; _means drops the first
     print(json.dumps({"steps": [{k: r[f"time/{k}"] for k in ("rollout", "score", "optimize")} for r in rows],
                       "peak_gb": peak_rss_mb() / 1024}))

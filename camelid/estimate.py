@@ -84,15 +84,15 @@ BUNDLED_SHAPE = SHAPES[0]
 # the table it prints; never edit a figure by hand. `--run RUN` reads the peaks a pipeline run
 # measured instead.
 MEASURED: dict[str, dict[str, object]] = {
-    "inference": {"peak_gb": 1.003, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "inference": {"peak_gb": 1.012, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
                  "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "inference-8bit": {"peak_gb": 1.401, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "inference-8bit": {"peak_gb": 0.672, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
                       "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "full": {"peak_gb": 3.451, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "full": {"peak_gb": 3.461, "runtime_gb": 0.251, "dtype": "fp32", "seq_len": 512, "batch": 1,
             "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "lora": {"peak_gb": 2.523, "runtime_gb": 0.251, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "lora": {"peak_gb": 2.535, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
             "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "lora-8bit": {"peak_gb": 3.099, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "lora-8bit": {"peak_gb": 2.730, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
                  "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
 }
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from camelid.cpu import int8
 
@@ -51,3 +52,20 @@ def test_memory_that_is_not_a_mapped_file_is_left_alone():
     t = torch.ones(2**20)
     int8.release_file_pages(t, int8.file_mappings())
     assert float(t.sum()) == 2**20
+
+
+def test_the_packed_kernel_takes_few_16bit_rows_and_nothing_else(monkeypatch):
+    """On a CPU, `_weight_int8pack_mm` runs for 16-bit activations of at most `packed` rows (decode);
+    a prefill's many rows and float32 activations take the dequantised weight's product, and
+    every route gives the dequantised product's values."""
+    torch.manual_seed(0)
+    q, s = int8.quantize_rows(torch.randn(48, 64))
+    real, calls = torch._weight_int8pack_mm, []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for rows, dtype, packed in ((4, torch.bfloat16, 16), (16, torch.bfloat16, 16), (17, torch.bfloat16, 16),
+                                (300, torch.bfloat16, 64), (4, torch.float32, 64), (4, torch.bfloat16, 0)):
+        x = torch.randn(rows, 64).to(dtype)
+        got = int8.int8_matmul(x, q, s, packed)
+        expected = F.linear(x.float(), q.float()) * s
+        torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.05 * float(expected.abs().max()))
+    assert calls == [4, 16]

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
 CHUNK_BYTES = 16 * 2**20
 """quantize_rows works through a weight this many float32 bytes at a time (its temporaries)."""
 
@@ -63,13 +62,36 @@ def packed_product() -> bool:
     return enabled() and not internals.broken("int8-matmul")
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, packed: bool = True) -> torch.Tensor:
-    """x (..., K) @ dequant(q)(N, K)^T -> (..., N) in x's dtype; with `packed`, through the
-    weight-packed int8 product where it applies, else the dequantised weights' F.linear."""
+PACKED_MAX_ROWS = 64
+PACKED_MAX_ROWS_AMX = 16
+"""Up to this many rows (of 16-bit activations) a CPU product takes the packed int8 kernel; above
+it, the dequantised weight's F.linear. The packed kernel's cost grows with every row, a 16-bit
+GEMM's hardly: on a Xeon the crossover is ~16 rows with AMX, ~64 without (a 448-row prefill 6x
+and 1.4x faster dequantised). With float32 activations the packed kernel is slower at any row
+count (1 ms vs 0.17 ms at one row, 420 ms vs 9 ms at 448, for a 576 x 1536 weight), so
+float32 never takes it."""
+
+
+def packed_rows() -> int:
+    """The most rows new int8 layers send to the packed kernel (0: never)."""
+    from camelid.cpu.switches import native_bf16
+
+    if not packed_product():
+        return 0
+    return PACKED_MAX_ROWS_AMX if native_bf16() else PACKED_MAX_ROWS
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, packed: int = PACKED_MAX_ROWS) -> torch.Tensor:
+    """x (..., K) @ dequant(q)(N, K)^T -> (..., N) in x's dtype: through the weight-packed int8
+    product where it applies (on a CPU: 16-bit x of at most `packed` rows; elsewhere: `packed`
+    not 0), else the dequantised weight's F.linear."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    packed_ok = packed and shape[-1] % INT8PACK_K_MULTIPLE == 0
-    if packed_ok and (x.device.type in ("cpu", "mps") or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8)):
+    if x.device.type == "cpu":
+        use = x.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= packed
+    else:
+        use = bool(packed) and (x.device.type == "mps" or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8))
+    if use and shape[-1] % INT8PACK_K_MULTIPLE == 0:
         try:
             y = torch._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
             return y.reshape(*shape[:-1], q.shape[0])
@@ -79,11 +101,11 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, packed: b
 
 
 class Int8Linear(nn.Module):
-    """An nn.Linear stored as int8 rows and one scale per row (`packed`: `packed_product()` when made)."""
+    """An nn.Linear stored as int8 rows and one scale per row (`packed`: `packed_rows()` when made)."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
         super().__init__()
-        self.packed = packed_product()
+        self.packed = packed_rows()
         q, scale = quantize_rows(linear.weight)
         dtype = dtype or linear.weight.dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -118,7 +140,7 @@ class Int8TiedHead(nn.Module):
     def __init__(self, emb: Int8Embedding):
         super().__init__()
         self.emb = [emb]  # a list, so the table is not registered (and counted) twice
-        self.packed = packed_product()
+        self.packed = packed_rows()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.emb[0]
