@@ -365,3 +365,18 @@ def unwrap_lora_layer(lm):
     from camelid.models.lora import unwrap
 
     return unwrap(lm).model.layers[0].self_attn.q_proj
+
+
+def test_a_load_that_casts_reads_the_same_weights(tiny_model_dir):
+    """Inference in bfloat16 from a float32 checkpoint reads each tensor and casts it
+    (`models.load.from_pretrained`, not the memory map): the model transformers would load."""
+    from transformers import AutoModelForCausalLM
+
+    from camelid.models.load import load_for_inference
+
+    ours, _, _ = load_for_inference(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == ref.keys()
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert ours.name_or_path == str(tiny_model_dir)

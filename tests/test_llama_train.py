@@ -147,11 +147,12 @@ def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
 
 @pytest.mark.parametrize("task", ["causal_lm", "seq_cls"])
 def test_weights_read_a_tensor_at_a_time_load_what_from_pretrained_loads(tiny_model_dir, task):
-    """load_base reads safetensors with pread, casting each tensor (train_load.read_weights), not
+    """load_base reads safetensors with pread, casting each tensor (models.load.read_weights), not
     through from_pretrained's memory map: the same model, the same recorded path."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from camelid.models.train_load import load_base, read_weights
+    from camelid.models.load import read_weights
+    from camelid.models.train_load import load_base
 
     # Only where tensors need a cast: a float32 load of a float32 checkpoint keeps the memory map.
     assert read_weights(tiny_model_dir, torch.float32) is None

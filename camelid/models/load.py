@@ -100,8 +100,6 @@ def read_weights(path: Path, dtype: Any) -> dict[str, Any] | None:
     bfloat16 peaked at ~2x the file's size above the result (1.12 GB for a 0.6 GB model).
     Here the peak is the result plus one float32 tensor. Where no tensor needs a cast, the
     memory map is the cheaper way (the weights are used where they are mapped)."""
-    import json
-
     import torch
     from safetensors import safe_open
 
@@ -126,7 +124,6 @@ def read_weights(path: Path, dtype: Any) -> dict[str, Any] | None:
                 t = f.get_tensor(key)
                 state[key] = t.to(dtype) if t.is_floating_point() else t
     return state
-
 
 
 def from_pretrained(cls: Any, path: str | os.PathLike, *, dtype: Any, **kwargs: Any) -> Any:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.errors import CamelidError
-from camelid.models.load import from_pretrained, read_weights  # noqa: F401  (read_weights: tests)
+from camelid.models.load import from_pretrained
 from camelid.models.lora import SCORE_HEAD, TASKS, LoraSettings, attach_lora
 from camelid.models.resolve import is_adapter_dir, is_hf_dir, resolve_model
 from camelid.runfiles import MODEL_DIR
