@@ -203,14 +203,14 @@ class InProcess:
         self.proc.wait(30)
 
 
-def one_client_vs_in_process(url: str, args, rounds: int) -> tuple[float, float]:
+def one_client_vs_in_process(url: str, args) -> tuple[float, float]:
     """Median decode tokens/s of one streaming client and of the in-process stream, measured in
     alternating rounds (served, in-process, served, ...): the host's speed drifts within minutes,
     and alternating spreads the drift over both sides. Each round: --requests streams."""
     local = InProcess(args)
     served, inproc = [], []
     try:
-        for _ in range(rounds):
+        for _ in range(args.rounds):
             r = load_test(url, 1, args.requests, args.tokens)
             served.append(1 / r["s_per_token"])
             inproc.append(local.rate(args.requests))
@@ -251,7 +251,7 @@ def run(args) -> dict[str, dict[int, dict]]:
         if args.json_clients:
             out["json"] = json_schema_cost(urls["camelid batched"], args.json_clients, args.requests, args.tokens)
         if 1 in args.clients and not args.json_only:
-            out["one client"] = one_client_vs_in_process(urls["camelid batched"], args, args.rounds)
+            out["one client"] = one_client_vs_in_process(urls["camelid batched"], args)
     finally:
         for proc in procs:
             proc.terminate()

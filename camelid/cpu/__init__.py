@@ -24,7 +24,7 @@ from camelid.cpu import internals
 from camelid.cpu.switches import AMX_SWITCH, SWITCH, enabled, native_bf16
 
 __all__ = ["AMX_SWITCH", "PATHS", "SWITCH", "active_fast_paths", "decoder_hidden", "describe", "enabled",
-           "fast_forward", "head_logits", "native_bf16", "prepare_for_scoring", "prepare_for_training",
+           "fast_forward", "head_logits", "int8_load_dtype", "native_bf16", "prepare_for_scoring", "prepare_for_training",
            "quantize_int8"]
 
 PATHS = ("fast-forward", "amx-linear", "training-pass", "lora-dropout", "float32-attention", "float32-lm-head",
@@ -133,6 +133,14 @@ def head_logits(lm: Any, hidden: Any, labels: Any = None) -> Any:
     from camelid.models.lora import unwrap
 
     return unwrap(lm).get_output_embeddings()(hidden).float()
+
+
+def int8_load_dtype(dtype: Any, device: Any = None) -> Any:
+    """The dtype to load a model in that `quantize_int8(model, dtype, device)` will quantise
+    (`int8.load_dtype`: the checkpoint's own, "auto", for our weight-only int8)."""
+    from camelid.cpu import int8
+
+    return int8.load_dtype(dtype, device)
 
 
 def quantize_int8(model: Any, dtype: Any, device: Any = None) -> Any:

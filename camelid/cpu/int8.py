@@ -21,8 +21,10 @@ lookup (rows dequantised on the fly) and the output projection.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -179,20 +181,30 @@ def quantize_model_int8(model: nn.Module, dtype: torch.dtype, device: torch.devi
     return own_memory(quantize_weight_only(model, dtype), dtype)
 
 
+def load_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype | str:
+    """The dtype to load a model in before `quantize_model_int8(model, dtype, device)`: for our
+    weight-only int8, the checkpoint's own ("auto": loaded without a conversion, the weights stay
+    views of the memory-mapped file, whose pages are handed back as each is quantised, so the load
+    never holds a 16-bit copy); for bitsandbytes, `dtype` (its layers keep 16-bit weights)."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    return dtype if on_cuda and has_bitsandbytes() else "auto"  # int8_backend's choice, without its warning
+
+
 def own_memory(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Copy the float parameters left after quantisation (norm weights) into memory of their own,
-    in `dtype`, and the float buffers too (in their own dtype: rotary tables stay float32).
-    transformers memory-maps a safetensors checkpoint and keeps tensors whose dtype matches as
-    views of the mapping; while one view lives, the whole mapping stays, with every page the
-    quantisation read resident: on the bundled model 61 norm weights kept the 513 MB file in RSS
-    beside its 134 MB of int8 weights."""
+    in `dtype`, and the float buffers that still view a mapped file (in their own dtype: rotary
+    tables stay float32). transformers memory-maps a safetensors checkpoint and keeps tensors
+    whose dtype matches as views of the mapping; while one view lives, the whole mapping stays,
+    with every page the quantisation read resident: on the bundled model 61 norm weights kept the
+    513 MB file in RSS beside its 134 MB of int8 weights."""
+    mapped = file_mappings()
     with torch.no_grad():
         for m in model.modules():
             for p in m._parameters.values():
                 if p is not None and p.is_floating_point():
                     p.data = p.data.to(dtype, copy=True)
             for name, b in m._buffers.items():
-                if b is not None and b.is_floating_point():
+                if b is not None and b.is_floating_point() and _in_mapping(b, mapped):
                     m._buffers[name] = b.clone()
     return model
 
@@ -260,25 +272,34 @@ def file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
+def _in_mapping(t: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return t.device.type == "cpu" and any(lo <= start and end <= hi for lo, hi in mapped)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def release_file_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """madvise(MADV_DONTNEED) on the whole pages of `t`'s bytes when they lie in a memory-mapped
     file (a checkpoint loaded without a copy) and `t`'s values are no longer needed: the kernel
     drops them from this process's memory. A private file mapping reads back from the file if
     touched again, so nothing that still views other bytes of the file changes."""
-    if t.device.type != "cpu" or not mapped:
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    if not any(lo <= start and end <= hi for lo, hi in mapped):
-        return
     import ctypes
     import mmap
 
+    if not hasattr(mmap, "MADV_DONTNEED") or not _in_mapping(t, mapped):
+        return
+    start = t.data_ptr()
     page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page
-    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
+    lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
 
 
 def weight_bytes(model: nn.Module) -> int:

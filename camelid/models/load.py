@@ -150,6 +150,8 @@ def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dt
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from camelid import cpu
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = resolve_model(model)
@@ -160,10 +162,7 @@ def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dt
     base_path = path
     if is_adapter_dir(path):
         base_path = resolve_model(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
-    # Weight-only int8 (all but CUDA) quantises from the checkpoint's own dtype: loaded without a
-    # conversion, the weights stay views of the memory-mapped file, whose pages are handed back as
-    # each is quantised, so the 8-bit load never holds a 16-bit copy of the model.
-    load_dtype = "auto" if load_8bit and dev.type != "cuda" else dt
+    load_dtype = cpu.int8_load_dtype(dt, dev) if load_8bit else dt
     try:
         lm = from_pretrained(AutoModelForCausalLM, base_path, dtype=load_dtype)
     except Exception as e:  # safetensors, torch and transformers each raise their own types
@@ -176,8 +175,6 @@ def load_for_inference(model: str | os.PathLike | None, device: str = "auto", dt
     tok = load_tokenizer(tok_path)
     lm.eval().requires_grad_(False)
     if load_8bit:
-        from camelid import cpu
-
         cpu.quantize_int8(lm, dt, dev)
     lm.to(dev)
     return lm, tok, path

@@ -51,9 +51,8 @@ def _run(body: Any, cache_kw: str, device: Any, prefixes: Sequence[Sequence[int]
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
-    from camelid.logs import bars_off
-
     from camelid.engine.engine import distinct_left_padded, select_cache_rows
+    from camelid.logs import bars_off
 
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None or bars_off(),
