@@ -68,3 +68,9 @@ def llama2_model_dir(tmp_path_factory, llama2_tokenizer_dir) -> Path:
     from llama2_fixture import write_model
 
     return write_model(tmp_path_factory.mktemp("llama2") / "llama2-tiny", llama2_tokenizer_dir)
+
+
+def pytest_runtest_setup(item):
+    """A test of a CPU fast path itself has nothing to test with the kit switched off."""
+    if item.get_closest_marker("cpu_kit") and os.environ.get("CAMELID_CPU_FAST", "1") == "0":
+        pytest.skip("tests a CPU fast path, which CAMELID_CPU_FAST=0 turns off")

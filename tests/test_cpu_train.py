@@ -63,6 +63,7 @@ def lora_model(tiny_model_dir, dtype: str):
     return model
 
 
+@pytest.mark.cpu_kit
 def test_speed_up_swaps_lora_dropout_and_16bit_attention(tiny_model_dir):
     fp32 = lora_model(tiny_model_dir, "float32")
     bf16 = lora_model(tiny_model_dir, "bfloat16")
@@ -73,6 +74,7 @@ def test_speed_up_swaps_lora_dropout_and_16bit_attention(tiny_model_dir):
     assert unwrap(bf16).config._attn_implementation == training.FLOAT32_ATTENTION
 
 
+@pytest.mark.cpu_kit
 def test_float32_attention_gives_the_sdpa_outputs(tiny_model_dir):
     """A bfloat16 model with float32 attention against the same model with bfloat16 SDPA: equal
     up to bfloat16 rounding, on a right-padded batch with a padding mask."""

@@ -156,6 +156,7 @@ def test_repetition_penalty_changes_greedy_output(engine):
     assert pen.token_ids != plain.token_ids
 
 
+@pytest.mark.cpu_kit
 def test_fast_path_matches_hf_forward(engine):
     """The lean Llama forward gives Hugging Face's logits on a padded batch, prefill and decode."""
     from transformers import DynamicCache
@@ -178,6 +179,7 @@ def test_fast_path_matches_hf_forward(engine):
     torch.testing.assert_close(fast2, hf2, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.cpu_kit
 def test_fast_path_runs_a_peft_policy(engine):
     """PPO's rollout: the lean forward on a LoRA-wrapped model gives peft's logits, with the
     adapter on and under `disable_adapter()` (the reference)."""
@@ -210,6 +212,7 @@ def test_fast_path_runs_a_peft_policy(engine):
     assert (fast - fast_off).abs().max() > 1e-2  # the adapter did change the logits
 
 
+@pytest.mark.cpu_kit
 def test_fast_path_cache_appends_in_place_and_matches_hf(engine):
     """The fast path appends K/V into a growing buffer instead of concatenating every step; across
     rows joining, finishing at different lengths and padding being trimmed, sampled tokens and
@@ -324,6 +327,7 @@ def test_fast_path_decodes_bfloat16_like_the_model(tiny_model_dir):
             torch.testing.assert_close(ours.float(), hf.float(), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.cpu_kit
 def test_fast_path_follows_adapter_changes_between_calls(engine):
     """The fast path keeps each LoRA module's projection between decode steps; switching the
     adapter off and on again, updating its weights in place (the optimizer) or replacing them

@@ -42,6 +42,7 @@ def hidden_and_grads(model, fn, ids, seed):
     return hidden.detach(), [p.grad.clone() for p in params]
 
 
+@pytest.mark.cpu_kit
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL])
 def test_float32_training_pass_equals_transformers_and_peft(tiny_model_dir, targets):
     model = lora_model(tiny_model_dir, "float32", targets).train()
@@ -60,6 +61,7 @@ def test_float32_training_pass_equals_transformers_and_peft(tiny_model_dir, targ
     assert (other - ours).abs().max() > 1000 * (ours - theirs).abs().max()
 
 
+@pytest.mark.cpu_kit
 def test_bfloat16_pass_with_float32_attention_matches_within_bfloat16_rounding(tiny_model_dir):
     model = lora_model(tiny_model_dir, "bfloat16", ALL).train()
     ids = torch.randint(5, 1000, (2, 17))
@@ -71,6 +73,7 @@ def test_bfloat16_pass_with_float32_attention_matches_within_bfloat16_rounding(t
         assert (a.float() - b.float()).abs().max() <= 0.03 * b.float().abs().max() + 1e-6
 
 
+@pytest.mark.cpu_kit
 def test_eval_mode_and_the_disabled_adapter_give_the_models_own_outputs(tiny_model_dir):
     model = lora_model(tiny_model_dir, "float32").eval()
     ids = torch.randint(5, 1000, (3, 11))
@@ -127,6 +130,7 @@ def test_linear_on_few_bfloat16_rows_is_the_product_rounded_once(rows):
     assert torch.equal(heads.reshape(rows, 1, 160), got)
 
 
+@pytest.mark.cpu_kit
 def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
     model = lora_model(tiny_model_dir, "float32")
     ids = torch.randint(5, 1000, (1, 5))
