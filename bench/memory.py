@@ -1,6 +1,6 @@
 """Peak memory of each `camelid estimate` method on the bundled model, measured, beside the rule.
 
-    .venv/bin/python bench/memory.py [--seq-len 512] [--steps 3]
+    .venv/bin/python bench/memory.py [--seq-len 512] [--steps 3] [--repeats 3]
 
 Each setup runs in a fresh process (peak RSS, `ru_maxrss`, never goes down within one), on CPU:
 - runtime: Python + torch + transformers imported, no model (the floor under every figure);
@@ -10,6 +10,10 @@ Each setup runs in a fresh process (peak RSS, `ru_maxrss`, never goes down withi
 - lora / lora-8bit: camelid's training loader (`load_for_training`: peft LoRA r=16, alpha=32 on
   q_proj, v_proj, StackLLaMA's SFT adapter) on an fp32 / bitsandbytes 8-bit frozen base, AdamW
   on the adapter, same steps (the code path of `camelid sft`).
+
+glibc's allocator makes a training run's peak vary from process to process (its mmap threshold
+moves with what was freed, so which buffers land in the heap differs): each method runs
+`--repeats` times and the median is reported, with the range beside it.
 
 It prints, per method, the measured peak, the rule's estimate for the same setup
 (`camelid.estimate`), and their ratio; then the `MEASURED` table to paste into
@@ -78,21 +82,25 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per method; the median peak is reported")
     args = ap.parse_args()
     print(f"bundled model {BUNDLED_SHAPE.name}, CPU, batch 1 x seq {args.seq_len}, {args.steps} training steps", flush=True)
     table = {}
     for method in args.methods.split(","):
         t0 = time.perf_counter()
-        row = measure(method, args.seq_len, args.steps)
-        if row is None:
+        rows = [measure(method, args.seq_len, args.steps) for _ in range(args.repeats)]
+        if None in rows:
             continue
+        rows.sort(key=lambda r: r["peak_gb"])
+        row = rows[len(rows) // 2]
+        spread = f"range {rows[0]['peak_gb'] * 1000:.0f}-{rows[-1]['peak_gb'] * 1000:.0f} MB"
         if method == "runtime":
             print(f"  runtime (python + torch + transformers): {row['peak_gb'] * 1000:.0f} MB", flush=True)
             continue
         est = estimate(BUNDLED_SHAPE.params, method, seq_len=args.seq_len, batch=1, dtype="fp32", shape=BUNDLED_SHAPE)
         mid = (est.total_low_gb + est.total_high_gb) / 2
         print(f"  {method:15} measured peak {row['peak_gb'] * 1000:6.0f} MB   estimate {mid * 1000:6.0f} MB   "
-              f"measured/estimate {row['peak_gb'] / mid:4.2f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"measured/estimate {row['peak_gb'] / mid:4.2f}   ({spread}; {time.perf_counter() - t0:.0f} s)", flush=True)
         table[method] = {"peak_gb": round(row["peak_gb"], 3), "runtime_gb": round(row["runtime_gb"], 3),
                          "dtype": "fp32", "seq_len": args.seq_len, "batch": 1,
                          "what": f"bench/memory.py {time.strftime('%Y-%m-%d')}, CPU, peak RSS"}

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from camelid.engine import Engine, SamplingParams
 from camelid.cpu.int8 import weight_bytes
+from camelid.engine import Engine, SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -52,3 +52,24 @@ def test_8bit_holds_no_view_of_the_checkpoint_and_keeps_float32_tables(bf16):
     assert inside == []
     assert {p.dtype for p in q8.model.parameters()} == {torch.bfloat16}
     assert {b.dtype for n, b in q8.model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+
+
+def test_8bit_training_base_lets_go_of_the_checkpoint():
+    """Training's 8-bit base (bitsandbytes, quantised at load on the CPU) keeps no view of the
+    memory-mapped checkpoint: its embeddings and norms own their memory, so the pages the
+    quantisation read leave with the mapping; and it still trains."""
+    pytest.importorskip("bitsandbytes")
+    from camelid.cpu.int8 import file_mappings
+    from camelid.models.lora import LoraSettings
+    from camelid.models.train_load import load_for_training
+
+    model, _, _ = load_for_training("smollm2-135m", LoraSettings(8, 16, 0.0, ("q_proj", "v_proj")), load_8bit=True,
+                                    dtype="float32")
+    mapped = file_mappings()
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert any(t.dtype == torch.int8 for t in tensors)
+    assert [t.shape for t in tensors if any(lo <= t.data_ptr() < hi for lo, hi in mapped)] == []
+    ids = torch.randint(100, 40000, (1, 32))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -25,7 +25,7 @@ from camelid.cpu.switches import AMX_SWITCH, SWITCH, enabled, native_bf16
 
 __all__ = ["AMX_SWITCH", "PATHS", "SWITCH", "active_fast_paths", "decoder_hidden", "describe", "enabled",
            "fast_forward", "head_logits", "int8_load_dtype", "native_bf16", "prepare_for_scoring", "prepare_for_training",
-           "quantize_int8"]
+           "quantize_int8", "release_checkpoint"]
 
 PATHS = ("fast-forward", "amx-linear", "training-pass", "lora-dropout", "float32-attention", "float32-lm-head",
          "int8-matmul")
@@ -141,6 +141,14 @@ def int8_load_dtype(dtype: Any, device: Any = None) -> Any:
     from camelid.cpu import int8
 
     return int8.load_dtype(dtype, device)
+
+
+def release_checkpoint(model: Any) -> Any:
+    """A model bitsandbytes quantised on the CPU at load (training's 8-bit base) lets go of the
+    memory-mapped checkpoint and of the heap its quantisation used (`int8.release_checkpoint`)."""
+    from camelid.cpu import int8
+
+    return int8.release_checkpoint(model)
 
 
 def quantize_int8(model: Any, dtype: Any, device: Any = None) -> Any:

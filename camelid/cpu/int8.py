@@ -22,8 +22,10 @@ lookup (rows dequantised on the fly) and the output projection.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -190,22 +192,39 @@ def load_dtype(dtype: torch.dtype, device: torch.device | str | None = None) -> 
     return dtype if on_cuda and has_bitsandbytes() else "auto"  # int8_backend's choice, without its warning
 
 
-def own_memory(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def own_memory(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """Copy the float parameters left after quantisation (norm weights) into memory of their own,
-    in `dtype`, and the float buffers that still view a mapped file (in their own dtype: rotary
-    tables stay float32). transformers memory-maps a safetensors checkpoint and keeps tensors
-    whose dtype matches as views of the mapping; while one view lives, the whole mapping stays,
-    with every page the quantisation read resident: on the bundled model 61 norm weights kept the
-    513 MB file in RSS beside its 134 MB of int8 weights."""
+    in `dtype` (None: those that view a mapped file, in their own dtype), and the float buffers
+    that still view a mapped file (in their own dtype: rotary tables stay float32).
+    transformers memory-maps a safetensors checkpoint and keeps tensors whose dtype matches as
+    views of the mapping; while one view lives, the whole mapping stays, with every page the
+    quantisation read resident: on the bundled model 61 norm weights kept the 513 MB file in RSS
+    beside its 134 MB of int8 weights."""
     mapped = file_mappings()
     with torch.no_grad():
         for m in model.modules():
             for p in m._parameters.values():
-                if p is not None and p.is_floating_point():
-                    p.data = p.data.to(dtype, copy=True)
+                if p is not None and p.is_floating_point() and (dtype is not None or _in_mapping(p, mapped)):
+                    p.data = p.data.to(dtype or p.dtype, copy=True)
             for name, b in m._buffers.items():
                 if b is not None and b.is_floating_point() and _in_mapping(b, mapped):
                     m._buffers[name] = b.clone()
+    return model
+
+
+def release_checkpoint(model: nn.Module) -> nn.Module:
+    """After bitsandbytes quantised a model loaded on the CPU (`load_in_8bit`, training's 8-bit
+    base): its int8 weights are copies, but the embeddings and norms still view the memory-mapped
+    checkpoint, which keeps every page the quantisation read resident, and the float copies it
+    made are freed into the C heap without going back to the system. Copy the views out
+    (`own_memory`) and trim the heap (glibc). Bundled model: 1.20 GB resident after the load
+    becomes 0.5 GB, for 0.22 GB of weights."""
+    own_memory(model, None)
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        trim = getattr(_libc(), "malloc_trim", None)  # glibc's; absent from musl
+        if trim is not None:
+            trim(0)
     return model
 
 

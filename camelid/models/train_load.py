@@ -174,6 +174,10 @@ def load_base(
         m.config.pad_token_id = tok.pad_token_id
     if not load_8bit:
         m.to(device)
+    elif device.type == "cpu":
+        from camelid import cpu
+
+        cpu.release_checkpoint(m)
     m.requires_grad_(False)
     return m, tok, path
 
