@@ -80,19 +80,19 @@ SHAPES = (
 BUNDLED_SHAPE = SHAPES[0]
 
 # Peak resident memory measured on the bundled model (SmolLM2-135M, CPU, fp32 unless the method
-# says 8-bit) by `bench/memory.py`; each row says what ran. Rerun the bench to refresh it and paste
+# says 8-bit) by `bench/memory.py` (median of 3 runs); each row says what ran. Rerun the bench to refresh it and paste
 # the table it prints; never edit a figure by hand. `--run RUN` reads the peaks a pipeline run
 # measured instead.
 MEASURED: dict[str, dict[str, object]] = {
-    "inference": {"peak_gb": 1.012, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "inference": {"peak_gb": 1.001, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
                  "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "inference-8bit": {"peak_gb": 0.672, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "inference-8bit": {"peak_gb": 0.731, "runtime_gb": 0.251, "dtype": "fp32", "seq_len": 512, "batch": 1,
                       "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "full": {"peak_gb": 3.461, "runtime_gb": 0.251, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "full": {"peak_gb": 3.479, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
             "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "lora": {"peak_gb": 2.535, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "lora": {"peak_gb": 2.562, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
             "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
-    "lora-8bit": {"peak_gb": 2.730, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
+    "lora-8bit": {"peak_gb": 2.332, "runtime_gb": 0.251, "dtype": "fp32", "seq_len": 512, "batch": 1,
                  "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},
 }
 
