@@ -1,6 +1,7 @@
 """Operations on a live server: `/metrics` parsed by prometheus_client (counters move as requests
 are made, one registry per app), SSE keep-alive comments while a stream waits in the queue, and
-CORS with --allowed-origins (off by default; the Host, content-type and key checks still apply)."""
+CORS with --allowed-origins (off by default; the Host, content-type and key checks still apply),
+and connections that send each streamed chunk at once (TCP_NODELAY)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,30 @@ def test_cli_takes_allowed_origins(tiny_model_dir):
     r = subprocess.run([sys.executable, "-m", "camelid", "serve", "--model", str(tiny_model_dir), "--allowed-origins",
                         "ftp://x"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "allowed-origins" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_connections_send_each_write_at_once():
+    """The server's connections have Nagle's algorithm off (TCP_NODELAY), as asyncio sets it on a
+    connection of the listening socket `bind` makes: otherwise each streamed chunk waits for the
+    client's delayed ACK of the one before."""
+    import asyncio
+    import socket
+
+    from camelid.serve.server import bind
+
+    async def main() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = bind("127.0.0.1", 0)
+        server = await asyncio.start_server(on_connect, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            flag = await asyncio.wait_for(seen, DEADLINE_S)
+            writer.close()
+        return flag
+
+    assert asyncio.run(main()) != 0
