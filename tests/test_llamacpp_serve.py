@@ -130,6 +130,35 @@ def test_a_request_reuses_the_cache_of_one_that_started_the_same_way(engine, mon
     assert engine.generate([PROMPTS[1]], greedy)[0].token_ids == engine.generate([PROMPTS[1]], greedy)[0].token_ids
 
 
+def test_a_request_sharing_only_a_start_copies_it_and_leaves_the_other_cache(engine, monkeypatch):
+    """Two conversations with the same system prompt take turns: the second copies the shared start
+    from the first one's sequence into a sequence of its own (prefilling only its own part, with
+    a full prefill's answer), and the first one's cache survives for its next request."""
+    from camelid.utils import shared_start
+
+    calls = []
+    real = engine.ctx.decode
+    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    greedy = SamplingParams(temperature=0, max_new_tokens=4)
+    system = "You are a terse assistant who answers every question in one short line. "
+    a, b = system + "What is two plus two?", system + "Name a colour of the sky."
+    shared = shared_start(engine.encode(a), engine.encode(b))
+    assert shared >= 10 and shared * 512 >= engine.max_context  # long enough to be copied
+    engine.clear_cache()
+    out_a = engine.generate([a], greedy)[0]
+    calls.clear()
+    out_b = engine.generate([b], greedy)[0]
+    assert calls[0] == len(engine.encode(b)) - shared, "only the second conversation's own part is prefilled"
+    calls.clear()
+    assert engine.generate([a], greedy)[0].token_ids == out_a.token_ids
+    assert calls[0] == 1, "the first conversation's cache survived the second"
+    engine.clear_cache()
+    calls.clear()
+    assert engine.generate([b], greedy)[0].token_ids == out_b.token_ids, "the copied start gives a full prefill's answer"
+    assert calls[0] == len(engine.encode(b))
+    assert sorted(engine._free_slots) == list(range(PARALLEL))
+
+
 def _serve(eng, tiny_model_dir):
     """A registry serving a loaded llama.cpp engine as "m", through the server's own scheduler."""
     from camelid.serve.registry import ModelRegistry, ServedModel
