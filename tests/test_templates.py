@@ -59,3 +59,16 @@ def test_bad_template_and_bad_messages():
         pick_template("alpaca")
     with pytest.raises(CamelidError, match="role"):
         TEMPLATES["chatml"].render([{"role": "robot", "content": "x"}])
+
+
+def test_a_gguf_chat_template_is_compiled_once():
+    """The llama.cpp backend renders the GGUF's template for every request: compiled once, each
+    render after that only renders, with the same text."""
+    from camelid.export import ollama
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    chat = [{"role": "user", "content": "hi"}]
+    first = ollama.render(template, chat)
+    misses = ollama._compiled.cache_info().misses
+    assert ollama.render(template, chat) == first == "<user>hi<assistant>"
+    assert ollama._compiled.cache_info().misses == misses

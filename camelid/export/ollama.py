@@ -9,8 +9,10 @@ to the template stored in the GGUF, which it matches against its own list) and a
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 S, U, A, U2 = "SYS-7f3a", "USR-1b9c", "AST-5d2e", "USR-8e4f"
 
@@ -40,13 +42,19 @@ FORMATS = (
 )
 
 
-def render(template: str, messages: list[dict[str, str]], bos: str = "", eos: str = "", add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face chat template the way transformers does (sandboxed jinja2)."""
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> Any:
+    """A chat template compiled once (compiling takes ~4 ms, rendering a short chat ~0.1 ms)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
+    return env.from_string(template)
+
+
+def render(template: str, messages: list[dict[str, str]], bos: str = "", eos: str = "", add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template the way transformers does (sandboxed jinja2)."""
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
 
 
 def detect_format(template: str, bos: str = "") -> tuple[ChatFormat | None, str | None]:
