@@ -1,6 +1,7 @@
 """Continuous batching on the llama.cpp backend: running requests decode together, one
-llama_decode per step (each its own sequence), and over a real HTTP server concurrent requests
-get exactly the greedy text they get one at a time, while one client's bad request fails alone."""
+llama_decode per step (each its own sequence; new prompts join the running rows' decode), and
+over a real HTTP server concurrent requests get exactly the greedy text they get one at a time,
+while one client's bad request fails alone."""
 
 from __future__ import annotations
 
@@ -63,6 +64,38 @@ def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
                 got[d.index] += d.token_ids
             assert calls == [running], "one decode holds one token of every running row"
     assert [got[i] for i in range(3)] == want, "batched greedy equals each prompt alone"
+    assert sorted(engine._free_slots) == list(range(PARALLEL))
+
+
+def test_a_prompt_added_to_running_rows_shares_their_next_decode(engine, monkeypatch):
+    """A request that joins running rows is prefilled in the same llama_decode as their next
+    tokens (as llama-server batches them), and every row still gets its greedy text alone."""
+    import torch
+
+    calls = []
+    real = engine.ctx.decode
+    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    params = [SamplingParams(temperature=0, max_new_tokens=6) for _ in range(3)]
+    want = [engine.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
+    engine.clear_cache()
+    got = {i: [] for i in range(3)}
+    batch = engine.new_batch()
+    with torch.inference_mode():
+        for deltas in batch.add([0, 1], PROMPTS[:2], params[:2]):
+            for d in deltas:
+                got[d.index] += d.token_ids
+        for d in batch.step():
+            got[d.index] += d.token_ids
+        calls.clear()
+        for deltas in batch.add([2], PROMPTS[2:3], params[2:]):
+            for d in deltas:
+                got[d.index] += d.token_ids
+        assert calls == [2 + len(engine.encode(PROMPTS[2]))], "two running tokens and the new prompt in one decode"
+        assert [len(got[i]) for i in range(3)] == [3, 3, 1], "the running rows advanced by one token with it"
+        while batch.rows:
+            for d in batch.step():
+                got[d.index] += d.token_ids
+    assert [got[i] for i in range(3)] == want
     assert sorted(engine._free_slots) == list(range(PARALLEL))
 
 

@@ -297,8 +297,12 @@ class LlamaCppEngine(BackendBase):
 
 class LlamaCppBatch(BatchBase):
     """Running requests, one llama.cpp sequence each (`backend.RowBatch`): `add` prefills the new
-    prompts, `step` decodes one token for every row, each in one llama_decode call over a
-    batch whose tokens carry their own sequence ids."""
+    prompts and decodes the running rows' next tokens, `step` decodes one token for every row,
+    each in one llama_decode call over a batch whose tokens carry their own sequence ids."""
+
+    add_steps_running = True
+    """`add` also advances the running rows by one token (in the same llama_decode as the new
+    prompts, as llama-server batches them): a scheduler need not step before admitting more."""
 
     def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
         eng = self.engine
@@ -310,32 +314,32 @@ class LlamaCppBatch(BatchBase):
         for row in new_rows:
             if row.params.return_hidden and row.error is None:
                 row.error = CamelidError("return_hidden needs the torch engine (--backend torch)")
+        running = [r for r in self.rows if r.finish is None]
         self.rows += new_rows
-        yield self._emit(new_rows, self._prefill([r for r in new_rows if r.error is None]))
+        logits = self._decode(running, [r for r in new_rows if r.error is None])
+        yield self._emit(list(self.rows), logits)
 
-    def _prefill(self, rows: list[SeqRow], reuse: bool = True) -> list[Any]:
-        """Decode each row's history (prompt + answer so far) into its sequence, all rows in one
-        batch, from the first token its cache does not already hold (from the start when not
-        `reuse`); one logits row per row, from its last token."""
-        items = []
+    def _decode(self, running: list[SeqRow], rows: list[SeqRow], reuse: bool = True) -> list[Any]:
+        """One llama_decode: each running row's next token, and each of `rows`' history (prompt +
+        answer so far) from the first token its cache does not already hold (from the start when
+        not `reuse`); one logits row per row, running rows first, each from its last token."""
+        items = [(r.out[-1], r.pos, r.slot, True) for r in running]
         for row in rows:
             toks = row.prompt + row.out
             keep = self.engine.reuse(row.slot, toks if reuse else ())
             items += [(tok, i, row.slot, i == len(toks) - 1) for i, tok in enumerate(toks) if i >= keep]
-            row.pos, row.synced = len(toks), False
+            row.pos = len(toks)
+        for r in running + rows:
+            r.synced = False
         logits = self.engine.decode(items)
-        for row in rows:
-            row.synced = True
+        for r in running:
+            r.pos += 1
+        for r in running + rows:
+            r.synced = True
         return logits
 
     def step(self) -> list[Delta]:
-        live = [r for r in self.rows if r.finish is None]
-        for r in live:
-            r.synced = False
-        logits = self.engine.decode([(r.out[-1], r.pos, r.slot, True) for r in live])
-        for r in live:
-            r.pos, r.synced = r.pos + 1, True
-        return self._emit(list(self.rows), logits)
+        return self._emit(list(self.rows), self._decode([r for r in self.rows if r.finish is None], []))
 
     def rebuild(self) -> list[Delta]:
         """As `engine.Batch.rebuild`: after a failed decode, each row's sequence is cleared and
@@ -345,7 +349,7 @@ class LlamaCppBatch(BatchBase):
         for row in self.rows:
             if row.finish is None and row.error is None:
                 try:
-                    logits += self._prefill([row], reuse=False)
+                    logits += self._decode([], [row], reuse=False)
                 except Exception as e:  # noqa: BLE001 - it fails alone: it is this row's
                     row.error = e
         return self._emit(list(self.rows), logits)

@@ -171,6 +171,8 @@ class Scheduler:
                         batch.cancel(cancelled)
                     if admitted:
                         batch = self._prefill(batch, admitted)
+                        if getattr(batch, "add_steps_running", False):
+                            continue  # the running rows advanced with the prefill: admit again first
                     if batch.rows:
                         batch = self._step(batch)
                 except Exception as e:  # noqa: BLE001 - last resort: the scheduler thread must live on
