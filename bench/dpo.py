@@ -6,7 +6,10 @@
 Each side runs in its own child process (so peak RSS is that run's alone), ours first, then
 TRL's, then both again, keeping each side's faster run (load elsewhere on the machine slows
 whichever run it lands on). Throughput is timed from the end of the first optimizer step to the
-end of the last (the first step pays one-time costs).
+end of the last (the first step pays one-time costs). Peak RSS follows the longest batch a run
+meets (its activations and 49,152-wide logits grow with it), and the two sides draw their
+batches in different orders: each side's longest batch is printed beside its peak, and peaks
+compare only where those match.
 
 - ours: camelid.train.dpo.run, the command's function (the reward split cut by our length
   strategy, pre-tokenized, our loader, reference = adapter off, Tracker, checkpoints off).
@@ -74,9 +77,20 @@ CHILDREN = {"ours": child_ours, "trl": child_trl}
 def child_main(a: argparse.Namespace) -> None:
     from camelid.utils import peak_rss_mb
 
+    from trl import DPOTrainer
+
+    longest = [0]
+    real = DPOTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):  # noqa: ANN001, ANN202 - TRL's signature
+        longest[0] = max(longest[0], inputs["input_ids"].shape[1])
+        return real(self, model, inputs, *args, **kwargs)
+
+    DPOTrainer.compute_loss = compute_loss  # both sides run TRL's DPOTrainer (ours a subclass)
     with tempfile.TemporaryDirectory() as tmp:
         res = CHILDREN[a.child](a, Path(tmp) / "run")
     res["peak_rss_mb"] = peak_rss_mb()
+    res["longest"] = longest[0]
     Path(a.json_out).write_text(json.dumps(res))
 
 
@@ -112,7 +126,7 @@ def run_all(a: argparse.Namespace, data: str) -> None:
     for side, name in (("ours", "camelid dpo"), ("trl", "TRL DPOTrainer")):
         r = best[side]
         print(f"  {name:<20} {r['rate']:7.2f} pairs/s ({r['tokens_per_s']:.0f} tokens/s)   peak RSS {r['peak_rss_mb']:5.0f} MB"
-              f"   (best of {a.repeats})", flush=True)
+              f" (longest batch {r['longest']} tokens)   (best of {a.repeats})", flush=True)
     o, t = best["ours"], best["trl"]
     print(f"  ratio ours / TRL: {o['rate'] / t['rate']:.2f}x pairs/s, {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x peak RSS")
 
