@@ -91,6 +91,9 @@ class RowBatch(Protocol):
 
     rows: list[Row]
     on_row: Callable[[Row], None] | None
+    add_steps_running: bool
+    """`add` also advances the running rows by one token (in the same computation as the new
+    prompts), so a scheduler need not step before admitting more."""
 
     def add(self, ids: list[int], prompts: Sequence[str | list[int]], params: list[SamplingParams]) -> Iterator[list[Delta]]: ...
 
@@ -284,6 +287,8 @@ def sample(backend: Backend, rows: list[Row], logits: torch.Tensor, seen: torch.
 
 class BatchBase:
     """The shared half of every backend's batch: its rows, the `on_row` hook, cancelling."""
+
+    add_steps_running = False
 
     def __init__(self, engine: Backend):
         self.engine = engine

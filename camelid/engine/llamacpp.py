@@ -300,9 +300,7 @@ class LlamaCppBatch(BatchBase):
     prompts and decodes the running rows' next tokens, `step` decodes one token for every row,
     each in one llama_decode call over a batch whose tokens carry their own sequence ids."""
 
-    add_steps_running = True
-    """`add` also advances the running rows by one token (in the same llama_decode as the new
-    prompts, as llama-server batches them): a scheduler need not step before admitting more."""
+    add_steps_running = True  # in the same llama_decode as the new prompts, as llama-server batches
 
     def add(self, ids: list[int], prompts, params: list[SamplingParams]) -> Iterator[list[Delta]]:
         eng = self.engine

@@ -171,7 +171,7 @@ class Scheduler:
                         batch.cancel(cancelled)
                     if admitted:
                         batch = self._prefill(batch, admitted)
-                        if getattr(batch, "add_steps_running", False):
+                        if batch.add_steps_running:
                             continue  # the running rows advanced with the prefill: admit again first
                     if batch.rows:
                         batch = self._step(batch)

@@ -95,8 +95,8 @@ def build_registry(cfg: ServeConfig):
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket. Made as a TCP socket by name (IPPROTO_TCP) and with TCP_NODELAY:
     asyncio turns Nagle's algorithm off only on connections of a socket made so, and with it on,
-    each streamed token waits for the client's delayed ACK of the one before (one client's first
-    token came ~30 ms late, its tokens in bursts)."""
+    each streamed token waits for the client's delayed ACK of the one before (a keep-alive
+    client's first token ~30 ms later, its tokens in bursts)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
