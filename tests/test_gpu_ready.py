@@ -213,7 +213,10 @@ def test_accelerate_reads_the_fsdp_config(tmp_path, tiny_model_dir):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     probe = tmp_path / "probe.py"
-    probe.write_text("import json, os\nprint(json.dumps({k: v for k, v in os.environ.items() if 'FSDP' in k}))\n")
+    # One write(2) per process (a pipe keeps writes under PIPE_BUF whole): print() under an
+    # unbuffered stdout writes the line and its newline separately, and two processes' lines
+    # then interleave.
+    probe.write_text("import json, os\nos.write(1, (json.dumps({k: v for k, v in os.environ.items() if 'FSDP' in k}) + '\\n').encode())\n")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
               "--num_processes", "2", "--main_process_port", str(29700 + os.getpid() % 200)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
