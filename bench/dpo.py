@@ -75,9 +75,9 @@ CHILDREN = {"ours": child_ours, "trl": child_trl}
 
 
 def child_main(a: argparse.Namespace) -> None:
-    from camelid.utils import peak_rss_mb
-
     from trl import DPOTrainer
+
+    from camelid.utils import peak_rss_mb
 
     longest = [0]
     real = DPOTrainer.compute_loss

@@ -80,9 +80,9 @@ SHAPES = (
 BUNDLED_SHAPE = SHAPES[0]
 
 # Peak resident memory measured on the bundled model (SmolLM2-135M, CPU, fp32 unless the method
-# says 8-bit) by `bench/memory.py` (median of 3 runs); each row says what ran. Rerun the bench to refresh it and paste
-# the table it prints; never edit a figure by hand. `--run RUN` reads the peaks a pipeline run
-# measured instead.
+# says 8-bit) by `bench/memory.py` (median of 3 runs); each row says what ran. Rerun the bench to
+# refresh it and paste the table it prints; never edit a figure by hand. `--run RUN` reads the
+# peaks a pipeline run measured instead.
 MEASURED: dict[str, dict[str, object]] = {
     "inference": {"peak_gb": 1.001, "runtime_gb": 0.252, "dtype": "fp32", "seq_len": 512, "batch": 1,
                  "what": "bench/memory.py 2026-12-06, CPU, peak RSS"},

@@ -15,7 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
 from camelid.engine import SamplingParams  # noqa: E402
-from camelid.engine.llamacpp import load_llamacpp_engine  # noqa: E402
+from camelid.engine.llamacpp import COPY_CELLS_PER_TOKEN, load_llamacpp_engine  # noqa: E402
 from camelid.export.core import ExportConfig, export_gguf  # noqa: E402
 
 PARALLEL = 4
@@ -36,6 +36,14 @@ def engine(tiny_gguf):
     eng.close()
 
 
+def decode_sizes(engine, monkeypatch) -> list[int]:
+    """The token count of each llama_decode the engine makes from here on (the test's list)."""
+    calls: list[int] = []
+    real = engine.ctx.decode
+    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    return calls
+
+
 def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
     import torch
 
@@ -43,9 +51,7 @@ def test_prefill_and_each_step_are_one_decode_for_all_rows(engine, monkeypatch):
 
     assert isinstance(engine, Backend) and isinstance(engine.new_batch(), RowBatch)
 
-    calls = []
-    real = engine.ctx.decode
-    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    calls = decode_sizes(engine, monkeypatch)
     params = [SamplingParams(temperature=0, max_new_tokens=5 + i) for i in range(3)]
     want = [c.token_ids for c in (engine.generate([p], sp)[0] for p, sp in zip(PROMPTS, params))]
     got = {i: [] for i in range(3)}
@@ -72,9 +78,7 @@ def test_a_prompt_added_to_running_rows_shares_their_next_decode(engine, monkeyp
     tokens (as llama-server batches them), and every row still gets its greedy text alone."""
     import torch
 
-    calls = []
-    real = engine.ctx.decode
-    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    calls = decode_sizes(engine, monkeypatch)
     params = [SamplingParams(temperature=0, max_new_tokens=6) for _ in range(3)]
     want = [engine.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
     engine.clear_cache()
@@ -127,9 +131,8 @@ def test_a_request_reuses_the_cache_of_one_that_started_the_same_way(engine, mon
     """A sequence keeps its cache after its request; a request that starts the same way (the same
     prompt again, the next turn of a conversation) prefills only what is new, and its answer is
     the one a full prefill gives. A sequence whose decode failed is not reused."""
-    calls = []
     real = engine.ctx.decode
-    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    calls = decode_sizes(engine, monkeypatch)
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
     engine.clear_cache()
     first = engine.generate([PROMPTS[0]], greedy)[0]
@@ -169,14 +172,12 @@ def test_a_request_sharing_only_a_start_copies_it_and_leaves_the_other_cache(eng
     a full prefill's answer), and the first one's cache survives for its next request."""
     from camelid.utils import shared_start
 
-    calls = []
-    real = engine.ctx.decode
-    monkeypatch.setattr(engine.ctx, "decode", lambda batch: (calls.append(batch.batch.n_tokens), real(batch))[1])
+    calls = decode_sizes(engine, monkeypatch)
     greedy = SamplingParams(temperature=0, max_new_tokens=4)
     system = "You are a terse assistant who answers every question in one short line. "
     a, b = system + "What is two plus two?", system + "Name a colour of the sky."
     shared = shared_start(engine.encode(a), engine.encode(b))
-    assert shared >= 10 and shared * 512 >= engine.max_context  # long enough to be copied
+    assert shared >= 10 and shared * COPY_CELLS_PER_TOKEN >= engine.max_context  # long enough to be copied
     engine.clear_cache()
     out_a = engine.generate([a], greedy)[0]
     calls.clear()
