@@ -35,7 +35,8 @@ def _hf_weights(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_f16_read_back_by_gguf_reader(tiny_ggufs, tiny_model_dir):
-    from gguf import GGMLQuantizationType as Q, GGUFReader
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     r = GGUFReader(str(tiny_ggufs["f16"]))
@@ -98,6 +99,54 @@ def test_transformers_loads_f16_export_with_same_logits(tiny_ggufs, tiny_model_d
             ids = tok(text, return_tensors="pt").input_ids
             a, b = src(ids).logits, back(ids).logits
             assert (a - b).abs().max().item() < 2e-3 * a.abs().max().item() + 1e-3
+
+
+def test_damaged_gguf_is_refused_before_conversion(tiny_ggufs, tmp_path):
+    """A GGUF given as --model is checked from its header and tensor table before the slow
+    conversion: a cut file or a damaged length is a one-line error, not a memory blow-up."""
+    from camelid.models.gguf_check import check_gguf
+
+    good = tiny_ggufs["q4_0"]
+    check_gguf(good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:-100])  # the last tensor's data (its padding is under 32 bytes)
+    bad = tmp_path / "bad-length.gguf"
+    bad.write_bytes(data[:24] + (1 << 62).to_bytes(8, "little") + data[32:])  # the first key's length
+    for path, needle in ((cut, r"corrupt or truncated \(tensor \S+ runs past the end of the file"),
+                         (bad, r"corrupt or truncated \(a string runs past the end of the file")):
+        with pytest.raises(CamelidError, match=needle):
+            check_gguf(path)
+
+
+@pytest.mark.parametrize("model,quant", [("tiny", "q4_0"), ("llama2", "q8_0")])
+def test_gguf_conversion_equals_transformers(tiny_ggufs, llama2_model_dir, tmp_path, monkeypatch, model, quant):
+    """A GGUF given as a model converts with one read of the file for the model
+    (`models.gguf_convert`) into the folder transformers' GGUF loader gives: the same config and
+    generation config, every tensor bit for bit (q and k un-permuted; LLaMA-2's untied head and
+    SentencePiece vocabulary included), the same tokenizer."""
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    from camelid.models import gguf_convert, resolve
+
+    path = tiny_ggufs[quant] if model == "tiny" else _export(llama2_model_dir, tmp_path / f"llama2-{quant}.gguf", quant)
+    ours = resolve.convert_gguf(path, tmp_path / "ours")
+
+    def unsupported(*_):
+        raise gguf_convert.Unsupported("the test asks for transformers' path")
+
+    monkeypatch.setattr(gguf_convert, "convert", unsupported)
+    theirs = resolve.convert_gguf(path, tmp_path / "theirs")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json", "camelid.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+    a, b = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    assert a.keys() == b.keys() and "model.layers.1.self_attn.k_proj.weight" in a
+    assert ("lm_head.weight" in a) == (model == "llama2")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    text = PROMPTS[1] + PROMPTS[2]
+    assert AutoTokenizer.from_pretrained(ours)(text)["input_ids"] == AutoTokenizer.from_pretrained(theirs)(text)["input_ids"]
 
 
 def test_modelfile_translates_chatml(tiny_ggufs):

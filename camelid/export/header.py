@@ -9,6 +9,7 @@ then per tensor: name, n_dims, dims (ggml order, fastest first), type, offset.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,11 @@ class GgufHeader:
     """name -> absolute byte offset of the tensor's data in the file."""
 
 
+def _left(f: BinaryIO) -> int:
+    """Bytes from the current position to the end of the file."""
+    return os.fstat(f.fileno()).st_size - f.tell()
+
+
 def _read(f: BinaryIO, fmt: str) -> Any:
     size = struct.calcsize("<" + fmt)
     data = f.read(size)
@@ -45,7 +51,10 @@ def _read(f: BinaryIO, fmt: str) -> Any:
 
 
 def _string(f: BinaryIO) -> str:
-    return f.read(_read(f, "Q")).decode("utf-8", "replace")
+    n = _read(f, "Q")
+    if n > _left(f):  # a damaged length would otherwise ask read() for exabytes
+        raise ValueError("a string runs past the end of the file")
+    return f.read(n).decode("utf-8", "replace")
 
 
 def _value(f: BinaryIO, vtype: int) -> Any:
@@ -54,6 +63,8 @@ def _value(f: BinaryIO, vtype: int) -> Any:
     if vtype == _ARRAY:
         sub, n = _read(f, "I"), _read(f, "Q")
         if sub in _SCALAR:
+            if n * struct.calcsize(_SCALAR[sub]) > _left(f):
+                raise ValueError("an array runs past the end of the file")
             f.seek(n * struct.calcsize(_SCALAR[sub]), 1)
         else:
             for _ in range(n):
@@ -84,6 +95,23 @@ def read_header(path: str | Path, tensors: bool = True) -> GgufHeader:
         start = (f.tell() + align - 1) // align * align
         header.offsets = {k: start + v for k, v in header.offsets.items()}
     return header
+
+
+def check_tensor_data(path: str | Path, header: GgufHeader) -> None:
+    """ValueError unless every tensor of the table has a known type and its data lies inside the file."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = Path(path).stat().st_size
+    for name, (shape, qtype) in header.tensors.items():
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise ValueError(f"tensor {name} has an unknown type {qtype}") from None
+        count = 1
+        for d in shape:
+            count *= d
+        if header.offsets[name] + count // block * type_size > size:
+            raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
 
 
 def tensor_data(path: str | Path, header: GgufHeader, name: str) -> Any:

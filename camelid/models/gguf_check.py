@@ -1,4 +1,5 @@
-"""Cheap validation of a GGUF file before the slow conversion, for one-line errors."""
+"""Cheap validation of a GGUF file before the slow conversion, for one-line errors: the header and
+tensor table read without the tensors (`export.header`), each tensor's data inside the file."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ def check_gguf(path: Path) -> None:
         raise CamelidError(f"cannot read {path}: {e.strerror}") from None
     if magic != GGUF_MAGIC:
         raise CamelidError(f"{path} is not a GGUF file (bad magic bytes); reinstall or re-download it")
-    try:
-        from gguf import GGUFReader
+    from camelid.export.header import check_tensor_data, read_header
 
-        reader = GGUFReader(str(path))
-        arch_field = reader.fields.get("general.architecture")
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "?"
-    except Exception as e:
-        raise CamelidError(f"{path} is corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__}); reinstall or re-download it") from None
+    try:
+        header = read_header(path)
+        check_tensor_data(path, header)
+    except (OSError, ValueError) as e:
+        raise CamelidError(f"{path} is corrupt or truncated ({e}); reinstall or re-download it") from None
+    arch = header.kv.get("general.architecture", "?")
     if arch != "llama":
         raise CamelidError(f"{path} holds a {arch!r} model; camelid supports llama-architecture models")

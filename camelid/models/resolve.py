@@ -146,14 +146,25 @@ def _file_digest(path: Path, n: int = 16) -> str:
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a llama GGUF into a float32 safetensors model + tokenizer at `out` (atomic)."""
+    """Dequantise a llama GGUF into a float32 safetensors model + tokenizer at `out` (atomic):
+    by `gguf_convert` (the file read once), else, for what that does not cover, by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from camelid.models import gguf_convert
     from camelid.models.gguf_check import check_gguf
 
     check_gguf(gguf)
     status(f"converting {gguf.name} to safetensors in {out} (once; later loads take seconds)")
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:  # a cache folder of camelid's own
+            gguf_convert.convert(gguf, tmp)
+            _mark_source(tmp, gguf)
+        return out
+    except gguf_convert.Unsupported as e:
+        debug(f"converting {gguf.name} with transformers' GGUF loader ({e})")
+    except Exception as e:  # noqa: BLE001 - as below: a bad file fails in many ways
+        raise CamelidError(f"cannot read {gguf}: {str(e).splitlines()[0]}; is it a complete llama GGUF file?") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         with library_tqdm_off("transformers.modeling_gguf_pytorch_utils"):
@@ -168,8 +179,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     with atomic_dir(out, overwrite=True) as tmp:  # a cache folder of camelid's own
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "camelid.json").write_text(json.dumps({"source_gguf": str(gguf), "sha256_16": _file_digest(gguf)}) + "\n")
+        _mark_source(tmp, gguf)
     return out
+
+
+def _mark_source(folder: Path, gguf: Path) -> None:
+    (folder / "camelid.json").write_text(json.dumps({"source_gguf": str(gguf), "sha256_16": _file_digest(gguf)}) + "\n")
 
 
 def resolve_model(name: str | os.PathLike | None) -> Path:
