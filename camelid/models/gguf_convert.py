@@ -51,7 +51,12 @@ def hf_name(gguf_name: str) -> str:
 def config_dict(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
     """transformers' config keys for a plain llama file: its legacy loader's renames, applied to
     the metadata the same way (arrays and unlisted keys left out, tying read from the tensors)."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+    try:
+        from transformers.modeling_gguf_pytorch_utils import (
+            GGUF_TO_TRANSFORMERS_MAPPING,
+        )
+    except ImportError as e:  # another transformers version: its own loader then
+        raise Unsupported(f"transformers has no GGUF key table here ({e})") from None
 
     name = metadata.get("general.name")
     if metadata.get("general.architecture") != "llama" or (isinstance(name, str) and "mistral" in name):
@@ -84,30 +89,28 @@ def convert(gguf: Path, out: Path) -> None:
     """Write `gguf` (a llama file) into the folder `out` as transformers would save it."""
     import numpy as np
     import torch
-    from gguf import GGMLQuantizationType, quants
-    from gguf.quants import quant_shape_to_byte_shape
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations.gguf import read_gguf_metadata
 
-    from camelid.export.header import read_header
+    from camelid.export.header import read_header, tensor_data
+
+    try:
+        from transformers.integrations.gguf import read_gguf_metadata
+    except ImportError as e:  # another transformers version: its own loader then
+        raise Unsupported(f"transformers has no fast GGUF reader here ({e})") from None
 
     metadata, tensor_names = read_gguf_metadata(str(gguf))
     config = AutoConfig.for_model(**config_dict(metadata, tensor_names))
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     header = read_header(gguf)
     state = {}
-    for name, (shape, qtype) in header.tensors.items():
+    for name in header.tensors:
         target = hf_name(name)
-        qt = GGMLQuantizationType(qtype)
-        plain = {qt.F32: np.float32, qt.F16: np.float16}.get(qt)
-        raw = np.memmap(gguf, dtype=plain or np.uint8, mode="r", offset=header.offsets[name],
-                        shape=tuple(shape if plain else quant_shape_to_byte_shape(shape, qt)))
-        w = np.array(raw, dtype=np.float32) if plain else quants.dequantize(np.asarray(raw), qt)  # a copy
+        w = tensor_data(gguf, header, name)  # float32, dequantised by gguf.quants
         if ".attn_q." in name:
             w = reverse_permute(w, heads)
         elif ".attn_k." in name:
             w = reverse_permute(w, kv_heads)
-        state[target] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))  # owned, writable
+        state[target] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))  # contiguous, writable: a copy of a mapped F32
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     expected = set(model.state_dict())
