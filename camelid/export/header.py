@@ -37,11 +37,6 @@ class GgufHeader:
     """name -> absolute byte offset of the tensor's data in the file."""
 
 
-def _left(f: BinaryIO) -> int:
-    """Bytes from the current position to the end of the file."""
-    return os.fstat(f.fileno()).st_size - f.tell()
-
-
 def _read(f: BinaryIO, fmt: str) -> Any:
     size = struct.calcsize("<" + fmt)
     data = f.read(size)
@@ -50,25 +45,28 @@ def _read(f: BinaryIO, fmt: str) -> Any:
     return struct.unpack("<" + fmt, data)[0]
 
 
-def _string(f: BinaryIO) -> str:
+def _string(f: BinaryIO, size: int) -> str:
+    """A length-prefixed string; `size`, the file's, bounds the length (a damaged one would
+    otherwise ask read() for exabytes)."""
     n = _read(f, "Q")
-    if n > _left(f):  # a damaged length would otherwise ask read() for exabytes
+    data = f.read(n) if n <= size else b""
+    if len(data) != n:
         raise ValueError("a string runs past the end of the file")
-    return f.read(n).decode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
 
 
-def _value(f: BinaryIO, vtype: int) -> Any:
+def _value(f: BinaryIO, vtype: int, size: int) -> Any:
     if vtype == _STRING:
-        return _string(f)
+        return _string(f, size)
     if vtype == _ARRAY:
         sub, n = _read(f, "I"), _read(f, "Q")
         if sub in _SCALAR:
-            if n * struct.calcsize(_SCALAR[sub]) > _left(f):
+            if n * struct.calcsize(_SCALAR[sub]) > size:
                 raise ValueError("an array runs past the end of the file")
             f.seek(n * struct.calcsize(_SCALAR[sub]), 1)
         else:
             for _ in range(n):
-                _value(f, sub)
+                _value(f, sub, size)
         return ArrayInfo(sub, n)
     if vtype not in _SCALAR:
         raise ValueError(f"unknown GGUF value type {vtype}")
@@ -80,13 +78,14 @@ def read_header(path: str | Path, tensors: bool = True) -> GgufHeader:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError("not a GGUF file (bad magic bytes)")
+        size = os.fstat(f.fileno()).st_size
         header = GgufHeader(_read(f, "I"))
         n_tensors, n_kv = _read(f, "Q"), _read(f, "Q")
         for _ in range(n_kv):
-            key = _string(f)
-            header.kv[key] = _value(f, _read(f, "I"))
+            key = _string(f, size)
+            header.kv[key] = _value(f, _read(f, "I"), size)
         for _ in range(n_tensors if tensors else 0):
-            name = _string(f)
+            name = _string(f, size)
             dims = [_read(f, "Q") for _ in range(_read(f, "I"))]
             qtype, offset = _read(f, "I"), _read(f, "Q")
             header.tensors[name] = (tuple(reversed(dims)), qtype)
