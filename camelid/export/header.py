@@ -9,6 +9,7 @@ then per tensor: name, n_dims, dims (ggml order, fastest first), type, offset.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -106,10 +107,7 @@ def check_tensor_data(path: str | Path, header: GgufHeader) -> None:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
         except (ValueError, KeyError):
             raise ValueError(f"tensor {name} has an unknown type {qtype}") from None
-        count = 1
-        for d in shape:
-            count *= d
-        if header.offsets[name] + count // block * type_size > size:
+        if header.offsets[name] + math.prod(shape) // block * type_size > size:
             raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
 
 

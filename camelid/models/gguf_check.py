@@ -4,13 +4,18 @@ tensor table read without the tensors (`export.header`), each tensor's data insi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from camelid.errors import CamelidError
+
+if TYPE_CHECKING:
+    from camelid.export.header import GgufHeader
 
 GGUF_MAGIC = b"GGUF"
 
 
-def check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> "GgufHeader":
+    """The file's header (metadata and tensor table), or a one-line CamelidError."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -28,3 +33,4 @@ def check_gguf(path: Path) -> None:
     arch = header.kv.get("general.architecture", "?")
     if arch != "llama":
         raise CamelidError(f"{path} holds a {arch!r} model; camelid supports llama-architecture models")
+    return header

@@ -6,22 +6,25 @@ and its merges: ~3.5 s a parse on a 2-core Xeon), three times: for the tokenizer
 model's config and the weights; and it rebuilds gguf's tensor-name table once per module while
 mapping names (~5 s more). Converting the bundled SmolLM2-135M Q4_1 file took 29 s that way.
 
-Here the model reads the metadata once with transformers' fast GGUF reader
-(`integrations.gguf.read_gguf_metadata`), turns it into the config with transformers' own key
-table (`GGUF_TO_TRANSFORMERS_MAPPING`, as its legacy loader does), dequantises each tensor with
-gguf's `quants.dequantize` (what that loader calls), undoes llama.cpp's q/k row permutation the
-way its `LlamaTensorProcessor` does, and saves through a transformers model built on the meta
-device, so the folder is the one `save_pretrained` writes. The tokenizer is transformers' own
-(`AutoTokenizer` with `gguf_file`, which picks the class; one more metadata parse). The first use
-of the bundled model (a process that converts it) takes 12 s instead of 30 on that Xeon, and the
-folder equals transformers' (tests compare the configs, every tensor bit for bit, and the
-tokenizer files). Anything this does not cover (not plain llama, a tensor it does not know, rope
-scaling) raises `Unsupported` and the caller uses transformers' path.
+Here the model comes from the header camelid's own reader (`export.header`) read once to
+check the file: its metadata becomes the config through transformers' own key table
+(`GGUF_TO_TRANSFORMERS_MAPPING`, as its legacy loader applies it), each tensor is dequantised
+with gguf's `quants.dequantize` (what that loader calls), llama.cpp's q/k row permutation is
+undone the way its `LlamaTensorProcessor` does it, and the weights are saved through a
+transformers model built on the meta device, so the folder is the one `save_pretrained` writes.
+The tokenizer is transformers' own (`AutoTokenizer` with `gguf_file`, which picks the class; one
+more metadata parse). The first use of the bundled model (a process that converts it) takes 12 s
+instead of 30 on that Xeon, and the folder equals transformers' (tests compare the configs, every
+tensor bit for bit, and the tokenizer files). Anything this does not cover (not plain llama, a
+tensor it does not know, rope scaling) raises `Unsupported` and the caller uses transformers' path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
+
+from camelid.export.header import ArrayInfo, GgufHeader, tensor_data
 
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {
@@ -48,9 +51,10 @@ def hf_name(gguf_name: str) -> str:
     raise Unsupported(gguf_name)
 
 
-def config_dict(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
+def config_dict(metadata: dict, tensor_names: Collection[str]) -> dict:
     """transformers' config keys for a plain llama file: its legacy loader's renames, applied to
-    the metadata the same way (arrays and unlisted keys left out, tying read from the tensors)."""
+    the metadata (`GgufHeader.kv`) the same way (unlisted keys left out, tying read from the
+    tensors)."""
     try:
         from transformers.modeling_gguf_pytorch_utils import (
             GGUF_TO_TRANSFORMERS_MAPPING,
@@ -69,12 +73,14 @@ def config_dict(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
         prefix, _, rest = key.partition(".")
         new = renames.get(prefix, {}).get(rest)
         if new is not None and new != -1:
+            if isinstance(value, ArrayInfo):
+                raise Unsupported(f"{key} is an array")
             config[new] = value
     if "vocab_size" not in config:
         tokens = metadata.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, int):
+        if not isinstance(tokens, ArrayInfo):
             raise Unsupported("no vocabulary size")
-        config["vocab_size"] = tokens  # the reader leaves a string array as its length
+        config["vocab_size"] = tokens.length
     return config
 
 
@@ -85,23 +91,15 @@ def reverse_permute(w, n_head: int):
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def convert(gguf: Path, out: Path) -> None:
-    """Write `gguf` (a llama file) into the folder `out` as transformers would save it."""
+def convert(gguf: Path, header: GgufHeader, out: Path) -> None:
+    """Write `gguf` (a llama file, `header` its `read_header`) into the folder `out` as
+    transformers would save it."""
     import numpy as np
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from camelid.export.header import read_header, tensor_data
-
-    try:
-        from transformers.integrations.gguf import read_gguf_metadata
-    except ImportError as e:  # another transformers version: its own loader then
-        raise Unsupported(f"transformers has no fast GGUF reader here ({e})") from None
-
-    metadata, tensor_names = read_gguf_metadata(str(gguf))
-    config = AutoConfig.for_model(**config_dict(metadata, tensor_names))
+    config = AutoConfig.for_model(**config_dict(header.kv, header.tensors))
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    header = read_header(gguf)
     state = {}
     for name in header.tensors:
         target = hf_name(name)

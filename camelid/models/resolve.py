@@ -147,18 +147,18 @@ def _file_digest(path: Path, n: int = 16) -> str:
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a llama GGUF into a float32 safetensors model + tokenizer at `out` (atomic):
-    by `gguf_convert` (the file read once), else, for what that does not cover, by transformers."""
+    by `gguf_convert` from the header read here, else, for what that does not cover, by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from camelid.models import gguf_convert
     from camelid.models.gguf_check import check_gguf
 
-    check_gguf(gguf)
+    header = check_gguf(gguf)
     status(f"converting {gguf.name} to safetensors in {out} (once; later loads take seconds)")
     try:
         with atomic_dir(out, overwrite=True) as tmp:  # a cache folder of camelid's own
-            gguf_convert.convert(gguf, tmp)
+            gguf_convert.convert(gguf, header, tmp)
             _mark_source(tmp, gguf)
         return out
     except gguf_convert.Unsupported as e:
