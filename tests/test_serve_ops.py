@@ -5,6 +5,7 @@ and connections that send each streamed chunk at once (TCP_NODELAY)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -161,10 +162,22 @@ def test_cli_takes_allowed_origins(tiny_model_dir):
     assert r.returncode != 0 and "allowed-origins" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_connections_send_each_write_at_once():
-    """The server's connections have Nagle's algorithm off (TCP_NODELAY), as asyncio sets it on a
-    connection of the listening socket `bind` makes: otherwise each streamed chunk waits for the
-    client's delayed ACK of the one before."""
+def _loops():
+    import asyncio
+
+    yield pytest.param(asyncio.new_event_loop, id="asyncio")
+    try:
+        import uvloop
+    except ImportError:  # Windows: the server runs on asyncio's loop
+        return
+    yield pytest.param(uvloop.new_event_loop, id="uvloop")
+
+
+@pytest.mark.parametrize("new_loop", _loops())
+def test_connections_send_each_write_at_once(new_loop):
+    """The server's connections have Nagle's algorithm off (TCP_NODELAY), as asyncio (and uvloop,
+    the server's loop where installed) set it on a connection of the listening socket `bind`
+    makes: otherwise each streamed chunk waits for the client's delayed ACK of the one before."""
     import asyncio
     import socket
 
@@ -185,4 +198,35 @@ def test_connections_send_each_write_at_once():
             writer.close()
         return flag
 
-    assert asyncio.run(main()) != 0
+    loop = new_loop()
+    try:
+        assert loop.run_until_complete(main()) != 0
+    finally:
+        loop.close()
+
+
+def test_steps_waiting_together_come_out_together():
+    """A stream that fell behind gets the steps already waiting as one list, in order (one write),
+    then the end; a failure after them still reaches the handler after the steps before it; with
+    nothing to read, a keep-alive tick (None) each `idle_s`."""
+    import asyncio
+
+    from camelid.serve.openai_api import job_events
+    from camelid.serve.scheduler import Job
+
+    async def read(items, idle_s=None, ticks=0):
+        job = Job([[1]], [None], asyncio.get_running_loop())
+        for item in items:
+            job.events.put_nowait(item)
+        out = []
+        with contextlib.suppress(RuntimeError):
+            async for deltas in job_events(job, idle_s):
+                out.append(deltas)
+                if deltas is None and len(out) == ticks:
+                    job.events.put_nowait(["late"])
+                    job.events.put_nowait(None)
+        return out
+
+    assert asyncio.run(read([["a"], ["b", "c"], ["d"], None])) == [["a", "b", "c", "d"]]
+    assert asyncio.run(read([["a"], ["b"], RuntimeError("boom"), ["never"]])) == [["a", "b"]]
+    assert asyncio.run(read([], idle_s=0.01, ticks=2)) == [None, None, ["late"]]

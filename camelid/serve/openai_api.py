@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -27,6 +28,7 @@ SSE_KEEPALIVE_S = 15.0
 """Seconds between SSE comments while a stream has nothing to send (its request waits in the
 queue), so that proxies and clients with read timeouts keep the connection open."""
 SSE_KEEPALIVE = ": keep-alive\n\n"
+SSE_DONE = "data: [DONE]\n\n"
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Any:
@@ -165,20 +167,41 @@ def submit(served: ServedModel, prompts: list[list[int]], params: list) -> Job:
     return job
 
 
+if sys.version_info >= (3, 11):
+    async def _get(queue: asyncio.Queue, timeout: float | None) -> Any:
+        async with asyncio.timeout(timeout):  # no task per call, as wait_for makes before 3.12
+            return await queue.get()
+else:  # pragma: no cover - Python 3.10
+    def _get(queue: asyncio.Queue, timeout: float | None) -> Any:
+        return asyncio.wait_for(queue.get(), timeout)
+
+
 async def job_events(job: Job, idle_s: float | None = None) -> AsyncIterator[list | None]:
-    """The job's per-step delta lists until it ends; re-raises a generation failure. With
-    `idle_s`, None each time that long passes without an event."""
+    """The job's deltas until it ends; re-raises a generation failure. With `idle_s`, None each
+    time that long passes without an event.
+
+    Steps already waiting when the loop gets to them come out as one list (in order), so a
+    stream that fell behind writes them in one send instead of one per step."""
+    queue = job.events
     while True:
         try:
-            item = await asyncio.wait_for(job.events.get(), idle_s)
+            items = [queue.get_nowait() if not queue.empty() else await _get(queue, idle_s)]
         except asyncio.TimeoutError:
             yield None
             continue
-        if item is None:
-            return
-        if isinstance(item, Exception):
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        deltas: list = []
+        for item in items:
+            if isinstance(item, list):
+                deltas += item
+                continue
+            if deltas:
+                yield deltas
+            if item is None:
+                return
             raise item
-        yield item
+        yield deltas
 
 
 @dataclass
@@ -262,13 +285,12 @@ async def stream_events(job: Job, served: ServedModel, out: Output, keepalive_s:
                 if deltas is None:
                     yield SSE_KEEPALIVE
                     continue
-                for chunk in out.step(deltas):
-                    yield sse(chunk)
-            for chunk in out.end():
-                yield sse(chunk)
+                frames = "".join(map(sse, out.step(deltas)))  # one step's chunks in one write
+                if frames:
+                    yield frames
+            yield "".join(map(sse, out.end())) + SSE_DONE
         except Exception as e:  # noqa: BLE001
-            yield sse(P.APIError(500, f"generation failed: {e}", type="server_error").body())
-        yield "data: [DONE]\n\n"
+            yield sse(P.APIError(500, f"generation failed: {e}", type="server_error").body()) + SSE_DONE
     finally:
         served.scheduler.cancel(job)
 
