@@ -121,8 +121,9 @@ def _uvicorn_server(app, log_level: str = "info", access_log: bool = True):
 
     # The event loop is uvloop where it is installed (uvicorn's "auto"; the serve extra installs it
     # off Windows): a streamed token costs the loop ~25% less CPU than asyncio's, CPU that on a
-    # small machine comes out of the decode. HTTP stays h11: httptools buffers a request's header
-    # block without bound (a client could fill memory), h11 refuses one over 16 KB with a 400.
+    # small machine comes out of the decode. HTTP stays h11: httptools buffers a header block that
+    # does not end without bound (a client could fill memory), h11 answers 400 once 16 KB of it
+    # are waiting.
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5, http="h11")
     return uvicorn.Server(config)
 
