@@ -35,7 +35,8 @@ def long_context_engine(tiny_model_dir):
     now refuses): a sequence that reaches position 1024 breaks the shared forward pass."""
     eng = Engine.load(str(tiny_model_dir), device="cpu", dtype="float32", max_context=2048)
     if eng.fast is None:
-        pytest.skip("the fast path (CAMELID_FAST_PATH=0) computes rotary positions without a table")
+        pytest.skip("the fast path is off (CAMELID_FAST_PATH=0 or CAMELID_CPU_FAST=0): "
+                    "the library forward has no rotary table to run past")
     return eng
 
 
