@@ -78,6 +78,8 @@ def test_a_prompt_added_to_running_rows_shares_their_next_decode(engine, monkeyp
     tokens (as llama-server batches them), and every row still gets its greedy text alone."""
     import torch
 
+    from camelid.utils import shared_start
+
     calls = decode_sizes(engine, monkeypatch)
     params = [SamplingParams(temperature=0, max_new_tokens=6) for _ in range(3)]
     want = [engine.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
@@ -94,7 +96,10 @@ def test_a_prompt_added_to_running_rows_shares_their_next_decode(engine, monkeyp
         for deltas in batch.add([2], PROMPTS[2:3], params[2:]):
             for d in deltas:
                 got[d.index] += d.token_ids
-        assert calls == [2 + len(engine.encode(PROMPTS[2]))], "two running tokens and the new prompt in one decode"
+        # the new prompt copies the start it shares with a running row when that pays (its own test below)
+        lent = max(shared_start(engine.encode(PROMPTS[2]), engine.encode(p)) for p in PROMPTS[:2])
+        own = len(engine.encode(PROMPTS[2])) - (lent if lent * COPY_CELLS_PER_TOKEN >= engine.max_context else 0)
+        assert calls == [2 + own], "two running tokens and the new prompt in one decode"
         assert [len(got[i]) for i in range(3)] == [3, 3, 1], "the running rows advanced by one token with it"
         while batch.rows:
             for d in batch.step():
@@ -190,6 +195,42 @@ def test_a_request_sharing_only_a_start_copies_it_and_leaves_the_other_cache(eng
     calls.clear()
     assert engine.generate([b], greedy)[0].token_ids == out_b.token_ids, "the copied start gives a full prefill's answer"
     assert calls[0] == len(engine.encode(b))
+    assert sorted(engine._free_slots) == list(range(PARALLEL))
+
+
+def test_a_new_conversation_copies_the_start_a_running_one_holds(engine, monkeypatch):
+    """A conversation that joins a running one with the same system prompt (a burst reaching a
+    fresh server) copies the shared start from the running row's sequence and prefills only its
+    own part, in the running row's next decode; both answers are what each gets alone."""
+    import torch
+
+    from camelid.utils import shared_start
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=5)
+    system = "You are a terse assistant who answers every question in one short line. "
+    a, b = system + "What is two plus two?", system + "Name a colour of the sky."
+    shared = shared_start(engine.encode(a), engine.encode(b))
+    assert shared * COPY_CELLS_PER_TOKEN >= engine.max_context  # long enough to be copied
+    engine.clear_cache()
+    want = [engine.generate([p], greedy)[0].token_ids for p in (a, b)]
+    engine.clear_cache()
+    calls = decode_sizes(engine, monkeypatch)
+    got = {0: [], 1: []}
+    batch = engine.new_batch()
+    with torch.inference_mode():
+        for deltas in batch.add([0], [a], [greedy]):
+            for d in deltas:
+                got[d.index] += d.token_ids
+        assert calls == [len(engine.encode(a))]
+        calls.clear()
+        for deltas in batch.add([1], [b], [greedy]):
+            for d in deltas:
+                got[d.index] += d.token_ids
+        assert calls == [1 + len(engine.encode(b)) - shared], "the running row's token and b's own part"
+        while batch.rows:
+            for d in batch.step():
+                got[d.index] += d.token_ids
+    assert [got[0], got[1]] == want, "the copied start gives a full prefill's answer"
     assert sorted(engine._free_slots) == list(range(PARALLEL))
 
 

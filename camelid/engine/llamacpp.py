@@ -21,7 +21,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from camelid.engine.backend import BackendBase, BatchBase, Delta, Row, Sampled, emit, new_row, prompt_ids, sample
 from camelid.engine.sampling import SamplingParams
@@ -229,25 +229,34 @@ class LlamaCppEngine(BackendBase):
                     rows[k] = np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(self.n_vocab,)).copy()
         return [rows[k] for k in sorted(rows)]
 
-    def take_slot(self, tokens: Sequence[int] = ()) -> int:
+    def take_slot(self, tokens: Sequence[int] = (), running: Mapping[int, Sequence[int]] | None = None) -> int:
         """A free sequence for a request starting with `tokens`, holding in its cache the longest
-        start of them any free sequence holds (`reuse` then keeps that start). Without `tokens`,
-        an empty sequence.
+        start of them that a free sequence holds, or a running one (`running`: busy sequence ->
+        the tokens its cache holds from position 0); `reuse` then keeps that start. Without
+        `tokens`, an empty sequence.
 
-        Where the request and that cache part ways (another conversation with the same system
-        prompt), the best sequence keeps its cache for its own next turn: the shared start is
-        copied into an empty free sequence, else the one released longest ago, whose cache is
-        the one given up. A request that the cache holds whole (the same prompt again) takes it.
-        llama.cpp copies a whole sequence's slice of the KV cache between sequences, which costs
+        Where the request and the best free cache part ways (another conversation with the same
+        system prompt), that sequence keeps its cache for its own next turn: the shared start is
+        copied into an empty free sequence, else the one released longest ago, whose cache is the
+        one given up. A request that a free cache holds whole (the same prompt again) takes it.
+        A running sequence that holds a longer start lends it the same way, by a copy: a burst of
+        new conversations prefills their common system prompt once. llama.cpp copies a whole
+        sequence's slice of the KV cache between sequences (at its next decode), which costs
         about as much as prefilling one token per `COPY_CELLS_PER_TOKEN` cells of a slice (the
         bundled model, q4_0, 2 threads); shorter starts are recomputed."""
         if not self._free_slots:
             raise CamelidError(f"the llama.cpp backend runs at most {self.parallel} requests at once")
         shared = {s: shared_start(self._cached[s], tokens) for s in self._free_slots}
         best = max(self._free_slots, key=shared.__getitem__)  # ties: released longest ago
+        lent = {s: shared_start(held, tokens) for s, held in (running or {}).items()}
+        lender = max(lent, key=lent.__getitem__, default=None)
         slot = best
         others = [s for s in self._free_slots if s != best]
-        if shared[best] < min(len(tokens), len(self._cached[best])) and others:
+        if lender is not None and lent[lender] > shared[best] and lent[lender] * COPY_CELLS_PER_TOKEN >= self.max_context:
+            slot = min(self._free_slots, key=lambda s: len(self._cached[s]) > 0)  # an empty one, else the oldest
+            self.ctx.kv_cache_seq_cp(lender, slot, -1, -1)  # the whole slice; `reuse` trims it
+            self._cached[slot] = list(running[lender])
+        elif shared[best] < min(len(tokens), len(self._cached[best])) and others:
             slot = min(others, key=lambda s: len(self._cached[s]) > 0)  # an empty one, else the oldest
             if shared[best] * COPY_CELLS_PER_TOKEN >= self.max_context:
                 self.ctx.kv_cache_seq_cp(best, slot, -1, -1)  # the whole slice; `reuse` trims it
@@ -307,7 +316,9 @@ class LlamaCppBatch(BatchBase):
         toks = prompt_ids(eng, prompts, params)
         if len(self.rows) + len(toks) > eng.parallel:
             raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
-        new_rows = [new_row(eng, rid, t, sp, self.on_row, SeqRow, slot=eng.take_slot(t), pos=len(t))
+        # what each running row's sequence holds: a start a new prompt may copy
+        held = {r.slot: (r.prompt + r.out)[: r.pos] for r in self.rows if r.synced and r.finish is None and r.error is None}
+        new_rows = [new_row(eng, rid, t, sp, self.on_row, SeqRow, slot=eng.take_slot(t, held), pos=len(t))
                     for rid, t, sp in zip(ids, toks, params)]
         for row in new_rows:
             if row.params.return_hidden and row.error is None:
