@@ -13,18 +13,23 @@ the peer, --repeats times, so a change in machine load hits both sides alike. To
 servers' own counts (`stream_options.include_usage`); the mean content chunks per request
 are printed beside them, one chunk a token on both sides.
 
+With --fresh, both servers are started anew (and warmed by one short request) before each run,
+so every run is the first burst of new conversations on empty caches; otherwise they start once
+and later runs find the earlier runs' prompts in their caches.
+
 Reported per side: aggregate tokens/s over the wall time, p50/p95 request latency and time to
 first token (medians over the repeats); then ours / peer for throughput, and peer / ours for
 the times (above 1: ours is faster). One JSON row per concurrency level.
 
     make bench-peer
     python bench/serve_peer.py [--backend llama.cpp] [--clients 1,4,16] [--max-tokens 64] [--requests 2]
-                               [--repeats 3] [--slots 16] [--threads 2] [--ctx-per-seq 1024]
+                               [--repeats 3] [--slots 16] [--threads 2] [--ctx-per-seq 1024] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -106,45 +111,61 @@ def row_line(name: str, m: dict) -> str:
             f" {m['chunks_mean']:.0f} chunks/request")
 
 
-def measure(urls: dict[str, str], args) -> list[dict]:
-    """Per concurrency level: ours, peer, ours, peer... (--repeats each), medians, ratios."""
-    rows = []
-    for c in args.clients:
-        runs = {name: [] for name in urls}
-        for _ in range(args.repeats):
-            for name, url in urls.items():
-                runs[name].append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0))
-        (ours_name, ours), (peer_name, peer) = ((name, medians(runs[name])) for name in urls)
-        ratio = {"tok_s": ours["tok_s"] / peer["tok_s"], **{k: peer[k] / ours[k] if ours[k] else 0.0 for k in TIMES}}
-        print(f"clients={c}\n{row_line(ours_name, ours)}\n{row_line(peer_name, peer)}")
-        print(f"  ours/peer throughput x{ratio['tok_s']:.2f}   peer/ours latency p50 x{ratio['p50']:.2f} "
-              f"p95 x{ratio['p95']:.2f}   ttft p50 x{ratio['ttft_p50']:.2f} p95 x{ratio['ttft_p95']:.2f}", flush=True)
-        rows.append({"bench": "serve_peer", "clients": c, "backend": args.backend, "max_tokens": args.max_tokens,
-                     "requests_per_client": args.requests, "repeats": args.repeats, "slots": args.slots,
-                     "threads": args.threads, "ours": ours, "peer": peer, "ratio": ratio})
-    return rows
+def summarise(c: int, runs: dict[str, list[dict]], args) -> dict:
+    """One concurrency level's row: each side's medians over its runs, ours / peer, printed."""
+    (ours_name, ours), (peer_name, peer) = ((name, medians(r)) for name, r in runs.items())
+    ratio = {"tok_s": ours["tok_s"] / peer["tok_s"], **{k: peer[k] / ours[k] if ours[k] else 0.0 for k in TIMES}}
+    print(f"clients={c}{' (fresh servers)' if args.fresh else ''}\n{row_line(ours_name, ours)}\n{row_line(peer_name, peer)}")
+    print(f"  ours/peer throughput x{ratio['tok_s']:.2f}   peer/ours latency p50 x{ratio['p50']:.2f} "
+          f"p95 x{ratio['p95']:.2f}   ttft p50 x{ratio['ttft_p50']:.2f} p95 x{ratio['ttft_p95']:.2f}", flush=True)
+    return {"bench": "serve_peer", "clients": c, "backend": args.backend, "max_tokens": args.max_tokens,
+            "requests_per_client": args.requests, "repeats": args.repeats, "fresh": args.fresh, "slots": args.slots,
+            "threads": args.threads, "ours": ours, "peer": peer, "ratio": ratio}
+
+
+@contextlib.contextmanager
+def servers(args, log):
+    """Both servers started, each warmed by one short request; yields {name: url}, stops them after."""
+    procs = []
+    try:
+        proc, ours = start_server(args.slots, args, ("--max-context", str(args.ctx_per_seq)))
+        procs.append(proc)
+        proc, peer = start_llama_server(find_llama_server(args.llama_server), peer_gguf(args.quant), args, log)
+        procs.append(proc)
+        urls = {f"camelid {args.backend}": ours, "llama-server": peer}
+        for url in urls.values():
+            with httpx.Client(base_url=url, timeout=600) as http:
+                one_request(http, QUESTIONS[0], 8, temperature=0.0)  # warm-up
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
 
 
 def run(args) -> list[dict]:
-    binary = find_llama_server(args.llama_server)
-    gguf = peer_gguf(args.quant)
-    print(f"peer: {binary} on {gguf}\nours: camelid serve --backend {args.backend}", flush=True)
-    procs = []
+    """Per concurrency level: ours, peer, ours, peer... (--repeats each), medians, ratios. With
+    --fresh both servers start anew (empty caches) before each run of each level."""
+    print(f"peer: {find_llama_server(args.llama_server)} on {peer_gguf(args.quant)}\nours: camelid serve --backend {args.backend}", flush=True)
+    rows = []
     with tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False) as log:
-        try:  # the log stays behind when a run fails
-            proc, ours = start_server(args.slots, args, ("--max-context", str(args.ctx_per_seq)))
-            procs.append(proc)
-            proc, peer = start_llama_server(binary, gguf, args, log)
-            procs.append(proc)
-            urls = {f"camelid {args.backend}": ours, "llama-server": peer}
-            for url in urls.values():
-                with httpx.Client(base_url=url, timeout=600) as http:
-                    one_request(http, QUESTIONS[0], 8, temperature=0.0)  # warm-up
-            rows = measure(urls, args)
-        finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(30)
+        # the log stays behind when a run fails
+        if args.fresh:
+            for c in args.clients:
+                runs: dict[str, list[dict]] = {}
+                for _ in range(args.repeats):
+                    with servers(args, log) as urls:
+                        for name, url in urls.items():
+                            runs.setdefault(name, []).append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0))
+                rows.append(summarise(c, runs, args))
+        else:
+            with servers(args, log) as urls:
+                for c in args.clients:
+                    runs = {name: [] for name in urls}
+                    for _ in range(args.repeats):
+                        for name, url in urls.items():
+                            runs[name].append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0))
+                    rows.append(summarise(c, runs, args))
     os.unlink(log.name)
     return rows
 
@@ -164,6 +185,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="camelid serve --dtype (torch backend)")
     ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"camelid serve --quant (llama.cpp backend; llama-server runs the same file; default: {DEFAULT_QUANT}, camelid's)")
     ap.add_argument("--llama-server", help="llama-server binary (default: the one `make bench-peer` builds)")
+    ap.add_argument("--fresh", action="store_true", help="start both servers anew before each run: the first burst "
+                    "on empty caches (a server just started, or a new set of conversations)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.max_tokens + 256 > args.ctx_per_seq:
