@@ -234,6 +234,40 @@ def test_a_new_conversation_copies_the_start_a_running_one_holds(engine, monkeyp
     assert sorted(engine._free_slots) == list(range(PARALLEL))
 
 
+def test_running_rows_keep_consecutive_sequence_ids(engine, monkeypatch):
+    """llama.cpp runs a batch in one pass only over consecutive sequence ids: when requests end
+    and leave gaps, the rows still running swap into them (caches copied both ways), every row's
+    greedy text is still what it gets alone, and the cache a gap held survives the swap."""
+    import torch
+
+    lengths = [2, 9, 3, 9]  # the first and third end early and leave gaps
+    params = [SamplingParams(temperature=0, max_new_tokens=n) for n in lengths]
+    want = [engine.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
+    engine.clear_cache()
+    seqs: list[list[int]] = []
+    real = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda items: (seqs.append(sorted({it[2] for it in items})), real(items))[1])
+    got = {i: [] for i in range(4)}
+    batch = engine.new_batch()
+    with torch.inference_mode():
+        for deltas in batch.add([0, 1, 2, 3], PROMPTS[:4], params):
+            for d in deltas:
+                got[d.index] += d.token_ids
+        while batch.rows:
+            for d in batch.step():
+                got[d.index] += d.token_ids
+    assert [got[i] for i in range(4)] == want, "moved rows continue exactly"
+    assert [len(s) for s in seqs] == [4, 4, 3, 2, 2, 2, 2, 2, 2], "two rows ended, after one and two steps"
+    assert all(s == list(range(s[0], s[0] + len(s))) for s in seqs), f"consecutive ids in every decode: {seqs}"
+    assert sorted(engine._free_slots) == list(range(PARALLEL))
+    monkeypatch.setattr(engine, "decode", real)
+    calls = decode_sizes(engine, monkeypatch)
+    for p, sp, out in zip(PROMPTS[:4], params, want):
+        calls.clear()
+        assert engine.generate([p], sp)[0].token_ids == out
+        assert calls[0] == 1, "each finished request's cache survived the swaps"
+
+
 def _serve(eng, tiny_model_dir):
     """A registry serving a loaded llama.cpp engine as "m", through the server's own scheduler."""
     from camelid.serve.registry import ModelRegistry, ServedModel
