@@ -114,10 +114,15 @@ def one_request(http: httpx.Client, question: str, tokens: int, schema: dict | N
 
 
 def load_test(url: str, clients: int, requests_each: int, tokens: int, schema: dict | None = None,
-              temperature: float = 0.7) -> dict:
+              temperature: float = 0.7, mixed: bool = False) -> dict:
+    """N clients in a closed loop; each request generates `tokens` tokens, or with `mixed` a length
+    spread over [tokens/4, 2*tokens] by client and request (the same on every run and server)."""
+    def length(i: int, k: int) -> int:
+        return tokens // 4 + (i * 37 + k * 53) % (2 * tokens - tokens // 4 + 1) if mixed else tokens
+
     def client(i: int) -> list[dict]:
         with httpx.Client(base_url=url, timeout=600) as http:
-            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], tokens, schema, temperature)
+            return [one_request(http, QUESTIONS[(i + k) % len(QUESTIONS)], length(i, k), schema, temperature)
                     for k in range(requests_each)]
 
     t0 = time.perf_counter()

@@ -13,6 +13,9 @@ the peer, --repeats times, so a change in machine load hits both sides alike. To
 servers' own counts (`stream_options.include_usage`); the mean content chunks per request
 are printed beside them, one chunk a token on both sides.
 
+With --mixed, the answer lengths are spread over [max-tokens/4, 2 x max-tokens] by client and
+request (the same on both servers), so requests end at different times as real answers do.
+
 With --fresh, both servers are started anew (and warmed by one short request) before each run,
 so every run is the first burst of new conversations on empty caches; otherwise they start once
 and later runs find the earlier runs' prompts in their caches.
@@ -23,7 +26,7 @@ the times (above 1: ours is faster). One JSON row per concurrency level.
 
     make bench-peer
     python bench/serve_peer.py [--backend llama.cpp] [--clients 1,4,16] [--max-tokens 64] [--requests 2]
-                               [--repeats 3] [--slots 16] [--threads 2] [--ctx-per-seq 1024] [--fresh]
+                               [--repeats 3] [--slots 16] [--threads 2] [--ctx-per-seq 1024] [--fresh] [--mixed]
 """
 
 from __future__ import annotations
@@ -115,11 +118,11 @@ def summarise(c: int, runs: dict[str, list[dict]], args) -> dict:
     """One concurrency level's row: each side's medians over its runs, ours / peer, printed."""
     (ours_name, ours), (peer_name, peer) = ((name, medians(r)) for name, r in runs.items())
     ratio = {"tok_s": ours["tok_s"] / peer["tok_s"], **{k: peer[k] / ours[k] if ours[k] else 0.0 for k in TIMES}}
-    print(f"clients={c}{' (fresh servers)' if args.fresh else ''}\n{row_line(ours_name, ours)}\n{row_line(peer_name, peer)}")
+    print(f"clients={c}{' (fresh servers)' if args.fresh else ''}{' (mixed lengths)' if args.mixed else ''}\n{row_line(ours_name, ours)}\n{row_line(peer_name, peer)}")
     print(f"  ours/peer throughput x{ratio['tok_s']:.2f}   peer/ours latency p50 x{ratio['p50']:.2f} "
           f"p95 x{ratio['p95']:.2f}   ttft p50 x{ratio['ttft_p50']:.2f} p95 x{ratio['ttft_p95']:.2f}", flush=True)
     return {"bench": "serve_peer", "clients": c, "backend": args.backend, "max_tokens": args.max_tokens,
-            "requests_per_client": args.requests, "repeats": args.repeats, "fresh": args.fresh, "slots": args.slots,
+            "requests_per_client": args.requests, "repeats": args.repeats, "fresh": args.fresh, "mixed": args.mixed, "slots": args.slots,
             "threads": args.threads, "ours": ours, "peer": peer, "ratio": ratio}
 
 
@@ -156,7 +159,7 @@ def run(args) -> list[dict]:
                 for _ in range(args.repeats):
                     with servers(args, log) as urls:
                         for name, url in urls.items():
-                            runs.setdefault(name, []).append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0))
+                            runs.setdefault(name, []).append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0, mixed=args.mixed))
                 rows.append(summarise(c, runs, args))
         else:
             with servers(args, log) as urls:
@@ -164,7 +167,7 @@ def run(args) -> list[dict]:
                     runs = {name: [] for name in urls}
                     for _ in range(args.repeats):
                         for name, url in urls.items():
-                            runs[name].append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0))
+                            runs[name].append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0, mixed=args.mixed))
                     rows.append(summarise(c, runs, args))
     os.unlink(log.name)
     return rows
@@ -185,11 +188,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="camelid serve --dtype (torch backend)")
     ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"camelid serve --quant (llama.cpp backend; llama-server runs the same file; default: {DEFAULT_QUANT}, camelid's)")
     ap.add_argument("--llama-server", help="llama-server binary (default: the one `make bench-peer` builds)")
+    ap.add_argument("--mixed", action="store_true", help="answer lengths spread over [max-tokens/4, 2 x max-tokens] "
+                    "by client and request (requests end at different times, as with real answers)")
     ap.add_argument("--fresh", action="store_true", help="start both servers anew before each run: the first burst "
                     "on empty caches (a server just started, or a new set of conversations)")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
-    if args.max_tokens + 256 > args.ctx_per_seq:
+    if (2 if args.mixed else 1) * args.max_tokens + 256 > args.ctx_per_seq:
         ap.error(f"--ctx-per-seq {args.ctx_per_seq} leaves no room for a prompt and --max-tokens {args.max_tokens}")
     print(f"bundled model, {args.max_tokens} tokens/request, {args.requests} requests/client, {args.repeats} repeats, "
           f"{args.slots} slots, {args.threads} threads", flush=True)
