@@ -178,17 +178,19 @@ class LlamaCppEngine(BackendBase):
             self.model = _internals.LlamaModel(path_model=str(gguf), params=mparams, verbose=False)
         except ValueError as e:
             raise CamelidError(f"llama.cpp cannot load {gguf} ({e}); is it a complete GGUF of an architecture llama.cpp supports?") from None
-        self.max_context = sequence_context(max_context, self.model.n_ctx_train(), parallel + 1,
+        streams = parallel + 1 if parallel > 1 else 1  # a scratch sequence for `move`, where rows can move
+        self.max_context = sequence_context(max_context, self.model.n_ctx_train(), streams,
                                             kv_bytes_per_token(lc, self.model.model), physical_memory())
         self.parallel = self.max_rows = parallel
         self.scratch = parallel
-        """A sequence no request gets: where `move` parks a cache while it swaps two."""
+        """A sequence no request gets (with more than one): where `move` parks a cache while it
+        swaps two."""
         self.threads = threads or os.cpu_count() or 1
         cparams = lc.llama_context_default_params()
         # `parallel` sequences, each with its own max_context-token slice of the KV cache.
-        cparams.n_ctx = self.max_context * (parallel + 1)
+        cparams.n_ctx = self.max_context * streams
         cparams.n_batch = cparams.n_ubatch = min(512, self.max_context)
-        cparams.n_seq_max = parallel + 1  # the last one only for `move`'s swaps
+        cparams.n_seq_max = streams
         cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = self.threads
         self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
