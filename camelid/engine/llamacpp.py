@@ -164,6 +164,10 @@ class SeqRow(Row):
     synced: bool = False
     """Its sequence holds exactly its first `pos` tokens (its last decode succeeded)."""
 
+    def held(self) -> list[int]:
+        """The tokens its sequence holds from position 0, when `synced`."""
+        return (self.prompt + self.out)[: self.pos]
+
 
 class LlamaCppEngine(BackendBase):
     """Generation over a GGUF with llama.cpp. Build it with `load_llamacpp_engine`."""
@@ -262,24 +266,32 @@ class LlamaCppEngine(BackendBase):
         slot = best
         others = [s for s in self._free_slots if s != best]
         if lender is not None and lent[lender] > shared[best] and lent[lender] * COPY_CELLS_PER_TOKEN >= self.max_context:
-            slot = min(self._free_slots, key=lambda s: len(self._cached[s]) > 0)  # an empty one, else the oldest
-            self.ctx.kv_cache_seq_cp(lender, slot, -1, -1)  # the whole slice; `reuse` trims it
-            self._cached[slot] = list(running[lender])
+            slot = self._spare(self._free_slots)
+            self._copy(lender, slot, running[lender])
         elif shared[best] < min(len(tokens), len(self._cached[best])) and others:
-            slot = min(others, key=lambda s: len(self._cached[s]) > 0)  # an empty one, else the oldest
+            slot = self._spare(others)
             if shared[best] * COPY_CELLS_PER_TOKEN >= self.max_context:
-                self.ctx.kv_cache_seq_cp(best, slot, -1, -1)  # the whole slice; `reuse` trims it
-                self._cached[slot] = list(self._cached[best])
+                self._copy(best, slot, self._cached[best])
         self._free_slots.remove(slot)
         if not tokens:
             self._clear(slot)
         return slot
 
-    def move(self, src: int, dst: int, tokens: Sequence[int]) -> None:
+    def _spare(self, among: Sequence[int]) -> int:
+        """Of the free sequences `among` (in release order), the one to overwrite: an empty one,
+        else the one released longest ago."""
+        return min(among, key=lambda s: len(self._cached[s]) > 0)
+
+    def _copy(self, src: int, dst: int, held: Sequence[int]) -> None:
+        """Copy sequence `src`, which holds `held`, into `dst` (the whole slice; `reuse` trims it)."""
+        self.ctx.kv_cache_seq_cp(src, dst, -1, -1)
+        self._cached[dst] = list(held)
+
+    def move(self, src: int, dst: int) -> None:
         """Swap a running request's sequence `src` with the free sequence `dst`: the request's cache
         goes to `dst` and the cache `dst` held to `src`, which is freed holding it (llama.cpp copies
         slices at its next decode, in order: `dst` to the scratch sequence, `src` to `dst`, the
-        scratch to `src`). `tokens` is what the request's sequence holds.
+        scratch to `src`).
 
         llama.cpp computes a batch in one pass only over consecutive sequence ids (each gap costs
         another pass over the weights: 8 rows on every other sequence decoded at 0.4x the speed
@@ -351,7 +363,7 @@ class LlamaCppBatch(BatchBase):
             raise CamelidError(f"the llama.cpp backend runs at most {eng.parallel} requests at once")
         self.compact()
         # what each running row's sequence holds: a start a new prompt may copy
-        held = {r.slot: (r.prompt + r.out)[: r.pos] for r in self.rows if r.synced and r.finish is None and r.error is None}
+        held = {r.slot: r.held() for r in self.rows if r.synced and r.finish is None and r.error is None}
         new_rows = [new_row(eng, rid, t, sp, self.on_row, SeqRow, slot=eng.take_slot(t, held), pos=len(t))
                     for rid, t, sp in zip(ids, toks, params)]
         for row in new_rows:
@@ -401,7 +413,7 @@ class LlamaCppBatch(BatchBase):
         outside = [r for r in rows if not start <= r.slot < start + k and r.synced
                    and r.params.max_new_tokens - len(r.out) >= eng.max_context // MOVE_CELLS_PER_TOKEN]
         for row, slot in zip(outside, targets):
-            eng.move(row.slot, slot, (row.prompt + row.out)[: row.pos])
+            eng.move(row.slot, slot)
             row.slot = slot
 
     def rebuild(self) -> list[Delta]:
@@ -425,7 +437,7 @@ class LlamaCppBatch(BatchBase):
     def _release(self, row: SeqRow) -> None:
         """A row's sequence back to the engine, its cache kept when it is known to be whole."""
         whole = row.synced and row.error is None
-        self.engine.release_slot(row.slot, (row.prompt + row.out)[: row.pos] if whole else None)
+        self.engine.release_slot(row.slot, row.held() if whole else None)
 
     def _emit(self, rows: list[SeqRow], logits: list[Any]) -> list[Delta]:
         """Sample for `rows`: the running ones without an error of their own each have a logits
