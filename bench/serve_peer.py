@@ -153,22 +153,16 @@ def run(args) -> list[dict]:
     rows = []
     with tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False) as log:
         # the log stays behind when a run fails
-        if args.fresh:
+        with contextlib.ExitStack() as stack:
+            started = None if args.fresh else stack.enter_context(servers(args, log))
             for c in args.clients:
                 runs: dict[str, list[dict]] = {}
                 for _ in range(args.repeats):
-                    with servers(args, log) as urls:
+                    with servers(args, log) if args.fresh else contextlib.nullcontext(started) as urls:
                         for name, url in urls.items():
-                            runs.setdefault(name, []).append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0, mixed=args.mixed))
+                            runs.setdefault(name, []).append(
+                                load_test(url, c, args.requests, args.max_tokens, temperature=0.0, mixed=args.mixed))
                 rows.append(summarise(c, runs, args))
-        else:
-            with servers(args, log) as urls:
-                for c in args.clients:
-                    runs = {name: [] for name in urls}
-                    for _ in range(args.repeats):
-                        for name, url in urls.items():
-                            runs[name].append(load_test(url, c, args.requests, args.max_tokens, temperature=0.0, mixed=args.mixed))
-                    rows.append(summarise(c, runs, args))
     os.unlink(log.name)
     return rows
 
