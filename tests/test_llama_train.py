@@ -130,6 +130,36 @@ def test_linear_on_few_bfloat16_rows_is_the_product_rounded_once(rows):
     assert torch.equal(heads.reshape(rows, 1, 160), got)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 16, 17])
+def test_linear_on_few_float32_rows_is_f_linear_s_product(rows):
+    """From 2 to FEW_ROWS rows of a float32 weight `linear` returns weight @ xᵀ as a column-major
+    view; its values are F.linear's to float32 rounding and the views a decoder takes of it work.
+    One row and more than FEW_ROWS are F.linear's own (row-major) result."""
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(rows, 1, 96), torch.randn(160, 96), torch.randn(160)
+    got, want = llama_train.linear(x, w), torch.nn.functional.linear(x, w)
+    assert got.shape == want.shape and got.is_contiguous() == (rows == 1 or rows > llama_train.FEW_ROWS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(llama_train.linear(x, w, bias), want + bias, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.view(rows, 1, 10, 16).reshape(rows, 1, 160), got)
+
+
+@pytest.mark.parametrize("rows", [2, 8, 96])
+def test_a_float32_head_in_vocabulary_chunks_is_f_linear_s_product(rows):
+    """`vocab_product` (the engine's float32 head over a large vocabulary) gives F.linear's logits
+    to float32 rounding, a vocabulary that is not a multiple of the chunk included; `chunks_pay`
+    leaves one row, a vocabulary under 16 chunks and 16-bit products to F.linear."""
+    from camelid.cpu.lm_head import VOCAB_CHUNK, chunks_pay, vocab_product
+
+    torch.manual_seed(0)
+    w, x = torch.randn(16 * VOCAB_CHUNK + 100, 64), torch.randn(1, rows, 64)
+    assert chunks_pay(x, w)
+    torch.testing.assert_close(vocab_product(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert vocab_product(x, w).shape == (1, rows, w.shape[0])
+    assert not chunks_pay(x[:, :1], w) and not chunks_pay(x, w[: 16 * VOCAB_CHUNK - 1])
+    assert not chunks_pay(x.bfloat16(), w.bfloat16())
+
+
 @pytest.mark.cpu_kit
 def test_what_the_pass_does_not_handle_is_left_to_the_model(tiny_model_dir):
     model = lora_model(tiny_model_dir, "float32")

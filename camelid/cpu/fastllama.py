@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from camelid.cpu.llama_train import as_projection, linear, projection_forward, rope, signed_sin
+from camelid.cpu.lm_head import chunks_pay, vocab_product
 from camelid.cpu.training import FLOAT32_ATTENTION
 from camelid.models.lora import unwrap
 
@@ -213,4 +214,6 @@ class FastLlama:
         x = self._norm(x, self.inner.norm.weight)
         if hidden is not None:
             hidden.append(x)
+        if type(self.head) is torch.nn.Linear and self.head.bias is None and chunks_pay(x, self.head.weight):
+            return vocab_product(x, self.head.weight)  # a float32 head over a large vocabulary (lm_head.py)
         return _linear(self.head, x)
