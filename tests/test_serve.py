@@ -333,3 +333,33 @@ def test_bundled_model_answers(bundled_dir):
         streamed = client.chat.completions.create(model="smollm2-135m", messages=messages, temperature=0,
                                                   max_tokens=24, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+
+
+def test_a_small_request_is_parsed_on_the_event_loop_and_a_large_one_in_a_worker_thread():
+    """`parse_body` and the prompt work after it (`off_loop`) run on the event loop for a body of at
+    most INLINE_BYTES (a thread hop costs more than the work) and in a worker thread above it (a
+    large body must not stall the streams the loop serves); the body parses the same either way."""
+    import asyncio
+    import threading
+
+    from starlette.requests import Request
+
+    from camelid.serve import protocol as P
+    from camelid.serve.openai_api import INLINE_BYTES, off_loop, parse_body
+
+    def request_of(body: bytes) -> Request:
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+        return Request({"type": "http", "method": "POST", "headers": [], "state": {}}, receive)
+
+    async def where(prompt_chars: int) -> tuple[bool, bool, str]:
+        """(body small, prompt work on the loop's thread, the parsed prompt)."""
+        body = json.dumps({"model": "m", "prompt": "x" * prompt_chars}).encode()
+        request = request_of(body)
+        req = await parse_body(request, P.CompletionRequest)
+        on_loop = await off_loop(request, threading.get_ident) == threading.get_ident()
+        return len(body) <= INLINE_BYTES, on_loop, req.prompt
+
+    for chars in (10, INLINE_BYTES - 40, INLINE_BYTES + 10, 200_000):
+        small, on_loop, prompt = asyncio.run(where(chars))
+        assert on_loop == small and prompt == "x" * chars

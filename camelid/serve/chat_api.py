@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from camelid.errors import CamelidError
 from camelid.serve import protocol as P
 from camelid.serve import structured, tools
-from camelid.serve.openai_api import (Choice, Output, _finish, alternative_strings, check_room, parse_body, registry,
+from camelid.serve.openai_api import (Choice, Output, _finish, alternative_strings, check_room, off_loop, parse_body, registry,
                                       respond, sampling_params, submit, token_strings, wants_usage)
 from camelid.serve.prompting import chat_ids
 from camelid.serve.registry import ServedModel
@@ -66,7 +66,7 @@ async def chat_completions(request: Request):
     check_room(served, req.n or 1)
     try:
         # tokenising a long prompt takes a while: keep it off the event loop that streams others
-        ids, template_stop = await run_in_threadpool(prompt, served, req)
+        ids, template_stop = await off_loop(request, prompt, served, req)
     except (CamelidError, ValueError, TemplateError) as e:  # the template rejects the conversation
         raise P.APIError(400, str(e), param="messages") from None
     grammar = await grammar_for(served, req)
