@@ -130,8 +130,17 @@ def test_linear_on_few_bfloat16_rows_is_the_product_rounded_once(rows):
     assert torch.equal(heads.reshape(rows, 1, 160), got)
 
 
+@pytest.fixture
+def without_f32_kernel(monkeypatch):
+    """As on a machine where the float32 decode kernel (f32_decode.py, tested on its own) does not
+    apply: torch's products, which are its fallback."""
+    from camelid.cpu import f32_decode
+
+    monkeypatch.setattr(f32_decode, "kernel", lambda: None)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 16, 17])
-def test_linear_on_few_float32_rows_is_f_linear_s_product(rows):
+def test_linear_on_few_float32_rows_is_f_linear_s_product(rows, without_f32_kernel):
     """From 2 to FEW_ROWS rows of a float32 weight `linear` returns weight @ xᵀ as a column-major
     view; its values are F.linear's to float32 rounding and the views a decoder takes of it work.
     One row and more than FEW_ROWS are F.linear's own (row-major) result."""
@@ -145,7 +154,7 @@ def test_linear_on_few_float32_rows_is_f_linear_s_product(rows):
 
 
 @pytest.mark.parametrize("rows", [2, 8, 96])
-def test_a_float32_head_in_vocabulary_chunks_is_f_linear_s_product(rows):
+def test_a_float32_head_in_vocabulary_chunks_is_f_linear_s_product(rows, without_f32_kernel):
     """`vocab_product` (the engine's float32 head over a large vocabulary) gives F.linear's logits
     to float32 rounding, a vocabulary that is not a multiple of the chunk included; `chunks_pay`
     leaves one row, a vocabulary under 16 chunks and 16-bit products to F.linear."""

@@ -3,6 +3,7 @@ Everything outside this package reaches it through the functions here.
 
     fast-forward       the engine's lean Llama forward (fastllama.py; on CUDA in its fused form)
     amx-linear         decode's few-row bfloat16 products on Intel AMX (amx.py + amx_linear.c)
+    float32-decode     decode's few-row float32 products with AVX2 (f32_decode.py + f32_decode.c)
     training-pass      a Llama decoder with LoRA, one autograd node per layer (llama_train.py)
     lora-dropout       LoRA dropout with a cheaper mask (training.py)
     float32-attention  attention in float32 inside a 16-bit model (training.py)
@@ -27,8 +28,8 @@ __all__ = ["AMX_SWITCH", "PATHS", "SWITCH", "active_fast_paths", "decoder_hidden
            "fast_forward", "head_logits", "int8_load_dtype", "native_bf16", "prepare_for_scoring", "prepare_for_training",
            "quantize_int8", "release_checkpoint"]
 
-PATHS = ("fast-forward", "amx-linear", "training-pass", "lora-dropout", "float32-attention", "float32-lm-head",
-         "int8-matmul")
+PATHS = ("fast-forward", "amx-linear", "float32-decode", "training-pass", "lora-dropout", "float32-attention",
+         "float32-lm-head", "int8-matmul")
 PEFT_PATHS = ("fast-forward", "training-pass")
 """The paths that read peft's LoRA layers directly (`internals.PEFT_LORA_ATTRIBUTES`)."""
 
@@ -37,9 +38,10 @@ def active_fast_paths() -> list[str]:
     """The kit's paths that are on in this process (of PATHS, in that order)."""
     if not enabled():
         return []
-    from camelid.cpu import amx
+    from camelid.cpu import amx, f32_decode
 
-    return [p for p in PATHS if not internals.broken(p) and (p != "amx-linear" or amx.expected())]
+    kernels = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected}
+    return [p for p in PATHS if not internals.broken(p) and (p not in kernels or kernels[p]())]
 
 
 def describe() -> str:

@@ -11,10 +11,8 @@ layouts, so a long greedy text can part from torch's at a near-tie.
 
 Used only where it is sure to work: Linux on x86-64, a CPU with AMX bfloat16 tiles (torch's own
 probe), a C compiler (`$CC`, else cc) that takes -mamx-tile, and neither CAMELID_AMX nor
-CAMELID_CPU_FAST "0" (`switches.native_bf16`). It is
-built once into $CAMELID_HOME/kernels/ and tried in a child process against torch's product
-before any process loads it (a virtual machine that advertises AMX and then faults kills the
-child, not the caller); the verdict is kept beside the library. Anywhere else `kernel()` is
+CAMELID_CPU_FAST "0" (`switches.native_bf16`). It is built once and tried in a child process
+against torch's product before any process loads it (`native.py`). Anywhere else `kernel()` is
 None and `llama_train.linear` keeps torch's product.
 """
 
@@ -22,17 +20,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from camelid.cpu import native
 
 SOURCE = Path(__file__).with_name("amx_linear.c")
 FLAGS = ("-O2", "-mavx512f", "-mavx512bf16", "-mavx512vl", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared", "-fPIC")
@@ -70,7 +65,7 @@ def kernel() -> Callable | None:
     if not _platform_fits():
         return None
     try:
-        path = _checked_library()
+        path = native.checked_library(SOURCE, FLAGS, "camelid.cpu.amx:self_test")
         return None if path is None else _load(path)
     except OSError:  # an unwritable cache folder, a library that does not load: torch's product then
         return None
@@ -89,8 +84,7 @@ def expected() -> bool:
         return False
     if kernel.cache_info().currsize:
         return kernel() is not None
-    cc = _platform_fits() and _compiler()
-    return bool(cc) and not _verdict_paths(cc)[2].is_file()
+    return native.expected(SOURCE, FLAGS)
 
 
 def _load(path: Path) -> Callable | None:
@@ -102,68 +96,6 @@ def _load(path: Path) -> Callable | None:
     fn.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64]
     fn.restype = ctypes.c_int
     return fn
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
-def _checked_library() -> Path | None:
-    """The built and child-tested library, building and testing it on first use; None if that failed."""
-    cc = _compiler()
-    if cc is None:
-        return None
-    lib, ok, failed = _verdict_paths(cc)
-    folder = lib.parent
-    if ok.is_file() and lib.is_file():
-        return lib
-    if failed.is_file():
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    verdict = _build(cc, lib) or _child_check(lib)
-    target = failed if verdict else ok
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False) as f:
-        f.write(verdict or "ok\n")
-    os.replace(f.name, target)
-    return None if verdict else lib
-
-
-def _verdict_paths(cc: str) -> tuple[Path, Path, Path]:
-    """(library, ok verdict, failed verdict) for this source, compiler and flags."""
-    from camelid.utils import camelid_home
-
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    folder = camelid_home() / "kernels"
-    return tuple(folder / f"amx_linear-{tag}{suffix}" for suffix in (".so", ".ok", ".failed"))
-
-
-def _build(cc: str, lib: Path) -> str | None:
-    """Compile into `lib` (atomically); an error message, or None on success."""
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if r.returncode:
-            return f"{cc} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}\n"
-        os.replace(tmp, lib)
-        return None
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{cc} could not run: {e}\n"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _child_check(lib: Path) -> str | None:
-    """Run `self_test` in a child process; an error message, or None when it passed."""
-    code = f"from camelid.cpu.amx import self_test; self_test({str(lib)!r})"
-    try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "the self-test timed out\n"
-    if r.returncode == 0 and r.stdout.strip().endswith("ok"):
-        return None
-    return f"the self-test failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or ['?'])[-1]}\n"
 
 
 def self_test(path: str) -> None:

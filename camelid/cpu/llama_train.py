@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from camelid.cpu import amx
+from camelid.cpu import amx, f32_decode
 from camelid.cpu.training import FLOAT32_ATTENTION, FastLoraDropout, draw_seed, keep_mask, keep_masks
 from camelid.models.lora import unwrap
 
@@ -230,7 +230,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias); for a few rows (decode: one new token per sequence) of a bfloat16
     or float32 CPU weight, the same dot products (float32 accumulation, one rounding) in a form that
     streams the weight faster: on a CPU with AMX, `amx.amx_linear` (bfloat16, up to amx.MAX_ROWS
-    rows; the weight read once through tiles, no re-packing); elsewhere, up to FEW_ROWS rows,
+    rows; the weight read once through tiles, no re-packing); on one with AVX2,
+    `f32_decode.f32_linear` (float32, up to 16 rows, no gradient); elsewhere, up to FEW_ROWS rows,
     (weight @ xᵀ)ᵀ returned as that column-major view, where the BLAS streams the weight as the
     product's large left factor instead of re-packing it as the right one and the consumers
     (elementwise ops, views, the next such product) take the transposed layout without a copy: a
@@ -241,6 +242,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if bias is None and amx.usable(x, weight, rows):
         return amx.amx_linear(x, weight)
+    if bias is None and f32_decode.usable(x, weight, rows):
+        return f32_decode.f32_linear(x, weight)
     few = 0 < rows <= FEW_ROWS if x.dtype == torch.bfloat16 else 1 < rows <= FEW_ROWS and x.dtype == torch.float32
     if few and x.dtype == weight.dtype and x.device.type == "cpu":
         xt = x.reshape(rows, -1).t()

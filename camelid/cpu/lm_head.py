@@ -11,8 +11,9 @@ it slowly when the vocabulary is large: on a 2-core AMD EPYC (AVX2), the bundled
 products. `vocab_product`, the engine's head at decode (`fastllama`), runs the same product as
 `VOCAB_CHUNK`-row slices of the weight, each written into its columns of one output: 1.5x faster
 at 8 rows (a PPO rollout's decode step: 4% of the rollout), the same dot products to float32
-rounding (tests compare it with F.linear). Training's heads keep the plain product: there, with
-the backward and the log-softmax, the chunks saved ~1% of a PPO step.
+rounding (tests compare it with F.linear); where the float32 decode kernel applies (AVX2,
+`f32_decode`), that streams the head faster still and the slices stay unused. Training's heads keep
+the plain product: there, with the backward and the log-softmax, the chunks saved ~1% of a PPO step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from camelid.cpu import f32_decode
 from camelid.models.lora import unwrap
 
 EXACT_TOP = 32
@@ -41,9 +43,10 @@ def head_logits(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None
 
 def chunks_pay(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `vocab_product` beats F.linear: a float32 CPU product of at least two rows with a
-    weight of at least 16 chunks' rows (at one row both are a matrix-vector product)."""
+    weight of at least 16 chunks' rows (at one row both are a matrix-vector product), where the
+    float32 decode kernel (`f32_decode`, which `llama_train.linear` prefers) does not take it."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape[0] >= 16 * VOCAB_CHUNK
-            and x.numel() >= 2 * x.shape[-1])
+            and x.numel() >= 2 * x.shape[-1] and not f32_decode.usable(x, weight, x.numel() // x.shape[-1]))
 
 
 def vocab_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
