@@ -96,6 +96,7 @@ def rollout(rounds: int, threads: int) -> None:
         cfg = ppo_bench.ppo_config(root, 2, threads, "float32")
         ppo_state.set_threads(threads)
         policy, tok, _ = build_policy(cfg)
+        policy.eval()  # as `ppo_step` runs its rollout
         prompts = P.PromptSet(P.read_questions(cfg), tok, cfg)
         engine = Engine(policy.lm, tok)
         tokens = {}
