@@ -6,8 +6,9 @@ reading the weights from memory. MKL's product (what torch.mm runs on a CPU in f
 at a third to a half of the machine's memory rate at 1-16 rows, as x @ Wᵀ, as W @ xᵀ and in
 vocabulary slices alike; the kernel streams each weight once, three rows at a time with a software
 prefetch ahead (see the source). Over the bundled model's weights, one decode step's products on a
-2-core AMD EPYC (Zen 3): 1.5-2.1x faster than the fallback at 1, 4, 8 and 16 rows
-(`bench/f32_decode.py`); a PPO rollout's 48 float32 decode steps at batch 8 1.3x faster end to end.
+2-core AMD EPYC (Zen 3): 1.2-1.8x faster than the fallback at 1, 4, 8 and 16 rows
+(`bench/f32_decode.py`); a PPO rollout's 48 float32 decode steps at batch 8 1.5x faster end to end,
+batch-1 float32 decode 1.4x.
 Its sums are float32 sums of the same products in another order than MKL's (8 lanes in k order,
 added at the end): equal to torch's product within float32 rounding, not to the bit, so a long
 greedy text can part from torch's at a near-tie.
