@@ -38,8 +38,9 @@ SOURCE = Path(__file__).with_name("f32_decode.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 16
 MIN_SIDE = 64
-"""Weights with fewer rows or columns (an adapter's rank-r factors) keep torch's product: there
-the call's fixed cost outweighs the read."""
+"""Weights with fewer rows or columns keep torch's product: the kernel was measured on a model's
+projections and LM head, not on an adapter's rank-r factors (which `projection_forward` multiplies
+with F.linear anyway)."""
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
