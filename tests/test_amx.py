@@ -5,12 +5,9 @@ switched off everything falls back to torch's product."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from kernel_helpers import check_falls_back, sampled_decode
 
 from camelid.cpu import amx, llama_train
 
@@ -71,18 +68,7 @@ def test_linear_routes_only_what_the_kernel_takes():
 def test_decode_through_the_kernel_draws_the_same_tokens(bundled_dir):
     """The bundled model in bfloat16, 4 sampled sequences of 12 tokens with their hidden states:
     with the kernel and with torch's product, the same tokens and the same hidden states."""
-    from camelid.engine import Engine, SamplingParams
-    from camelid.models.load import load_for_inference
-
-    model, tok, _ = load_for_inference(str(bundled_dir), device="cpu", dtype="bfloat16")
-    engine = Engine(model, tok)
-    prompts = [tok(p)["input_ids"] for p in ("The capital of France is", "def add(a, b):", "Hello", "1, 2, 3,")]
-
-    def run():
-        params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=i, ignore_eos=True, return_hidden=True)
-                  for i in range(len(prompts))]
-        return engine.generate([list(p) for p in prompts], params)
-
+    _, run = sampled_decode(bundled_dir, "bfloat16")
     with_kernel = run()
     real = amx.usable
     amx.usable = lambda *a: False
@@ -95,19 +81,7 @@ def test_decode_through_the_kernel_draws_the_same_tokens(bundled_dir):
         assert torch.equal(a.hidden, b.hidden)
 
 
-def _kernel_in_child(env: dict[str, str]) -> str:
-    code = "from camelid.cpu import amx; print(amx.kernel() is not None)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
 def test_switched_off_or_unbuildable_falls_back(tmp_path):
     """CAMELID_AMX=0 turns the kernel off; a compiler that fails leaves a `.failed` verdict (so no
     process tries again) and torch's product in use."""
-    assert _kernel_in_child({"CAMELID_AMX": "0", "CAMELID_HOME": str(tmp_path / "off")}) == "False"
-    home = tmp_path / "broken"
-    assert _kernel_in_child({"CC": "false", "CAMELID_HOME": str(home)}) == "False"
-    if amx.kernel() is not None:  # on a machine that would otherwise build it: the failure is recorded
-        assert [p.suffix for p in (home / "kernels").iterdir()] == [".failed"]
-        assert "failed" in next((home / "kernels").iterdir()).read_text()
+    check_falls_back(amx, {"CAMELID_AMX": "0"}, tmp_path)

@@ -6,13 +6,10 @@ built or is switched off everything falls back to torch's product."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import check_falls_back, sampled_decode
 
 from camelid.cpu import f32_decode, llama_train
 
@@ -79,18 +76,7 @@ def test_decode_through_the_kernel_matches_torchs_product(bundled_dir):
     """The bundled model in float32, 4 sampled sequences of 12 tokens with their hidden states
     (the LM head over its 49,152-token vocabulary included): with the kernel and with torch's
     product, the same tokens and the same hidden states to float32 rounding."""
-    from camelid.engine import Engine, SamplingParams
-    from camelid.models.load import load_for_inference
-
-    model, tok, _ = load_for_inference(str(bundled_dir), device="cpu", dtype="float32")
-    engine = Engine(model, tok)
-    prompts = [tok(p)["input_ids"] for p in ("The capital of France is", "def add(a, b):", "Hello", "1, 2, 3,")]
-
-    def run():
-        params = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=i, ignore_eos=True, return_hidden=True)
-                  for i in range(len(prompts))]
-        return engine.generate([list(p) for p in prompts], params)
-
+    model, run = sampled_decode(bundled_dir, "float32")
     calls = []
     real = f32_decode.f32_linear
 
@@ -115,22 +101,10 @@ def test_decode_through_the_kernel_matches_torchs_product(bundled_dir):
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-4, atol=1e-4)
 
 
-def _kernel_in_child(env: dict[str, str]) -> str:
-    code = "from camelid.cpu import f32_decode; print(f32_decode.kernel() is not None)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
-
 def test_switched_off_or_unbuildable_falls_back(tmp_path):
     """CAMELID_CPU_FAST=0 turns the kernel off; a compiler that fails leaves a `.failed` verdict (so
     no process tries again) and torch's product in use."""
-    assert _kernel_in_child({"CAMELID_CPU_FAST": "0", "CAMELID_HOME": str(tmp_path / "off")}) == "False"
-    home = tmp_path / "broken"
-    assert _kernel_in_child({"CC": "false", "CAMELID_HOME": str(home)}) == "False"
-    if f32_decode.kernel() is not None:  # on a machine that would otherwise build it: the failure is recorded
-        assert [p.suffix for p in (home / "kernels").iterdir()] == [".failed"]
-        assert "failed" in next((home / "kernels").iterdir()).read_text()
+    check_falls_back(f32_decode, {"CAMELID_CPU_FAST": "0"}, tmp_path)
 
 
 @needs_kernel

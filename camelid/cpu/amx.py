@@ -48,27 +48,18 @@ def usable(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight (N, K)ᵀ in bfloat16 with float32 sums (see `usable`); (..., N), row-major."""
-    k, n = weight.shape[1], weight.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    y = torch.empty((rows, n), dtype=torch.bfloat16)
-    if kernel()(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), n, rows, n, k):
-        raise RuntimeError(f"amx_linear refused rows={rows} N={n} K={k}")  # `usable` rules these out
-    return y.view(*x.shape[:-1], n)
+    return native.linear(kernel(), x, weight)
 
 
 @functools.cache
 def kernel() -> Callable | None:
     """The loaded C function, or None where it does not apply (see the module's docstring)."""
-    if not _platform_fits():
-        return None
-    try:
-        path = native.checked_library(SOURCE, FLAGS, "camelid.cpu.amx:self_test")
-        return None if path is None else _load(path)
-    except OSError:  # an unwritable cache folder, a library that does not load: torch's product then
-        return None
+    return native.load(SOURCE, FLAGS, "camelid.cpu.amx:self_test", _load) if _platform_fits() else None
+
+
+def expected() -> bool:
+    """Whether `kernel()` gives the kernel, or would on first use, without building it."""
+    return native.expected_kernel(kernel, _platform_fits, SOURCE, FLAGS)
 
 
 def _platform_fits() -> bool:
@@ -77,25 +68,11 @@ def _platform_fits() -> bool:
     return sys.platform == "linux" and platform.machine() == "x86_64" and native_bf16()
 
 
-def expected() -> bool:
-    """Whether `kernel()` gives the kernel, or would on first use, without building it: the
-    platform fits, a compiler is there and no earlier build or self-test failed."""
-    if not _platform_fits():  # the switches are read here, not only when the kernel first loaded
-        return False
-    if kernel.cache_info().currsize:
-        return kernel() is not None
-    return native.expected(SOURCE, FLAGS)
-
-
 def _load(path: Path) -> Callable | None:
     lib = ctypes.CDLL(str(path))
     if lib.camelid_amx_init() != 0:
         return None
-    fn = lib.camelid_amx_linear
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64]
-    fn.restype = ctypes.c_int
-    return fn
+    return native.linear_signature(lib.camelid_amx_linear)
 
 
 def self_test(path: str) -> None:

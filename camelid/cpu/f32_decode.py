@@ -53,50 +53,27 @@ def usable(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight (N, K)ᵀ in float32 (see `usable`); (..., N), row-major."""
-    k, n = weight.shape[1], weight.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    y = torch.empty((rows, n), dtype=torch.float32)
-    if kernel()(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), n, rows, n, k):
-        raise RuntimeError(f"f32_linear refused rows={rows} N={n} K={k}")  # `usable` rules these out
-    return y.view(*x.shape[:-1], n)
+    return native.linear(kernel(), x, weight)
 
 
 @functools.cache
 def kernel() -> Callable | None:
     """The loaded C function, or None where it does not apply (see the module's docstring)."""
-    if not _platform_fits():
-        return None
-    try:
-        path = native.checked_library(SOURCE, FLAGS, "camelid.cpu.f32_decode:self_test")
-        return None if path is None else _load(path)
-    except OSError:  # an unwritable cache folder, a library that does not load: torch's product then
-        return None
-
-
-def _platform_fits() -> bool:
-    return (enabled() and sys.platform == "linux"
-            and platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    return native.load(SOURCE, FLAGS, "camelid.cpu.f32_decode:self_test", _load) if _platform_fits() else None
 
 
 def expected() -> bool:
-    """Whether `kernel()` gives the kernel, or would on first use, without building it: the
-    platform fits, a compiler is there and no earlier build or self-test failed."""
-    if not _platform_fits():  # the switch is read here, not only when the kernel first loaded
-        return False
-    if kernel.cache_info().currsize:
-        return kernel() is not None
-    return native.expected(SOURCE, FLAGS)
+    """Whether `kernel()` gives the kernel, or would on first use, without building it."""
+    return native.expected_kernel(kernel, _platform_fits, SOURCE, FLAGS)
+
+
+def _platform_fits() -> bool:
+    return (enabled() and sys.platform == "linux" and platform.machine() == "x86_64"
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
 def _load(path: Path) -> Callable:
-    fn = ctypes.CDLL(str(path)).camelid_f32_linear
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64]
-    fn.restype = ctypes.c_int
-    return fn
+    return native.linear_signature(ctypes.CDLL(str(path)).camelid_f32_linear)
 
 
 def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ compiler builds afresh and a failure is not retried.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -16,6 +17,52 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def linear(fn: Callable, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)ᵀ through a kernel `fn(x, ldx, w, y, ldy, rows, N, K)` that writes
+    the rows of y; (..., N) in x's dtype, row-major."""
+    k, n = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty((rows, n), dtype=x.dtype)
+    if fn(x2.data_ptr(), x2.stride(0), weight.data_ptr(), y.data_ptr(), n, rows, n, k):
+        raise RuntimeError(f"the kernel refused rows={rows} N={n} K={k}")  # the callers' `usable` rules these out
+    return y.view(*x.shape[:-1], n)
+
+
+def linear_signature(fn: Callable) -> Callable:
+    """`fn` (a ctypes function of the signature `linear` calls) with its argument types set."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_int, i64, i64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def load(source: Path, flags: tuple[str, ...], self_test: str, loader: Callable[[Path], Callable | None]) -> Callable | None:
+    """`loader(library)` of the checked library (`checked_library`), or None where there is none
+    or it does not load (an unwritable cache folder, say): torch's product then."""
+    try:
+        path = checked_library(source, flags, self_test)
+        return None if path is None else loader(path)
+    except OSError:
+        return None
+
+
+def expected_kernel(kernel: Callable, fits: Callable[[], bool], source: Path, flags: tuple[str, ...]) -> bool:
+    """Whether `kernel()` (a cached loader) gives the kernel, or would on first use, without building
+    it: `fits()` (read now, not only when the kernel first loaded), a compiler is there and no
+    earlier build or self-test failed."""
+    if not fits():
+        return False
+    if kernel.cache_info().currsize:
+        return kernel() is not None
+    return expected(source, flags)
 
 
 def compiler() -> str | None:
