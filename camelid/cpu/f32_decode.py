@@ -8,16 +8,15 @@ vocabulary slices alike; the kernel streams each weight once, three rows at a ti
 prefetch ahead (see the source). Over the bundled model's weights, one decode step's products on a
 2-core AMD EPYC (Zen 3): 1.2-1.8x faster than the fallback at 1, 4, 8 and 16 rows
 (`bench/f32_decode.py`); a PPO rollout's 48 float32 decode steps at batch 8 1.5x faster end to end,
-batch-1 float32 decode 1.4x.
-Its sums are float32 sums of the same products in another order than MKL's (8 lanes in k order,
-added at the end): equal to torch's product within float32 rounding, not to the bit, so a long
-greedy text can part from torch's at a near-tie.
+batch-1 float32 decode 1.4x. Its sums are float32 sums of the same products in another order
+than MKL's (8 lanes in k order, added at the end): equal to torch's product within float32
+rounding, not to the bit, so a long greedy text can part from torch's at a near-tie.
 
 Used only where it is sure to work: Linux on x86-64, a CPU with AVX2 and FMA (torch's own
 capability probe), a C compiler (`$CC`, else cc) that takes -mavx2 -mfma, and CAMELID_CPU_FAST not
-"0" (read at each call). It is built once and tried in a child process against torch's product before any process
-loads it (`native.py`). Anywhere else `kernel()` is None and `llama_train.linear` keeps torch's
-product.
+"0" (read at each call). It is built once and its self-test (every row count and a few shapes
+against the exact sums) runs in a child process before any process loads it (`native.py`).
+Anywhere else `kernel()` is None and `llama_train.linear` keeps torch's product.
 """
 
 from __future__ import annotations

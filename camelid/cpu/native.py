@@ -1,10 +1,10 @@
 """Building the kit's C kernels (amx_linear.c, f32_decode.c) on first use with the system C compiler.
 
-A kernel is compiled once into $CAMELID_HOME/kernels/ and tried in a child process against
-torch's product before any process loads it (a CPU or virtual machine that advertises an
-instruction set and then faults kills the child, not the caller); the verdict is kept beside the
-library, named by a hash of the source, compiler and flags, so an edited source or another
-compiler builds afresh and a failure is not retried.
+A kernel is compiled once into $CAMELID_HOME/kernels/ and its self-test (the kernel's sums
+against the exact ones) runs in a child process before any process loads it (a CPU or virtual
+machine that advertises an instruction set and then faults kills the child, not the caller); the
+verdict is kept beside the library, named by a hash of the source, compiler and flags, so an
+edited source or another compiler builds afresh and a failure is not retried.
 """
 
 from __future__ import annotations
