@@ -3,6 +3,7 @@ model's sampled decode, run with and without a kernel, and the kernel's loader i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,3 +46,21 @@ def check_falls_back(module, off: dict[str, str], tmp_path: Path) -> None:
     if module.kernel() is not None:  # on a machine that would otherwise build it: the failure is recorded
         assert [p.suffix for p in (home / "kernels").iterdir()] == [".failed"]
         assert "failed" in next((home / "kernels").iterdir()).read_text()
+
+
+@contextlib.contextmanager
+def recording(module, name: str):
+    """Within the block, `module.<name>` still runs and each call's arguments are appended to the
+    list yielded."""
+    calls: list[tuple] = []
+    real = getattr(module, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    setattr(module, name, spy)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, real)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import check_falls_back, sampled_decode
+from kernel_helpers import check_falls_back, recording, sampled_decode
 
 from camelid.cpu import amx, llama_train
 
@@ -44,15 +44,7 @@ def test_linear_routes_only_what_the_kernel_takes():
     torch.manual_seed(0)
     w, bias = torch.randn(64, 96).bfloat16(), torch.randn(64).bfloat16()
     x = torch.randn(3, 1, 96).bfloat16()
-    calls = []
-    real = amx.amx_linear
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-
-    amx.amx_linear = spy
-    try:
+    with recording(amx, "amx_linear") as calls:
         assert torch.equal(llama_train.linear(x, w), torch.nn.functional.linear(x, w)) and len(calls) == 1
         llama_train.linear(x, w, bias)
         llama_train.linear(torch.randn(amx.MAX_ROWS + 1, 96).bfloat16(), w)
@@ -60,8 +52,6 @@ def test_linear_routes_only_what_the_kernel_takes():
         llama_train.linear(x.float(), w.float())
         llama_train.linear(x.clone().requires_grad_(), w)
         assert len(calls) == 1
-    finally:
-        amx.amx_linear = real
 
 
 @needs_amx
@@ -70,12 +60,9 @@ def test_decode_through_the_kernel_draws_the_same_tokens(bundled_dir):
     with the kernel and with torch's product, the same tokens and the same hidden states."""
     _, run = sampled_decode(bundled_dir, "bfloat16")
     with_kernel = run()
-    real = amx.usable
-    amx.usable = lambda *a: False
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(amx, "usable", lambda *a: False)
         without = run()
-    finally:
-        amx.usable = real
     for a, b in zip(with_kernel, without):
         assert a.token_ids == b.token_ids
         assert torch.equal(a.hidden, b.hidden)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import check_falls_back, sampled_decode
+from kernel_helpers import check_falls_back, recording, sampled_decode
 
 from camelid.cpu import f32_decode, llama_train
 
@@ -50,15 +50,7 @@ def test_linear_routes_only_what_the_kernel_takes():
     torch.manual_seed(0)
     w, bias = torch.randn(96, 80), torch.randn(96)
     x = torch.randn(3, 1, 80)
-    calls = []
-    real = f32_decode.f32_linear
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-
-    f32_decode.f32_linear = spy
-    try:
+    with recording(f32_decode, "f32_linear") as calls:
         got = llama_train.linear(x, w)
         assert got.shape == (3, 1, 96) and torch.allclose(got, F.linear(x, w), atol=1e-5) and len(calls) == 1
         llama_train.linear(x, w, bias)
@@ -67,8 +59,6 @@ def test_linear_routes_only_what_the_kernel_takes():
         llama_train.linear(x.bfloat16(), w.bfloat16())
         y = llama_train.linear(x.clone().requires_grad_(), w)
         assert y.requires_grad and len(calls) == 1
-    finally:
-        f32_decode.f32_linear = real
 
 
 @needs_kernel
@@ -77,25 +67,12 @@ def test_decode_through_the_kernel_matches_torchs_product(bundled_dir):
     (the LM head over its 49,152-token vocabulary included): with the kernel and with torch's
     product, the same tokens and the same hidden states to float32 rounding."""
     model, run = sampled_decode(bundled_dir, "float32")
-    calls = []
-    real = f32_decode.f32_linear
-
-    def spy(*a):
-        calls.append(a[1].shape[0])
-        return real(*a)
-
-    f32_decode.f32_linear = spy
-    try:
+    with recording(f32_decode, "f32_linear") as calls:
         with_kernel = run()
-    finally:
-        f32_decode.f32_linear = real
-    assert model.config.vocab_size in calls  # the head too
-    real_usable = f32_decode.usable
-    f32_decode.usable = lambda *a: False
-    try:
+    assert model.config.vocab_size in [weight.shape[0] for _, weight in calls]  # the head too
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(f32_decode, "usable", lambda *a: False)
         without = run()
-    finally:
-        f32_decode.usable = real_usable
     for a, b in zip(with_kernel, without):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-4, atol=1e-4)
