@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from camelid import cpu
 from camelid.cpu import training
@@ -121,10 +122,51 @@ def test_ppo_head_is_float32_where_it_counts_and_16bit_backward(tiny_model_dir):
     assert hidden.grad.dtype == torch.bfloat16
     exact_grad = grad @ head.weight.float()
     assert (hidden.grad.float() - exact_grad).abs().max() <= 0.02 * exact_grad.abs().max()
-    # A float32 model: the head as is.
+    # A float32 model: the head's own logits (to float32 rounding: oneDNN's product runs it, below).
     model32 = lora_model(tiny_model_dir, "float32")
     h32 = torch.randn(2, 5, head.in_features)
-    assert torch.equal(head_logits(model32, h32, labels), unwrap(model32).get_output_embeddings()(h32))
+    torch.testing.assert_close(head_logits(model32, h32, labels), unwrap(model32).get_output_embeddings()(h32),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _float32_llama(vocab: int) -> nn.Module:
+    """A random one-layer float32 Llama with a frozen head over `vocab` tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float().requires_grad_(False)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+def test_float32_head_over_a_large_vocabulary_runs_on_onednn_with_the_same_logits_and_gradient(monkeypatch):
+    from camelid.cpu import internals, lm_head
+    from kernel_helpers import recording
+
+    monkeypatch.delenv(cpu.SWITCH, raising=False)
+    model = _float32_llama(16 * lm_head.VOCAB_CHUNK)
+    weight = model.get_output_embeddings().weight
+    for shape in ((2, 48, 64), (1, 5, 64), (64, 64)):
+        hidden = torch.randn(*shape, requires_grad=True)
+        with recording(lm_head, "onednn_linear") as calls:
+            logits = cpu.head_logits(model, hidden)
+        assert len(calls) == 1 and logits.dtype == torch.float32 and logits.shape == (*shape[:-1], weight.shape[0])
+        torch.testing.assert_close(logits, F.linear(hidden.detach(), weight), rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(logits)
+        logits.backward(grad)
+        torch.testing.assert_close(hidden.grad, grad @ weight, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # PPO's experience: no graph
+        assert not cpu.head_logits(model, torch.randn(3, 64)).requires_grad
+    # Where oneDNN's op is missing, a small vocabulary, or the kit off: the head as is, bit for bit.
+    small = _float32_llama(256)
+    h = torch.randn(2, 3, 64)
+    for m, env, broken in ((model, "1", {"onednn-head": "missing"}), (small, "1", {}), (model, "0", {})):
+        monkeypatch.setenv(cpu.SWITCH, env)
+        monkeypatch.setattr(internals, "_broken", broken)
+        with recording(lm_head, "onednn_linear") as calls:
+            logits = cpu.head_logits(m, h)
+        assert calls == [] and torch.equal(logits, m.get_output_embeddings()(h))
 
 
 def test_right_padded_rows_need_no_padding_mask(tiny_model_dir):

@@ -29,6 +29,8 @@ SCHEMAS = {
     "_weight_int8pack_mm": "aten::_weight_int8pack_mm(Tensor self, Tensor mat2, Tensor scales) -> Tensor",
 }
 """The aten operators the kit calls, with the signatures its calls are written for."""
+LINEAR_POINTWISE = ("mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, "
+                    "str? algorithm) -> Tensor Y")
 
 
 @pytest.fixture
@@ -52,6 +54,17 @@ def test_every_private_name_the_kit_calls_exists_and_is_callable(path):
 @pytest.mark.parametrize("op", sorted(SCHEMAS))
 def test_private_aten_ops_keep_their_signatures(op):
     assert str(getattr(torch.ops.aten, op).default._schema) == SCHEMAS[op]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+def test_onednn_linear_keeps_its_signature_and_is_f_linear():
+    from camelid.cpu.lm_head import onednn_linear
+
+    assert str(torch.ops.mkldnn._linear_pointwise.default._schema) == LINEAR_POINTWISE
+    g = torch.Generator().manual_seed(4)
+    for rows, vocab, hidden in ((1, 8192, 64), (7, 8200, 72), (96, 8192, 64)):
+        x, w = torch.randn(rows, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+        torch.testing.assert_close(onednn_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_rms_norm_is_rms_norm_and_returns_the_inverse_rms():

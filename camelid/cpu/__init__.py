@@ -8,6 +8,7 @@ Everything outside this package reaches it through the functions here.
     lora-dropout       LoRA dropout with a cheaper mask (training.py)
     float32-attention  attention in float32 inside a 16-bit model (training.py)
     float32-lm-head    logits in float32 where a log-probability needs them (lm_head.py)
+    onednn-head        a float32 LM head's training product on oneDNN rather than MKL (lm_head.py)
     int8-matmul        `--load-8bit`'s int8 weights read by torch's packed int8 product (int8.py)
 
 Each path takes the libraries' own code where it does not apply, where a private name it relies
@@ -29,7 +30,7 @@ __all__ = ["AMX_SWITCH", "PATHS", "SWITCH", "active_fast_paths", "decoder_hidden
            "quantize_int8", "release_checkpoint"]
 
 PATHS = ("fast-forward", "amx-linear", "float32-decode", "training-pass", "lora-dropout", "float32-attention",
-         "float32-lm-head", "int8-matmul")
+         "float32-lm-head", "onednn-head", "int8-matmul")
 PEFT_PATHS = ("fast-forward", "training-pass")
 """The paths that read peft's LoRA layers directly (`internals.PEFT_LORA_ATTRIBUTES`)."""
 
@@ -38,9 +39,9 @@ def active_fast_paths() -> list[str]:
     """The kit's paths that are on in this process (of PATHS, in that order)."""
     if not enabled():
         return []
-    from camelid.cpu import amx, f32_decode
+    from camelid.cpu import amx, f32_decode, lm_head
 
-    kernels = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected}
+    kernels = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected, "onednn-head": lm_head.onednn_available}
     return [p for p in PATHS if not internals.broken(p) and (p not in kernels or kernels[p]())]
 
 

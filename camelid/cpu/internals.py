@@ -34,6 +34,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
         "transformers.masking_utils.sdpa_mask",
         "transformers.integrations.sdpa_attention.sdpa_attention_forward",
     ),
+    "onednn-head": ("torch.ops.mkldnn._linear_pointwise",),
     "int8-matmul": ("torch._weight_int8pack_mm",),
 }
 """Per fast path, the importable names (module path, then attributes) it calls."""

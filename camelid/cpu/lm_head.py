@@ -12,8 +12,14 @@ products. `vocab_product`, the engine's head at decode (`fastllama`), runs the s
 `VOCAB_CHUNK`-row slices of the weight, each written into its columns of one output: 1.5x faster
 at 8 rows (a PPO rollout's decode step: 4% of the rollout), the same dot products to float32
 rounding (tests compare it with F.linear); where the float32 decode kernel applies (AVX2,
-`f32_decode`), that streams the head faster still and the slices stay unused. Training's heads keep
-the plain product: there, with the backward and the log-softmax, the chunks saved ~1% of a PPO step.
+`f32_decode`), that streams the head faster still and the slices stay unused.
+
+Training's float32 heads (PPO's log-probabilities: a mini-batch's ~100 response rows, the
+experience's 64-row chunks) run on oneDNN instead (`OneDnnHead`): torch's oneDNN linear
+(`torch.ops.mkldnn._linear_pointwise`, the op torch's compiler uses for CPU linears) computes
+the same dot products 2-2.5x faster than MKL's product at 16-96 rows, for the bundled model's
+head and for LLaMA's (32,000 x 4,096) alike (2-core AMD EPYC), and the backward's
+grad @ W runs as (Wᵀ @ gradᵀ)ᵀ, 1.15-1.3x faster than as written. In a PPO step that is ~4%.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from camelid.cpu import f32_decode
+from camelid.cpu import f32_decode, internals
 from camelid.models.lora import unwrap
 
 EXACT_TOP = 32
@@ -36,9 +42,46 @@ def head_logits(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None
     the 16-bit product with the logits that matter redone exactly in float32 (`_Float32Head`):
     each row's `EXACT_TOP` largest and its label's (`labels` (B, T), optional)."""
     head = unwrap(lm).get_output_embeddings()
-    if hidden.dtype == torch.float32 or not isinstance(head, nn.Linear) or head.weight.requires_grad or head.bias is not None:
+    if not isinstance(head, nn.Linear) or head.weight.requires_grad or head.bias is not None:
         return head(hidden).float()
+    if hidden.dtype == torch.float32:
+        return OneDnnHead.apply(hidden, head.weight) if onednn_pays(hidden, head.weight) else head(hidden)
     return _Float32Head.apply(hidden, head.weight.detach(), labels)
+
+
+def onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for a float32 CPU head over a large vocabulary (at least 16 chunks' rows) where torch
+    has its oneDNN linear (`OneDnnHead`)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape[0] >= 16 * VOCAB_CHUNK
+            and onednn_available() and not internals.broken("onednn-head"))
+
+
+def onednn_available() -> bool:
+    """True where this torch build has oneDNN (x86-64 and arm64 builds do)."""
+    return torch.backends.mkldnn.is_available()
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for a 2-D x through torch's oneDNN linear."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+class OneDnnHead(torch.autograd.Function):
+    """logits = hidden @ Wᵀ for a frozen float32 W through oneDNN's linear, and the gradient to
+    `hidden` as (Wᵀ @ gradᵀ)ᵀ (see the module's docstring): the same dot products as F.linear and
+    its backward, to float32 rounding (tests compare them)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        out = onednn_linear(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight)
+        return out.view(*hidden.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0])
+        return torch.mm(weight.t(), g.t()).t().reshape(*grad.shape[:-1], weight.shape[1]), None
 
 
 def chunks_pay(x: torch.Tensor, weight: torch.Tensor) -> bool:
