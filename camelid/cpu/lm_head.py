@@ -16,10 +16,11 @@ rounding (tests compare it with F.linear); where the float32 decode kernel appli
 
 Training's float32 heads (PPO's log-probabilities: a mini-batch's ~100 response rows, the
 experience's 64-row chunks) run on oneDNN instead (`OneDnnHead`): torch's oneDNN linear
-(`torch.ops.mkldnn._linear_pointwise`, the op torch's compiler uses for CPU linears) computes
-the same dot products 2-2.5x faster than MKL's product at 16-96 rows, for the bundled model's
-head and for LLaMA's (32,000 x 4,096) alike (2-core AMD EPYC), and the backward's
-grad @ W runs as (Wᵀ @ gradᵀ)ᵀ, 1.15-1.3x faster than as written. In a PPO step that is ~4%.
+(`torch.ops.mkldnn._linear_pointwise`) computes the same dot products 2-2.5x faster than MKL's
+product at 16-96 rows, for the bundled model's head and for LLaMA's (32,000 x 4,096) alike
+(2-core AMD EPYC), and the backward's grad @ W runs as (Wᵀ @ gradᵀ)ᵀ, 1.15-1.3x faster than as
+written: with the log-softmax, 1.7x for a mini-batch's head and 2-2.8x for the experience's
+(`bench/lm_head.py`), ~4% of a PPO step.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ VOCAB_CHUNK = 512
 
 
 def head_logits(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 logits of `hidden` (B, T, H): the LM head as is in a float32 model; in a 16-bit one,
+    """Float32 logits of `hidden` (B, T, H): in a float32 model the LM head's product (on oneDNN over
+    a large vocabulary: `OneDnnHead`); in a 16-bit one,
     the 16-bit product with the logits that matter redone exactly in float32 (`_Float32Head`):
     each row's `EXACT_TOP` largest and its label's (`labels` (B, T), optional)."""
     head = unwrap(lm).get_output_embeddings()
