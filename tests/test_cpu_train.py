@@ -167,6 +167,18 @@ def test_float32_head_over_a_large_vocabulary_runs_on_onednn_with_the_same_logit
         with recording(lm_head, "onednn_linear") as calls:
             logits = cpu.head_logits(m, h)
         assert calls == [] and torch.equal(logits, m.get_output_embeddings()(h))
+    # An op that fails at run time (a build whose oneDNN lacks the kernel): torch's product, and
+    # the path off from then on.
+    monkeypatch.setenv(cpu.SWITCH, "1")
+    monkeypatch.setattr(internals, "_broken", {})
+
+    def failing(x, w):
+        raise RuntimeError("no kernel for this build\nmore detail")
+
+    monkeypatch.setattr(lm_head, "onednn_linear", failing)
+    assert torch.equal(cpu.head_logits(model, h), model.get_output_embeddings()(h))
+    assert internals.broken("onednn-head").startswith("torch.ops.mkldnn._linear_pointwise failed (no kernel")
+    assert "onednn-head" not in cpu.active_fast_paths()
 
 
 def test_right_padded_rows_need_no_padding_mask(tiny_model_dir):

@@ -76,7 +76,12 @@ class OneDnnHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        out = onednn_linear(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight)
+        h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+        try:
+            out = onednn_linear(h, weight)
+        except RuntimeError as e:  # a build whose oneDNN has no kernel for it: torch's product from now on
+            internals.warn_once("onednn-head", f"torch.ops.mkldnn._linear_pointwise failed ({str(e).splitlines()[0]})")
+            out = torch.nn.functional.linear(h, weight)
         return out.view(*hidden.shape[:-1], weight.shape[0])
 
     @staticmethod
