@@ -22,23 +22,10 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def alternate(rounds: int, run_on, run_off) -> tuple[list[float], list[float]]:
-    """Seconds of `run_on` and `run_off` over `rounds` rounds, alternating which goes first; the
-    first round is warm-up and left out."""
-    on, off = [], []
-    for r in range(rounds + 1):
-        for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            t = time.perf_counter()
-            (run_on if side == "on" else run_off)()
-            if r:
-                (on if side == "on" else off).append(time.perf_counter() - t)
-    return on, off
+from timing import alternate, cpu_name  # noqa: E402
 
 
 def kernel_switch(on: bool) -> None:
@@ -147,11 +134,7 @@ def main() -> int:
         print("the float32 decode kernel does not apply here (needs Linux x86-64 with AVX2 and FMA, a C compiler, "
               "CAMELID_CPU_FAST not 0): nothing to compare")
         return 1
-    import platform
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {args.threads} threads, {args.rounds} alternating rounds per figure (medians)")
+    print(f"CPU: {cpu_name()}, {args.threads} threads, {args.rounds} alternating rounds per figure (medians)")
     model, tok, _ = load_for_inference(str(resolve_model("smollm2-135m")), device="cpu", dtype="float32")
     products(model, args.rounds)
     rollout(args.rounds, args.threads)

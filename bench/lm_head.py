@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import alternate, cpu_name  # noqa: E402
 
 
 def main() -> int:
@@ -40,11 +41,7 @@ def main() -> int:
     if not lm_head.onednn_available():
         print("this torch build has no oneDNN: the head runs as F.linear")
         return 0
-    import platform
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"CPU: {cpu}, {args.threads} threads, {args.rounds} alternating rounds (medians)")
+    print(f"CPU: {cpu_name()}, {args.threads} threads, {args.rounds} alternating rounds (medians)")
     shapes = [(49152, 576)] + ([(32000, 4096)] if args.llama else [])
     for vocab, hidden in shapes:
         weight = torch.randn(vocab, hidden) * 0.02
@@ -65,14 +62,8 @@ def main() -> int:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
             if grad:
                 torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
-            times = {True: [], False: []}
-            for r in range(args.rounds + 1):
-                for side in (True, False) if r % 2 == 0 else (False, True):
-                    t = time.perf_counter()
-                    run(side)
-                    if r:
-                        times[side].append(time.perf_counter() - t)
-            ours, peer = statistics.median(times[True]), statistics.median(times[False])
+            on, off = alternate(args.rounds, lambda: run(True), lambda: run(False))
+            ours, peer = statistics.median(on), statistics.median(off)
             print(f"head {vocab} x {hidden}, {job}, {rows} rows: oneDNN {ours * 1e3:.1f} ms, "
                   f"torch (MKL) {peer * 1e3:.1f} ms, {peer / ours:.2f}x")
     return 0

@@ -41,8 +41,9 @@ def active_fast_paths() -> list[str]:
         return []
     from camelid.cpu import amx, f32_decode, lm_head
 
-    kernels = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected, "onednn-head": lm_head.onednn_available}
-    return [p for p in PATHS if not internals.broken(p) and (p not in kernels or kernels[p]())]
+    # Paths that also need something of this machine or build (a kernel that builds, oneDNN).
+    present = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected, "onednn-head": lm_head.onednn_available}
+    return [p for p in PATHS if not internals.broken(p) and (p not in present or present[p]())]
 
 
 def describe() -> str:

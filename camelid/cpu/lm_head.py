@@ -54,8 +54,12 @@ def head_logits(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None
 def onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for a float32 CPU head over a large vocabulary (at least 16 chunks' rows) where torch
     has its oneDNN linear (`OneDnnHead`)."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape[0] >= 16 * VOCAB_CHUNK
-            and onednn_available() and not internals.broken("onednn-head"))
+    return _large_float32_cpu_head(x, weight) and onednn_available() and not internals.broken("onednn-head")
+
+
+def _large_float32_cpu_head(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A float32 product on a CPU with a weight of at least 16 chunks' rows (a large vocabulary)."""
+    return x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape[0] >= 16 * VOCAB_CHUNK
 
 
 def onednn_available() -> bool:
@@ -95,8 +99,8 @@ def chunks_pay(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `vocab_product` beats F.linear: a float32 CPU product of at least two rows with a
     weight of at least 16 chunks' rows (at one row both are a matrix-vector product), where the
     float32 decode kernel (`f32_decode`, which `llama_train.linear` prefers) does not take it."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.shape[0] >= 16 * VOCAB_CHUNK
-            and x.numel() >= 2 * x.shape[-1] and not f32_decode.usable(x, weight, x.numel() // x.shape[-1]))
+    return (_large_float32_cpu_head(x, weight) and x.numel() >= 2 * x.shape[-1]
+            and not f32_decode.usable(x, weight, x.numel() // x.shape[-1]))
 
 
 def vocab_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
