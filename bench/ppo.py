@@ -268,7 +268,7 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
     lengths = [len(tok(qa_text(row))["input_ids"]) for row in read_bench_questions()[:8]]
-    gflops, gbps = max(r[0] for r in rates), max(r[1] for r in rates)
+    (low_gflops, gflops), (low_gbps, gbps) = ((min(r), max(r)) for r in zip(*rates))
     floor = step_gflop(lengths, 48, 4) / gflops + 48 * weight_gb(dtype) / gbps
     print(f"\nPPO step, bundled 135M model, {dtype}, batch 8 / mini-batch 2 / 4 epochs / 48 tokens / LoRA r16, "
           f"{args.threads} threads, mean of steps 2..{args.steps} over {args.rounds} alternating round(s) "
@@ -282,7 +282,8 @@ def main() -> int:
                                                       for o, p in zip(ours_runs, peer_runs)))
     print(f"\nfloor of this step on this machine: {floor:.1f} s (matmul arithmetic at {gflops:.0f} GFLOP/s "
           f"{dtype}, decode weight reads at {gbps:.1f} GB/s: the fastest of {len(rates)} samples, "
-          f"{min(r[0] for r in rates):.0f}-{gflops:.0f} GFLOP/s and {min(r[1] for r in rates):.1f}-{gbps:.1f} GB/s); the goal is {GOAL * peer['step']:.1f} s")
+          f"{low_gflops:.0f}-{gflops:.0f} GFLOP/s and {low_gbps:.1f}-{gbps:.1f} GB/s); "
+          f"the goal is {GOAL * peer['step']:.1f} s")
     ok = mean["step"] <= GOAL * peer["step"] and peak_gb <= peer["peak_gb"]
     verdict = ("met" if ok else "NOT met") if peer_runs else "not judged (the peer was not measured here, in this dtype)"
     print(f"\ngoal (<= {GOAL}x the peer's step time at <= its memory): {verdict}")

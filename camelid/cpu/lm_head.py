@@ -39,10 +39,10 @@ VOCAB_CHUNK = 512
 
 
 def head_logits(lm: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 logits of `hidden` (B, T, H): in a float32 model the LM head's product (on oneDNN over
-    a large vocabulary: `OneDnnHead`); in a 16-bit one,
-    the 16-bit product with the logits that matter redone exactly in float32 (`_Float32Head`):
-    each row's `EXACT_TOP` largest and its label's (`labels` (B, T), optional)."""
+    """Float32 logits of `hidden` (B, T, H): in a float32 model the LM head's product (on oneDNN
+    over a large vocabulary: `OneDnnHead`); in a 16-bit one, the 16-bit product with the logits
+    that matter redone exactly in float32 (`_Float32Head`): each row's `EXACT_TOP` largest and its
+    label's (`labels` (B, T), optional)."""
     head = unwrap(lm).get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.weight.requires_grad or head.bias is not None:
         return head(hidden).float()
