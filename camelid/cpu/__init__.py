@@ -10,6 +10,7 @@ Everything outside this package reaches it through the functions here.
     float32-lm-head    logits in float32 where a log-probability needs them (lm_head.py)
     onednn-head        a float32 LM head's training product on oneDNN rather than MKL (lm_head.py)
     int8-matmul        `--load-8bit`'s int8 weights read by torch's packed int8 product (int8.py)
+    heap-retention     training's freed buffers kept in the process, not page-faulted back (heap.py)
 
 Each path takes the libraries' own code where it does not apply, where a private name it relies
 on is missing (said once on stderr: internals.py), and, all at once, under CAMELID_CPU_FAST=0
@@ -30,7 +31,7 @@ __all__ = ["AMX_SWITCH", "PATHS", "SWITCH", "active_fast_paths", "decoder_hidden
            "quantize_int8", "release_checkpoint"]
 
 PATHS = ("fast-forward", "amx-linear", "float32-decode", "training-pass", "lora-dropout", "float32-attention",
-         "float32-lm-head", "onednn-head", "int8-matmul")
+         "float32-lm-head", "onednn-head", "int8-matmul", "heap-retention")
 PEFT_PATHS = ("fast-forward", "training-pass")
 """The paths that read peft's LoRA layers directly (`internals.PEFT_LORA_ATTRIBUTES`)."""
 
@@ -39,10 +40,11 @@ def active_fast_paths() -> list[str]:
     """The kit's paths that are on in this process (of PATHS, in that order)."""
     if not enabled():
         return []
-    from camelid.cpu import amx, f32_decode, lm_head
+    from camelid.cpu import amx, f32_decode, heap, lm_head
 
     # Paths that also need something of this machine or build (a kernel that builds, oneDNN).
-    present = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected, "onednn-head": lm_head.onednn_available}
+    present = {"amx-linear": amx.expected, "float32-decode": f32_decode.expected, "onednn-head": lm_head.onednn_available,
+               "heap-retention": heap.supported}
     return [p for p in PATHS if not internals.broken(p) and (p not in present or present[p]())]
 
 
@@ -76,10 +78,12 @@ def _check_peft_layout(model: Any) -> None:
 
 def prepare_for_training(model: Any) -> Any:
     """A peft model about to train (every training stage's, from `load_for_training`): on a CPU,
-    LoRA dropout's cheaper mask and, in a 16-bit model, float32 attention. Changed in place."""
-    from camelid.cpu import training
+    LoRA dropout's cheaper mask, in a 16-bit model float32 attention (the model changed in place),
+    and freed memory kept in the process from here on (`heap.retain`)."""
+    from camelid.cpu import heap, training
 
     if enabled() and training.on_cpu(model):
+        heap.retain()
         _check_peft_layout(model)
         training.fast_lora_dropout(model)
         if not internals.broken("float32-attention"):
