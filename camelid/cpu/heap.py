@@ -6,7 +6,8 @@ back to the kernel past its dynamic thresholds (trimming the top of the heap, un
 blocks), and the next mini-batch gets it again one zero-filled 4 KiB page fault at a time. On the
 bundled model's PPO step (bench/ppo.py's shape, 2-core AMD EPYC), the optimisation phase took
 230-430 thousand page faults and 1.0-1.8 s of kernel time; with the thresholds below, ~20 faults
-and 0.1-0.3 s, at a peak RSS of 1.53 against 1.51 GB.
+and under 0.3 s, and the phase ran 1.03x faster at the same peak RSS (1.51 GB; two processes at
+once, one core each, swapped between two rounds, so that the host's drift hits both alike).
 
 `retain()` sets two of glibc's `mallopt` parameters for the rest of the process: blocks under
 `MMAP_THRESHOLD` come from the heap (glibc's own dynamic threshold stops at the same 32 MiB, so
