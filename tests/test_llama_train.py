@@ -62,6 +62,38 @@ def test_float32_training_pass_equals_transformers_and_peft(tiny_model_dir, targ
 
 
 @pytest.mark.cpu_kit
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL])
+def test_the_last_layer_at_chosen_positions_equals_the_full_pass_gathered(tiny_model_dir, targets, monkeypatch):
+    """PPO's head and a reward model's score read a few positions, so the last layer computes
+    its outputs at those rows alone: the same hidden states and adapter gradients as
+    transformers + peft's forward gathered there, with dropout live (positions repeat where a
+    short response's are clamped to the row's end)."""
+    model = lora_model(tiny_model_dir, "float32", targets).train()
+    ids = torch.randint(5, 1000, (2, 17))
+    positions = torch.tensor([[3, 4, 5, 16, 16], [9, 10, 11, 12, 0]])
+    selected = []
+    attention = llama_train._attention
+    monkeypatch.setattr(llama_train, "_attention", lambda *a: selected.append(a[-1] is not None) or attention(*a))
+
+    def gathered(m, x):
+        h = hf_hidden(m, x)
+        return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+
+    ours, our_grads = hidden_and_grads(model, lambda m, x: llama_train.decoder_hidden(m, x, positions), ids, seed=3)
+    theirs, their_grads = hidden_and_grads(model, gathered, ids, seed=3)
+    assert selected == [False, True]  # the first layer at every row, the last at the positions
+    assert ours.shape == (2, 5, model.config.hidden_size)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for a, b in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # no gradient (PPO's reference), one position per row (a reward model's)
+        last = torch.tensor([[16], [7]])
+        model.eval()
+        torch.testing.assert_close(llama_train.decoder_hidden(model, ids, last), hf_hidden(model, ids)[[[0], [1]], last],
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cpu_kit
 def test_bfloat16_pass_with_float32_attention_matches_within_bfloat16_rounding(tiny_model_dir):
     model = lora_model(tiny_model_dir, "bfloat16", ALL).train()
     ids = torch.randint(5, 1000, (2, 17))

@@ -119,15 +119,16 @@ def fast_forward(model: Any) -> Any:
     return None if internals.broken("fast-forward") else fastllama.FastLlama(model)
 
 
-def decoder_hidden(lm: Any, input_ids: Any) -> Any:
+def decoder_hidden(lm: Any, input_ids: Any, positions: Any = None) -> Any:
     """Final hidden states (B, T, H) of right-padded `input_ids` by the CPU training pass
-    (`llama_train.decoder_hidden`), or None where it does not apply or the kit is off: the caller
-    then runs the model's own decoder."""
+    (`llama_train.decoder_hidden`), or with `positions` (B, P) those at the positions alone
+    (B, P, H); None where it does not apply or the kit is off: the caller then runs the model's
+    own decoder."""
     if not enabled() or internals.broken("training-pass"):
         return None
     from camelid.cpu import llama_train
 
-    return llama_train.decoder_hidden(lm, input_ids)
+    return llama_train.decoder_hidden(lm, input_ids, positions)
 
 
 def head_logits(lm: Any, hidden: Any, labels: Any = None) -> Any:

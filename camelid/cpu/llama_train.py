@@ -140,23 +140,31 @@ def _checkpointing(m: nn.Module) -> bool:
     return bool(getattr(m, "gradient_checkpointing", False))
 
 
-def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+def decoder_hidden(lm: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """The decoder's final hidden states (B, T, H) for right-padded `input_ids` (B, T), or None
-    when this path does not apply to `lm` (then use the model's own forward)."""
+    when this path does not apply to `lm` (then use the model's own forward). With `positions`
+    (B, P), only the hidden states at those positions (B, P, H): the last layer then computes
+    its queries, attention output and MLP at those rows alone (every row's keys and values are
+    still needed), which is all a PPO mini-batch's head or a reward model's score reads."""
     plan = _plan(lm)
     if plan is None:
         return None
     inner = plan.inner
     x = inner.embed_tokens(input_ids)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    cos, sin = inner.rotary_emb(x, positions)  # (1, T, D) in the model dtype, as the model's forward has them
+    b, t = input_ids.shape
+    cos, sin = inner.rotary_emb(x, torch.arange(t, device=input_ids.device)[None])  # (1, T, D) in the model dtype
     cos, sin = cos[:, :, None], signed_sin(sin)[:, :, None]
     grad = torch.is_grad_enabled()
     keeps = _dropout_masks(plan, input_ids.numel(), x.device)
-    for (projs, consts), layer_keeps in zip(plan.layers, keeps):
-        params = [t for p in projs for t in _params(p)]
-        save = grad and (x.requires_grad or any(t.requires_grad for t in params))
-        x = _Layer.apply(x, projs, consts, cos, sin, save, layer_keeps, *params)
+    selected = None  # the positions the last layer ran at, if it ran at them alone
+    for i, ((projs, consts), layer_keeps) in enumerate(zip(plan.layers, keeps)):
+        params = [w for p in projs for w in _params(p)]
+        save = grad and (x.requires_grad or any(w.requires_grad for w in params))
+        if positions is not None and i == len(plan.layers) - 1 and positions.shape[1] < t:
+            selected = positions if matrix_attention(b * consts.heads * positions.shape[1] * t, save) else None
+        x = _Layer.apply(x, projs, consts, cos, sin, selected, save, layer_keeps, *params)
+    if positions is not None and selected is None:
+        x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
     return inner.norm(x)
 
 
@@ -305,9 +313,12 @@ per layer until then); without a backward (no-grad passes: PPO's reference), 8x 
 tensor lives for one layer. Longer inputs take the fused flash kernel."""
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, save: bool) -> tuple[torch.Tensor, tuple]:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, save: bool,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
     """Causal grouped-query attention in float32 of q (b, t, h, d), k and v (b, t, kv, d), in the
     model dtype; returns the output (b, t, h, d) in that dtype and what `_attention_backward` needs.
+    With `positions` (b, p), q holds the queries at those positions only (b, p, h, d), each seeing
+    the keys up to its position.
 
     Short inputs (a PPO mini-batch: 2 x ~120 tokens) run as three batched products with the
     causal mask added and a softmax, keeping the probabilities for the backward: the CPU flash
@@ -317,15 +328,26 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     softmax(q k^T * scale + causal) v in float32 (they agree to ~1e-6)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
-    if b * h * t * t * 4 > MATRIX_ATTENTION_BYTES * (1 if save else 8):
+    if positions is None and not matrix_attention(b * h * t * t, save):
         q32, k32, v32 = (y.float().transpose(1, 2) for y in (q, k, v))
         o32, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=scale)
         return o32.transpose(1, 2).to(q.dtype), ((o32, lse) if save else ())
     qg, kg, vg = _grouped(q, kv), _grouped(k, kv), _grouped(v, kv)
-    mask = _causal_mask(t, h // kv, q.device)
-    probs = torch.baddbmm(mask.expand(b * kv, *mask.shape), qg, kg.transpose(1, 2), alpha=scale).softmax(-1)
+    if positions is None:
+        mask = _causal_mask(t, h // kv, q.device).expand(b * kv, -1, -1)
+    else:  # (b, p, keys) -> each kv head's g query heads stacked, as _grouped stacks them
+        keys = torch.arange(k.shape[1], device=q.device)
+        mask = torch.zeros(positions.shape + keys.shape, device=q.device).masked_fill_(keys > positions[..., None], float("-inf"))
+        mask = mask.repeat(1, h // kv, 1).repeat_interleave(kv, 0)
+    probs = torch.baddbmm(mask, qg, kg.transpose(1, 2), alpha=scale).softmax(-1)
     o = _ungrouped(torch.bmm(probs, vg), b, h, q.dtype)
     return o, ((probs,) if save else ())
+
+
+def matrix_attention(elements: int, save: bool) -> bool:
+    """True when a float32 probability tensor of `elements` (rows x query heads x queries x keys)
+    is small enough for attention as batched products (MATRIX_ATTENTION_BYTES)."""
+    return elements * 4 <= MATRIX_ATTENTION_BYTES * (1 if save else 8)
 
 
 def _attention_backward(d_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, saved: tuple,
@@ -389,20 +411,25 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, projs: list[_Proj], c: _Consts, cos: torch.Tensor, sin: torch.Tensor,
-                save: bool, keeps: list[torch.Tensor | None], *params: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor | None, save: bool, keeps: list[torch.Tensor | None], *params: torch.Tensor) -> torch.Tensor:
         pq, pk, pv, po, pg, pu, pd = projs
         b, t, hidden = x.shape
         x = x.reshape(b * t, hidden)  # rows are tokens from here on
         h, norm1 = _rms_forward(x, c.ln1, c.eps)
-        q, sq = projection_forward(pq, h, save, keeps[0])
+        # With `positions` (b, p), everything after the keys and values runs on those rows alone.
+        rows = None if positions is None else (positions + t * torch.arange(b, device=x.device)[:, None]).view(-1)
+        p = t if rows is None else positions.shape[1]
+        cos_q, sin_q = (cos, sin) if rows is None else (cos[0, positions], sin[0, positions])
+        keeps = [m if rows is None or m is None or j in (1, 2) else m[rows] for j, m in enumerate(keeps)]
+        q, sq = projection_forward(pq, h if rows is None else h[rows], save, keeps[0])
         k, sk = projection_forward(pk, h, save, keeps[1])
         v, sv = projection_forward(pv, h, save, keeps[2])
-        q = rope(q.view(b, t, c.heads, c.head_dim), cos, sin)
+        q = rope(q.view(b, p, c.heads, c.head_dim), cos_q, sin_q)
         k = rope(k.view(b, t, c.kv_heads, c.head_dim), cos, sin)
         v = v.view(b, t, c.kv_heads, c.head_dim)
-        o, att = _attention(q, k, v, c.scaling, save)
-        attn, so = projection_forward(po, o.reshape(b * t, -1), save, keeps[3])
-        x2 = x + attn
+        o, att = _attention(q, k, v, c.scaling, save, positions)
+        attn, so = projection_forward(po, o.reshape(b * p, -1), save, keeps[3])
+        x2 = (x if rows is None else x[rows]) + attn
         h2, norm2 = _rms_forward(x2, c.ln2, c.eps)
         gate, sg = projection_forward(pg, h2, save, keeps[4])
         up, su = projection_forward(pu, h2, save, keeps[5])
@@ -410,22 +437,22 @@ class _Layer(torch.autograd.Function):
         down, sd = projection_forward(pd, act * up, save, keeps[6])
         out = x2 + down
         if save:
-            ctx.projs, ctx.c, ctx.shape = projs, c, (b, t, hidden)
+            ctx.projs, ctx.c, ctx.shape, ctx.rows = projs, c, (b, t, p, hidden), rows
             # What the backward needs, in the model dtype where it has it (q, k, v: float32 copies
             # of them are exact, and redone there).
             ctx.saved = (sq, sk, sv, so, sg, su, sd)
-            ctx.save_for_backward(*norm1, q, k, v, *att, *norm2, gate, up, act, cos, sin)
+            ctx.save_for_backward(*norm1, q, k, v, *att, *norm2, gate, up, act, cos, sin, cos_q, sin_q)
             ctx.att = len(att)
-        return out.view(b, t, hidden)
+        return out.view(b, p, hidden)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         x, rstd1, q, k, v, *rest = ctx.saved_tensors
-        att, (x2, rstd2, gate, up, act, cos, sin) = rest[: ctx.att], rest[ctx.att :]
+        att, (x2, rstd2, gate, up, act, cos, sin, cos_q, sin_q) = rest[: ctx.att], rest[ctx.att :]
         pq, pk, pv, po, pg, pu, pd = ctx.projs
         sq, sk, sv, so, sg, su, sd = ctx.saved
-        c, (b, t, hidden) = ctx.c, ctx.shape
-        grad = grad.reshape(b * t, hidden)
+        c, (b, t, p, hidden), rows = ctx.c, ctx.shape, ctx.rows
+        grad = grad.reshape(b * p, hidden)
         # MLP: out = x2 + down(silu(gate) * up)
         d_mid, g_d = _proj_backward(pd, sd, grad, True)
         d_gate = torch.ops.aten.silu_backward(d_mid * up, gate)
@@ -435,14 +462,19 @@ class _Layer(torch.autograd.Function):
         d_x2 = grad + _rms_backward(d_h2 + d_h2u, c.ln2, (x2, rstd2))
         # attention: x2 = x + o_proj(attention(rope(q), rope(k), v))
         d_o, g_o = _proj_backward(po, so, d_x2, True)
-        dq, dk, dv = _attention_backward(d_o.view(b, t, c.heads, c.head_dim), q, k, v, att, c.scaling)
-        dq = _rope_backward(dq, cos, sin).reshape(b * t, -1)
+        dq, dk, dv = _attention_backward(d_o.view(b, p, c.heads, c.head_dim), q, k, v, att, c.scaling)
+        dq = _rope_backward(dq, cos_q, sin_q).reshape(b * p, -1)
         dk = _rope_backward(dk, cos, sin).reshape(b * t, -1)
         dv = dv.reshape(b * t, -1)
         need_x = ctx.needs_input_grad[0]
         d_hq, g_q = _proj_backward(pq, sq, dq, need_x)
         d_hk, g_k = _proj_backward(pk, sk, dk, need_x)
         d_hv, g_v = _proj_backward(pv, sv, dv, need_x)
-        d_x = (d_x2 + _rms_backward(d_hq + d_hk + d_hv, c.ln1, (x, rstd1))).view(b, t, hidden) if need_x else None
+        d_x = None
+        if need_x and rows is None:
+            d_x = (d_x2 + _rms_backward(d_hq + d_hk + d_hv, c.ln1, (x, rstd1))).view(b, t, hidden)
+        elif need_x:  # the query rows' gradients go back to their rows
+            d_x = _rms_backward((d_hk + d_hv).index_add_(0, rows, d_hq), c.ln1, (x, rstd1))
+            d_x = d_x.index_add_(0, rows, d_x2).view(b, t, hidden)
         grads = [*g_q, *g_k, *g_v, *g_o, *g_g, *g_u, *g_d]
-        return (d_x, None, None, None, None, None, None, *grads)
+        return (d_x, None, None, None, None, None, None, None, *grads)

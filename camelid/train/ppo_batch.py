@@ -65,16 +65,18 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
 def response_hidden(lm: nn.Module, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
     """Final hidden states (B, T, H) at gather_idx, the position before each response token.
 
-    Runs the decoder stack only (`camelid.cpu.decoder_hidden` on a CPU, else `get_decoder()`), then
-    gathers, so the LM head runs on T rows per sequence. The rows are right-padded, so no padding
+    Runs the decoder stack only (`camelid.cpu.decoder_hidden` on a CPU, whose last layer runs at
+    those positions alone; else `get_decoder()`, then gathers), so the LM head runs on T rows per
+    sequence. The rows are right-padded, so no padding
     mask is passed: under the causal mask a real token never sees the padding after it, and its
     output is the same with or without one; without, attention runs its causal kernel (which
     skips the masked half) and no (B, 1, L, L) mask is built. Positions 0..L-1 are right without
     position_ids.
     """
-    hidden = cpu.decoder_hidden(lm, input_ids)  # None where the CPU pass does not apply
-    if hidden is None:
-        hidden = unwrap(lm).get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = cpu.decoder_hidden(lm, input_ids, gather_idx)  # None where the CPU pass does not apply
+    if hidden is not None:
+        return hidden
+    hidden = unwrap(lm).get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 

@@ -115,8 +115,8 @@ def score_ids(model: Any, tok: Any, ids: Sequence[Sequence[int]], batch_size: in
 def _scores(model: Any, input_ids: Any, mask: Any) -> Any:
     """The score head's output (B, 1) for right-padded rows: the model's forward, or on a CPU the
     training pass's decoder (`camelid.cpu.decoder_hidden`, which needs no padding mask for
-    right-padded rows) and the head at the token transformers' sequence classifier pools, the
-    rightmost one that is not the padding id (the same numbers, in fewer operations)."""
+    right-padded rows) at the token transformers' sequence classifier pools, the rightmost one
+    that is not the padding id, and the head there (the same numbers, in fewer operations)."""
     import torch
 
     from camelid import cpu
@@ -124,12 +124,14 @@ def _scores(model: Any, input_ids: Any, mask: Any) -> Any:
 
     inner = unwrap(model)
     pad = getattr(inner.config, "pad_token_id", None)
-    hidden = cpu.decoder_hidden(model, input_ids) if pad is not None and hasattr(inner, "score") else None
-    if hidden is None:
+    if pad is None or not hasattr(inner, "score"):
         return model(input_ids=input_ids, attention_mask=mask).logits
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * (input_ids != pad)).argmax(-1)
-    return inner.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
+    hidden = cpu.decoder_hidden(model, input_ids, last[:, None])  # (B, 1, H); the last layer at that row alone
+    if hidden is None:
+        return model(input_ids=input_ids, attention_mask=mask).logits
+    return inner.score(hidden[:, 0])
 
 
 def score_texts(model: Any, tok: Any, texts: Sequence[str], batch_size: int = 8) -> list[float]:
