@@ -405,9 +405,10 @@ def _causal_mask(t: int, g: int, device: torch.device) -> torch.Tensor:
 
 
 class _Layer(torch.autograd.Function):
-    """One LlamaDecoderLayer: x + attn(norm1(x)), then + mlp(norm2(.)). Inputs after the
-    non-tensor ones are the layer's adapter weights (A, B per adapted projection, in q, k, v, o,
-    gate, up, down order), so autograd returns their gradients."""
+    """One LlamaDecoderLayer: x + attn(norm1(x)), then + mlp(norm2(.)); with `positions` (b, p),
+    its output at those positions only (b, p, hidden). Inputs after the non-tensor ones are the
+    layer's adapter weights (A, B per adapted projection, in q, k, v, o, gate, up, down order), so
+    autograd returns their gradients."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, projs: list[_Proj], c: _Consts, cos: torch.Tensor, sin: torch.Tensor,
