@@ -13,7 +13,8 @@ once, one core each, swapped between two rounds, so that the host's drift hits b
 `MMAP_THRESHOLD` come from the heap (glibc's own dynamic threshold stops at the same 32 MiB, so
 a 7B model's weights and loading buffers are still mapped on their own and returned when freed),
 and up to `TRIM_THRESHOLD` of free memory at the heap's top stays mapped. Elsewhere (macOS, musl)
-it does nothing and says False.
+it does nothing and says False. `trim()` is the opposite, once: the heap's free memory handed back
+now (after `--load-8bit`'s quantisation at load, `int8.release_checkpoint`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,21 @@ def retain() -> bool:
     return _state[0]
 
 
+def trim() -> None:
+    """Hand the heap's free memory back to the system now (glibc's `malloc_trim`); elsewhere nothing."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library this process runs on, through ctypes."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(None)  # the C library this process runs on
     # musl has a mallopt that ignores these parameters, and no gnu_get_libc_version
-    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+    return libc() if hasattr(libc(), "gnu_get_libc_version") and hasattr(libc(), "mallopt") else None

@@ -21,16 +21,15 @@ lookup (rows dequantised on the fly) and the output projection.
 
 from __future__ import annotations
 
-import functools
 import gc
 import importlib.util
 import logging
-import sys
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from camelid.cpu import heap
 
 CHUNK_BYTES = 16 * 2**20
 """quantize_rows works through a weight this many float32 bytes at a time (its temporaries)."""
@@ -221,10 +220,7 @@ def release_checkpoint(model: nn.Module) -> nn.Module:
     becomes 0.67 GB, for 0.22 GB of weights."""
     own_memory(model, None)
     gc.collect()
-    if sys.platform.startswith("linux"):
-        trim = getattr(_libc(), "malloc_trim", None)  # glibc's; absent from musl
-        if trim is not None:
-            trim(0)
+    heap.trim()
     return model
 
 
@@ -297,13 +293,6 @@ def _in_mapping(t: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
     return t.device.type == "cpu" and any(lo <= start and end <= hi for lo, hi in mapped)
 
 
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def release_file_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """madvise(MADV_DONTNEED) on the whole pages of `t`'s bytes when they lie in a memory-mapped
     file (a checkpoint loaded without a copy) and `t`'s values are no longer needed: the kernel
@@ -318,7 +307,7 @@ def release_file_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     page = mmap.PAGESIZE
     lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
     if hi > lo:
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
+        heap.libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -421,7 +421,8 @@ class _Layer(torch.autograd.Function):
         rows = None if positions is None else (positions + t * torch.arange(b, device=x.device)[:, None]).view(-1)
         p = t if rows is None else positions.shape[1]
         cos_q, sin_q = (cos, sin) if rows is None else (cos[0, positions], sin[0, positions])
-        keeps = [m if rows is None or m is None or j in (1, 2) else m[rows] for j, m in enumerate(keeps)]
+        whole = (1, 2)  # k's and v's dropout masks: every row
+        keeps = [m if rows is None or m is None or j in whole else m[rows] for j, m in enumerate(keeps)]
         q, sq = projection_forward(pq, h if rows is None else h[rows], save, keeps[0])
         k, sk = projection_forward(pk, h, save, keeps[1])
         v, sv = projection_forward(pv, h, save, keeps[2])

@@ -124,11 +124,11 @@ def _scores(model: Any, input_ids: Any, mask: Any) -> Any:
 
     inner = unwrap(model)
     pad = getattr(inner.config, "pad_token_id", None)
-    if pad is None or not hasattr(inner, "score"):
-        return model(input_ids=input_ids, attention_mask=mask).logits
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (positions * (input_ids != pad)).argmax(-1)
-    hidden = cpu.decoder_hidden(model, input_ids, last[:, None])  # (B, 1, H); the last layer at that row alone
+    hidden = None
+    if pad is not None and hasattr(inner, "score"):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * (input_ids != pad)).argmax(-1)
+        hidden = cpu.decoder_hidden(model, input_ids, last[:, None])  # (B, 1, H); the last layer at that row alone
     if hidden is None:
         return model(input_ids=input_ids, attention_mask=mask).logits
     return inner.score(hidden[:, 0])
