@@ -61,5 +61,6 @@ def libc() -> ctypes.CDLL:
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
+    lib = libc()
     # musl has a mallopt that ignores these parameters, and no gnu_get_libc_version
-    return libc() if hasattr(libc(), "gnu_get_libc_version") and hasattr(libc(), "mallopt") else None
+    return lib if hasattr(lib, "gnu_get_libc_version") and hasattr(lib, "mallopt") else None
