@@ -94,6 +94,7 @@ def load_model(
     template: str | None = None,
     max_batch_size: int = 32,
     max_queue: int = 256,
+    stream_interval: float = 0.0,
     max_context: int | None = None,
     backend: str = "torch",
     quant: str = DEFAULT_QUANT,
@@ -115,7 +116,7 @@ def load_model(
     name = served_name or public_name(engine.name)
     tmpl = pick_template(template, engine.tokenizer, engine.path)
     status(line)
-    return ServedModel(name, engine, Scheduler(engine, max_batch_size, max_queue), tmpl, root=str(model or engine.path))
+    return ServedModel(name, engine, Scheduler(engine, max_batch_size, max_queue, stream_interval), tmpl, root=str(model or engine.path))
 
 
 def public_name(model: str) -> str:

@@ -8,6 +8,15 @@ request never waits for an unrelated longer one to finish (Orca's iteration-leve
 Yu et al. OSDI 2022; vLLM's scheduler does the same). With max_batch_size=1 it serves one
 sequence at a time, which is how FastChat's model worker runs without vLLM (the bench baseline).
 
+A stream gets a running job's tokens as they are made, but no more often than every
+`stream_interval` seconds: the tokens of steps in between are held and go out together in one
+delta per choice (the first token and a job's end go out at once). A small model on a CPU makes a
+token every few milliseconds, and each delivery costs the server's event loop (a wake-up, a JSON
+chunk, an HTTP write) and the client about as much again, on the cores the decode runs on; a
+display gains nothing from updates faster than it redraws. A slower model's tokens, further apart
+than the interval, each go out alone. FastChat's worker streams every 2 tokens, vLLM's server has
+`--stream-interval`; 0 sends every step's tokens as soon as they are made.
+
 A job whose client went away is cancelled: dropped from the queue, or its rows leave the batch
 at the next step, so a disconnect frees its slot.
 
@@ -27,7 +36,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 log = logging.getLogger("camelid.serve")
@@ -57,6 +66,8 @@ class Job:
     last_token_at: float | None = None
     _open: int = 0  # choices still generating
     _rids: list[int] = field(default_factory=list)
+    _held: list = field(default_factory=list)  # deltas made since the last post (stream_interval)
+    _posted_at: float | None = None
 
     @property
     def n(self) -> int:
@@ -72,10 +83,13 @@ class Job:
 class Scheduler:
     """Owns `engine`; `submit` and `cancel` are safe to call from any thread."""
 
-    def __init__(self, engine, max_batch_size: int = 32, max_queue: int = 256):
+    def __init__(self, engine, max_batch_size: int = 32, max_queue: int = 256, stream_interval: float = 0.0):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if stream_interval < 0:
+            raise ValueError("stream_interval must be >= 0")
         self.engine = engine
+        self.stream_interval = stream_interval
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._cv = threading.Condition()
@@ -215,6 +229,7 @@ class Scheduler:
         merges all or nothing): several jobs are retried one by one, so only a job that fails
         alone fails. If they had joined, the batch is rebuilt row by row (`_recover`)."""
         rids = [rid for job in jobs for rid in job._rids]
+        self._release_held()  # a prefill takes a while: held tokens go out before it
         try:
             for deltas in batch.add(rids, [ids for job in jobs for ids in job.prompts], [p for job in jobs for p in job.params]):
                 self._dispatch(deltas)
@@ -290,6 +305,7 @@ class Scheduler:
                         self.completed += 0 if job.cancelled else 1
                         finished.append(job)
         now = time.monotonic()
+        done = set(finished)
         for job, ds in by_job.items():
             if any(d.token_ids for d in ds):
                 for observer in self.observers:
@@ -297,18 +313,53 @@ class Scheduler:
                         observer.tokens(job, now)
                     except Exception:  # noqa: BLE001 - metrics must never stop generation
                         log.exception("a scheduler observer failed")
-            job._post(ds)
+            job._held += ds
+            due = job._posted_at is None or now - job._posted_at >= self.stream_interval
+            if due or job in done or any(d.finish_reason for d in ds):
+                self._release(job, now)
         for job, error in failed:
             log.warning("a request failed on its own and left the batch: %s", error)
+            self._release(job, now)
             job._post(error)
         for job in finished:
+            self._release(job, now)
             job._post(None)
+
+    def _release(self, job: Job, now: float) -> None:
+        """Post the job's held deltas, one per choice (`merge`)."""
+        if job._held:
+            job._post(merge(job._held))
+            job._held = []
+            job._posted_at = now
+
+    def _release_held(self) -> None:
+        now = time.monotonic()
+        for job in list(self._running_jobs):
+            self._release(job, now)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
         """Called with the lock held: end `jobs` with `error` and forget their rows."""
         for job in jobs:
+            self._release(job, time.monotonic())
             for rid in job._rids:
                 self._running.pop(rid, None)
             self._running_jobs.discard(job)
             job._open = 0
             job._post(error)
+
+
+def merge(deltas: list) -> list:
+    """Consecutive steps' deltas as one delta per choice, in order of first appearance: texts,
+    token ids and log-probabilities joined, the last finish reason kept."""
+    out: dict[int, Any] = {}
+    for d in deltas:
+        m = out.get(d.index)
+        if m is None:
+            out[d.index] = d
+            continue
+        out[d.index] = replace(
+            m, text=m.text + d.text, token_ids=m.token_ids + d.token_ids,
+            logprobs=None if m.logprobs is None and d.logprobs is None else (m.logprobs or []) + (d.logprobs or []),
+            top_logprobs=None if m.top_logprobs is None and d.top_logprobs is None else (m.top_logprobs or []) + (d.top_logprobs or []),
+            finish_reason=d.finish_reason or m.finish_reason, error=d.error or m.error)
+    return list(out.values())

@@ -55,6 +55,9 @@ class ServeConfig:
     """Most sequences generated together (1 = one at a time, like FastChat's worker without vLLM)."""
     max_queue: int = 256
     """Most sequences waiting for a batch slot; more get 503 with Retry-After."""
+    stream_interval_ms: int = 20
+    """Least time between two chunks of a stream: tokens made sooner go out together in the next
+    chunk (the first token and the end at once). 0 = every step's tokens at once."""
     max_context: int = 0
     """Context length to enforce (0 = the model's; more than the model's positions is refused)."""
     log_level: str = "info"
@@ -70,6 +73,8 @@ class ServeConfig:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         if self.max_context < 0:
             raise ValueError("max_context must be >= 0")
+        if self.stream_interval_ms < 0:
+            raise ValueError("stream_interval_ms must be >= 0")
         conflict = option_conflict(self.backend, self.load_8bit)
         if conflict:
             raise ValueError(conflict)
@@ -87,7 +92,7 @@ def build_registry(cfg: ServeConfig):
     registry.add(load_model(
         cfg.model, cfg.served_model_name or None, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
         template=cfg.template or None, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-        max_context=cfg.max_context or None, backend=cfg.backend, quant=cfg.quant, threads=cfg.threads or None,
+        stream_interval=cfg.stream_interval_ms / 1000, max_context=cfg.max_context or None, backend=cfg.backend, quant=cfg.quant, threads=cfg.threads or None,
     ), aliases=(cfg.model,))
     return registry
 
