@@ -25,7 +25,8 @@ exactly --tokens/2 booleans, about --tokens tokens) against free answers of the 
 
     python bench/serve.py [--tokens 64] [--requests 2] [--clients 1,4,16] [--json-clients 1,16] [--threads 2]
                           [--rounds 5]
-                          [--backend torch|llama.cpp] [--dtype auto] [--quant q4_0] [--json-only]
+                          [--backend torch|llama.cpp] [--dtype auto] [--quant q4_0] [--stream-interval-ms N]
+                          [--json-only]
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def start_server(max_batch_size: int, args, extra: tuple[str, ...] = ()) -> tupl
            "--threads", str(args.threads), "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra]
     # --dtype is a torch engine option; --quant the GGUF type llama.cpp runs
     cmd += ["--dtype", args.dtype] if args.backend == "torch" else ["--quant", args.quant]
+    if getattr(args, "stream_interval_ms", None) is not None:
+        cmd += ["--stream-interval-ms", str(args.stream_interval_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -279,6 +282,8 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=32, help="the batched server's --max-batch-size")
     ap.add_argument("--json-clients", default="1,16", help="concurrency levels of the JSON-schema row (empty: skip it)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of one served client vs in-process")
+    ap.add_argument("--stream-interval-ms", type=int, default=None,
+                    help="the servers' --stream-interval-ms (default: camelid serve's; 0 = a chunk per step)")
     ap.add_argument("--json-only", action="store_true", help="only the JSON-schema row")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
