@@ -47,7 +47,7 @@ from pathlib import Path
 
 import httpx
 
-from serve import DEFAULT_QUANT, QUESTIONS, load_test, one_request, start_server  # bench/serve.py, beside this file
+from serve import DEFAULT_QUANT, QUESTIONS, http_client, load_test, one_request, start_server  # bench/serve.py, beside this file
 
 # bench/gguf.py is named like the `gguf` package that camelid.export imports: with bench/ first on
 # sys.path it would be found instead. bench/serve.py is imported; take bench/ off.
@@ -137,7 +137,7 @@ def servers(args, log):
         procs.append(proc)
         urls = {f"camelid {args.backend}": ours, "llama-server": peer}
         for url in urls.values():
-            with httpx.Client(base_url=url, timeout=600) as http:
+            with http_client(url) as http:
                 one_request(http, QUESTIONS[0], 8, temperature=0.0)  # warm-up
         yield urls
     finally:
