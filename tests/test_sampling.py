@@ -103,3 +103,17 @@ def test_sampling_follows_the_distribution():
     freq = counts / counts.sum()
     assert counts[3] == 0  # a zero-probability token is never drawn
     assert torch.allclose(freq[:3], torch.tensor([0.1, 0.6, 0.3]), atol=0.03)
+
+
+def test_argmax_is_torchs_first_maximum():
+    from camelid.engine.sampling import argmax
+
+    x = torch.randn(16, 49_152, generator=torch.Generator().manual_seed(0))
+    x[3, 7] = x[3, 9] = x[3].max() + 1  # a tie: the first one wins, as in torch
+    x[5, 11] = float("inf")
+    x[6] = 0.0
+    x[7, 20] = float("nan")  # NaN counts as the largest, as in torch
+    got = argmax(x)
+    assert got.dtype == torch.long and torch.equal(got, x.argmax(dim=-1))
+    assert got[3] == 7 and got[6] == 0 and got[7] == 20
+    assert torch.equal(argmax(x[:, ::2]), x[:, ::2].argmax(dim=-1))  # a strided view

@@ -229,6 +229,18 @@ LOGPROB_FLOOR = -9999.0
 -inf is not JSON)."""
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of a 2-D float tensor: the first maximum of each row, as torch's. On a CPU
+    through numpy, whose argmax is ~12x faster over a 49,152-entry vocabulary (1 row: 10 against
+    118 us; 16 rows: 67 against 925 us, on a 2-core AMD EPYC): a sampled step of 16 rows spends
+    ~0.9 ms less, a token of one stream ~0.1 ms."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        import numpy as np
+
+        return torch.from_numpy(x.numpy().argmax(-1).astype(np.int64))
+    return x.argmax(dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -270,7 +282,7 @@ def sample_next(
         logits = top_k_top_p_filter(logits, top_k, top_p)
     logp = torch.log_softmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    tokens = logp.argmax(dim=-1) if len(sampled) < len(params) else torch.empty(len(params), dtype=torch.long, device=device)
+    tokens = argmax(logp) if len(sampled) < len(params) else torch.empty(len(params), dtype=torch.long, device=device)
     if sampled:
         # The exponential race (Gumbel-max in another form, as vLLM samples): argmax of p_i / E_i
         # with E_i ~ Exp(1) draws token i with probability p_i. One draw per token from the
@@ -283,7 +295,7 @@ def sample_next(
         for j, i in enumerate(sampled):
             torch.rand(logp.shape[-1], generator=generators[i], device=device, out=u[j])
         probs = (logp if len(sampled) == len(params) else logp[sampled]).exp()
-        tokens[sampled] = probs.div_(u.log_().neg_()).argmax(dim=-1)
+        tokens[sampled] = argmax(probs.div_(u.log_().neg_()))
     top = None
     k = max(p.top_logprobs for p in params)
     if k:
