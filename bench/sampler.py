@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from timing import alternate, cpu_name  # bench/timing.py, beside this file
+
+# bench/gguf.py is named like the `gguf` package llama.cpp's loader reads: take bench/ off sys.path
 HERE = Path(__file__).resolve().parent
-# bench/ last: its gguf.py (a bench) must not stand in for the gguf package llama.cpp's loader reads
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-from timing import alternate, cpu_name  # noqa: E402
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 VOCAB = 49_152
 QUESTIONS = ("Write a haiku about the sea.", "Explain what a hash table is.", "Give three tips for learning to code.",

@@ -305,7 +305,6 @@ class Scheduler:
                         self.completed += 0 if job.cancelled else 1
                         finished.append(job)
         now = time.monotonic()
-        done = set(finished)
         for job, ds in by_job.items():
             if any(d.token_ids for d in ds):
                 for observer in self.observers:
@@ -315,7 +314,7 @@ class Scheduler:
                         log.exception("a scheduler observer failed")
             job._held += ds
             due = job._posted_at is None or now - job._posted_at >= self.stream_interval
-            if due or job in done or any(d.finish_reason for d in ds):
+            if due or any(d.finish_reason for d in ds):  # a finished job is released below
                 self._release(job, now)
         for job, error in failed:
             log.warning("a request failed on its own and left the batch: %s", error)
@@ -357,9 +356,12 @@ def merge(deltas: list) -> list:
         if m is None:
             out[d.index] = d
             continue
-        out[d.index] = replace(
-            m, text=m.text + d.text, token_ids=m.token_ids + d.token_ids,
-            logprobs=None if m.logprobs is None and d.logprobs is None else (m.logprobs or []) + (d.logprobs or []),
-            top_logprobs=None if m.top_logprobs is None and d.top_logprobs is None else (m.top_logprobs or []) + (d.top_logprobs or []),
-            finish_reason=d.finish_reason or m.finish_reason, error=d.error or m.error)
+        out[d.index] = replace(m, text=m.text + d.text, token_ids=m.token_ids + d.token_ids,
+                               logprobs=_join(m.logprobs, d.logprobs), top_logprobs=_join(m.top_logprobs, d.top_logprobs),
+                               finish_reason=d.finish_reason or m.finish_reason, error=d.error or m.error)
     return list(out.values())
+
+
+def _join(a: list | None, b: list | None) -> list | None:
+    """Two steps' per-token lists as one; None when neither step had one (none asked for)."""
+    return None if a is None and b is None else (a or []) + (b or [])

@@ -92,7 +92,8 @@ def build_registry(cfg: ServeConfig):
     registry.add(load_model(
         cfg.model, cfg.served_model_name or None, device=cfg.device, dtype=cfg.dtype, load_8bit=cfg.load_8bit,
         template=cfg.template or None, max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
-        stream_interval=cfg.stream_interval_ms / 1000, max_context=cfg.max_context or None, backend=cfg.backend, quant=cfg.quant, threads=cfg.threads or None,
+        stream_interval=cfg.stream_interval_ms / 1000, max_context=cfg.max_context or None, backend=cfg.backend,
+        quant=cfg.quant, threads=cfg.threads or None,
     ), aliases=(cfg.model,))
     return registry
 
